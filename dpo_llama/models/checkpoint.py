@@ -1,0 +1,281 @@
+"""Our checkpoint format, and loading a model from it.
+
+A checkpoint directory holds:
+
+* ``params.json`` — the model's args dataclass as JSON, including ``"model_type"`` (``"llama"``, ``"deepseek"``
+  or ``"deepseek_v2"``), which selects the model class;
+* ``model.safetensors`` — all weights, or ``model-0000i-of-0000N.safetensors`` shards plus
+  ``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {key: file}}``) when large;
+* the tokenizer file(s) copied beside the weights (``tokenizer.model``, or ``tokenizer.json`` +
+  ``tokenizer_config.json``).
+
+Weight keys are the module paths of our model classes (e.g. ``layers.0.self_attn.q_proj.weight``).
+Loading streams tensors one at a time from the safetensors files into a model built on the meta device, so
+no second full copy of the weights is ever held; modules may intercept their own tensors (4-bit layers
+quantize them on arrival) through a ``load_tensor(name, tensor)`` method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+PARAMS_FILE = "params.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16" | "fp16" | "fp32"`` -> torch dtype; ``None`` or ``"keep"`` -> None (keep the stored dtype)."""
+    if name in (None, "keep"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from keep, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_classes(model_type: str) -> tuple[type, type]:
+    """Returns ``(ArgsClass, ModelClass)`` for a ``params.json`` ``model_type``."""
+    if model_type == "llama":
+        from dpo_llama.models.llama import ModelArgs, Transformer
+        return ModelArgs, Transformer
+    if model_type in ("deepseek", "deepseek_v2"):
+        from dpo_llama.models.deepseek import DeepseekArgs, DeepseekTransformer
+        return DeepseekArgs, DeepseekTransformer
+    raise ValueError(f"unsupported model_type {model_type!r} (supported: 'llama', 'deepseek', 'deepseek_v2')")
+
+
+def read_params(ckpt_dir: str | os.PathLike):
+    """Reads ``params.json`` of a checkpoint directory into the matching args dataclass."""
+    path = Path(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a dpo_llama checkpoint directory?")
+    params = json.loads(path.read_text())
+    args_cls, _ = model_classes(params.get("model_type", "llama"))
+    return args_cls.from_dict(params)
+
+
+def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint, in index order."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / INDEX_FILE).is_file():
+        weight_map = json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"]
+        return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        return [ckpt_dir / WEIGHTS_FILE]
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {ckpt_dir}")
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields ``(key, tensor)`` pairs one tensor at a time from safetensors files."""
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Puts ``tensor`` at ``key`` in ``model``, letting the owning module intercept it via ``load_tensor``."""
+    module_path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise ValueError(f"unexpected key {key!r}: the model has no module {module_path!r}") from None
+    if hasattr(module, "load_tensor"):
+        module.load_tensor(name, tensor)
+        return
+    old = module._parameters.get(name)
+    if old is None:
+        raise ValueError(f"unexpected key {key!r}: {type(module).__name__} has no parameter {name!r}")
+    if old.shape != tensor.shape:
+        raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(old.shape)}")
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def missing_keys(model: nn.Module) -> list[str]:
+    """Names of parameters still on the meta device (never loaded)."""
+    return [name for name, p in model.named_parameters() if p.is_meta]
+
+
+def load_model(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Loads a model from one of our checkpoint directories.
+
+    Args:
+        ckpt_dir: Directory with ``params.json`` and safetensors weights.
+        device: Where the weights go.
+        dtype: Floating-point dtype to cast weights to; ``None`` keeps the stored dtype.
+        prepare: Called on the (meta-device) model before any weight arrives, e.g. to swap ``nn.Linear``
+            layers for LoRA or 4-bit layers, which then receive their weights through ``load_tensor``.
+
+    Returns:
+        The model in eval mode. ``model(tokens)`` gives float logits ``[B, T, vocab]``;
+        ``model.forward_hidden(tokens)`` the final hidden states and ``model.output_logits(h)`` the head.
+    """
+    args = read_params(ckpt_dir)
+    _, model_cls = model_classes(args.model_type)
+    with torch.device("meta"):
+        model = model_cls(args)
+    if prepare is not None:
+        prepare(model)
+    for key, tensor in iter_safetensors(weight_files(ckpt_dir)):
+        if tensor.is_floating_point() and dtype is not None:
+            tensor = tensor.to(dtype)
+        assign_tensor(model, key, tensor.to(device))
+    missing = missing_keys(model)
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir} lacks {len(missing)} weights, e.g. {missing[:5]}")
+    model.init_rope(device)
+    return model.eval()
+
+
+class ShardedWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes``, holding one shard in memory.
+
+    Shards are written under temporary names; ``close()`` renames them to ``model-0000i-of-0000N.safetensors``
+    and writes the index (or a single ``model.safetensors`` when one shard suffices).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+        self.num_params = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Queues one tensor, flushing the current shard first if it would overflow."""
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[key] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.num_params += tensor.numel()
+
+    def flush(self) -> None:
+        """Writes the pending tensors as the next temporary shard."""
+        if not self.pending:
+            return
+        save_file(self.pending, str(self._tmp_name(len(self.shards))), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def _tmp_name(self, index: int) -> Path:
+        return self.out_dir / f".shard-{index:05d}.safetensors.tmp"
+
+    def abort(self) -> None:
+        """Deletes the temporary shards written so far."""
+        for i in range(len(self.shards)):
+            self._tmp_name(i).unlink(missing_ok=True)
+
+    def close(self) -> list[Path]:
+        """Finalises file names and the index; returns the files written."""
+        self.flush()
+        if len(self.shards) == 1:
+            final = self.out_dir / WEIGHTS_FILE
+            os.replace(self._tmp_name(0), final)
+            return [final]
+        count, weight_map, files = len(self.shards), {}, []
+        for i, keys in enumerate(self.shards):
+            final = self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self._tmp_name(i), final)
+            weight_map.update(dict.fromkeys(keys, final.name))
+            files.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return files + [self.out_dir / INDEX_FILE]
+
+
+def expected_shapes(args) -> dict[str, torch.Size]:
+    """Key -> shape of every weight of the model described by ``args`` (built on the meta device, no memory)."""
+    _, model_cls = model_classes(args.model_type)
+    with torch.device("meta"):
+        return {key: value.shape for key, value in model_cls(args).state_dict().items()}
+
+
+def checked_tensors(args, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes ``(key, tensor)`` pairs through, refusing unknown keys, wrong shapes and (at the end) missing keys."""
+    expected = expected_shapes(args)
+    for key, tensor in tensors:
+        if key not in expected:
+            raise ValueError(f"unexpected weight {key!r} for a {args.model_type} model with these params")
+        if tensor.shape != expected[key]:
+            raise ValueError(f"shape mismatch for {key}: got {tuple(tensor.shape)}, "
+                             f"params imply {tuple(expected[key])}")
+        del expected[key]
+        yield key, tensor
+    if expected:
+        raise ValueError(f"{len(expected)} weights missing, e.g. {sorted(expected)[:5]}")
+
+
+def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[str, torch.Tensor]],
+                    tokenizer_files: Sequence[str | os.PathLike] = (),
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Writes a checkpoint directory from a stream of ``(key, tensor)`` pairs.
+
+    Every key and shape is checked against the model ``args`` describe before anything is finalised; on an
+    error the temporary shard files are removed and nothing is left half-written.
+
+    Returns:
+        A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
+    """
+    out_dir = Path(out_dir)
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    dtypes = set()
+    try:
+        for key, tensor in checked_tensors(args, tensors):
+            writer.add(key, tensor)
+            dtypes.add(str(tensor.dtype).removeprefix("torch."))
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.close()
+    (out_dir / PARAMS_FILE).write_text(json.dumps(args.to_dict(), indent=2))
+    files.append(out_dir / PARAMS_FILE)
+    for tok_file in tokenizer_files:
+        files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
+    return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
+            "files": [str(f) for f in files]}
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer_files: Sequence[str | os.PathLike] = (),
+               dtype: torch.dtype | None = None) -> dict:
+    """Saves a plain (un-adapted) model in our format, optionally casting floating weights to ``dtype``."""
+    def tensors():
+        for key, value in model.state_dict().items():
+            yield key, value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    return save_checkpoint(out_dir, model.args, tensors(), tokenizer_files)
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike, chunk_bytes: int = 16 * 1024**2) -> str:
+    """SHA-256 over ``params.json`` and every weight file of a checkpoint (streamed, constant memory)."""
+    digest = hashlib.sha256()
+    for path in [Path(ckpt_dir) / PARAMS_FILE, *weight_files(ckpt_dir)]:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable summary of ``save_checkpoint``'s result."""
+    lines = [f"parameters: {summary['num_params']:,} ({summary['bytes'] / 1024**2:,.1f} MiB, "
+             f"dtype {', '.join(summary['dtypes'])})", "files written:"]
+    lines += [f"  {f}" for f in summary["files"]]
+    return "\n".join(lines)

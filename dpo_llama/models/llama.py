@@ -1,0 +1,316 @@
+"""The LLaMA transformer in one readable file (LLaMA-2, LLaMA-3/3.1/3.2, TinyLlama).
+
+Architecture (Touvron et al. 2023, "LLaMA"; Grattafiori et al. 2024, "The Llama 3 Herd of Models"):
+
+    h_0 = Embed(tokens)
+    h_l' = h_{l-1} + Attention(RMSNorm(h_{l-1}))         # grouped-query attention with rotary positions
+    h_l  = h_l'    + SwiGLU(RMSNorm(h_l'))                # W_down(silu(W_gate x) * W_up x)
+    logits = W_out RMSNorm(h_L)                           # W_out may be tied to Embed
+
+Rotary embeddings use Meta's *interleaved* layout: dimensions (2i, 2i+1) of every head form one rotating
+pair. Hugging Face checkpoints permute the rows of q_proj / k_proj into a "rotate-half" layout;
+``scripts/convert_hf_checkpoint.py`` undoes that permutation, so the math here is Meta's.
+
+The model exposes two levels so trainers never build logits they do not need:
+
+* ``model.forward_hidden(tokens)`` -> final hidden states ``[B, T, dim]`` (after the last RMSNorm);
+* ``model.output_logits(hidden)`` -> logits for any subset of those hidden states.
+
+``model(tokens)`` is simply ``output_logits(forward_hidden(tokens)).float()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of a LLaMA model; round-trips through ``params.json``.
+
+    Attributes:
+        model_type: Always ``"llama"`` for this class (selects the model class when loading).
+        dim: Width of the residual stream.
+        n_layers: Number of transformer blocks.
+        n_heads: Number of query heads.
+        n_kv_heads: Number of key/value heads (grouped-query attention); ``None`` means ``n_heads``.
+        head_dim: Per-head width; ``None`` means ``dim // n_heads``.
+        vocab_size: Vocabulary size.
+        hidden_dim: Inner width of the SwiGLU MLP.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: Rotary base frequency.
+        rope_scaling: ``None`` or ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (LLaMA-3.1 frequency scaling).
+        max_seq_len: Longest sequence the rotary tables and KV cache are built for.
+        tie_word_embeddings: Share the embedding matrix with the output head (LLaMA-3.2 1B/3B).
+    """
+
+    model_type: str = "llama"
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 32000
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 4096
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict (the content of ``params.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
+        """Builds args from ``params.json`` content, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in params.json for {cls.__name__}: {unknown}")
+        return cls(**params)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): ``y = w * x / sqrt(mean(x^2) + eps)``.
+
+    The statistics are computed in float32 and the result is cast back before the weight multiply, as the
+    reference implementations do.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def llama3_scale_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """LLaMA-3.1 rotary frequency scaling.
+
+    With wavelength ``λ = 2π / f``, ``L = original_max_position_embeddings``, ``s = factor``,
+    ``λ_hi = L / high_freq_factor`` and ``λ_lo = L / low_freq_factor``:
+
+    * ``λ < λ_hi`` (high frequencies): unchanged;
+    * ``λ > λ_lo`` (low frequencies): ``f / s``;
+    * otherwise: ``(1 - a) f / s + a f`` with ``a = (L / λ - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    """
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, smoothed)
+    return torch.where(wavelen < old_len / high, inv_freq, scaled)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies ``f_i = theta^(-2i/d)`` for ``i < d/2``, optionally LLaMA-3.1 scaled."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r} for llama (supported: 'llama3')")
+    return llama3_scale_frequencies(inv_freq, scaling)
+
+
+def rope_tables(inv_freq: torch.Tensor, max_seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``cos, sin`` tables of shape ``[max_seq_len, len(inv_freq)]`` in float32."""
+    positions = torch.arange(max_seq_len, dtype=torch.float64)
+    angles = torch.outer(positions, inv_freq.double())
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs: ``(x_2i, x_2i+1) -> (x_2i c - x_2i+1 s, x_2i s + x_2i+1 c)``.
+
+    Args:
+        x: ``[B, T, H, D]`` queries or keys.
+        cos, sin: ``[T, D/2]`` tables for the positions of ``x``.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated key/value cache of one attention layer: ``[B, n_kv_heads, max_seq_len, head_dim]``."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes ``k, v`` (``[B, H, T, D]``) at ``start_pos`` and returns the filled prefix of the cache."""
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_attention(q, k, v, start_pos: int, scale: float | None = None) -> torch.Tensor:
+    """Causal SDPA of queries at positions ``start_pos..start_pos+T-1`` over keys ``0..start_pos+T-1``.
+
+    Args:
+        q: ``[B, H, T, D]``; k, v: ``[B, H_kv, S, D]`` with ``S = start_pos + T`` (``H`` a multiple of ``H_kv``).
+        start_pos: Position of the first query.
+        scale: Softmax scale; ``None`` means ``1 / sqrt(D)``.
+    """
+    t, s = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if start_pos == 0 and t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(start_pos, start_pos + t, device=q.device)
+    mask = torch.arange(s, device=q.device)[None, :] <= q_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions (Ainslie et al. 2023, "GQA")."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        out = causal_attention(q, k, v, start_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): ``W_down(silu(W_gate x) * W_up x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """A decoder-only LLaMA model.
+
+    Attributes:
+        activation_checkpointing: When True and training, every block's activations are recomputed in the
+            backward pass instead of being stored (``torch.utils.checkpoint``, non-reentrant).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.activation_checkpointing = False
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self, device=None) -> None:
+        """(Re)builds the rotary cos/sin tables, e.g. after the model was materialised from the meta device."""
+        inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
+        cos, sin = rope_tables(inv_freq, self.args.max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Runs every block over ``h`` with rotary tables for positions ``start_pos..``."""
+        end = start_pos + h.shape[1]
+        if end > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence end {end} exceeds max_seq_len={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos)
+        return h
+
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Returns the final hidden states ``[B, T, dim]`` (after the last RMSNorm), without the output head."""
+        return self.norm(self.run_layers(self.embed_tokens(tokens), start_pos))
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Applies the output head to any hidden states ``[..., dim]`` -> ``[..., vocab]``."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Returns float32 logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``."""
+        return self.output_logits(self.forward_hidden(tokens, start_pos)).float()
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention modules that hold a KV cache during generation."""
+        return [layer.self_attn for layer in self.layers]
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Allocates a KV cache in every attention layer (see ``generation.generate``)."""
+        param = self.embed_tokens.weight
+        for attn in self.attention_modules():
+            attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                                    param.dtype if param.is_floating_point() else torch.float32, param.device)
+
+    def clear_cache(self) -> None:
+        """Frees the KV caches."""
+        for attn in self.attention_modules():
+            attn.kv_cache = None

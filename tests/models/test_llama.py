@@ -1,0 +1,148 @@
+"""The LLaMA model against Hugging Face ``LlamaForCausalLM`` (the oracle), plus its own invariants."""
+
+import pytest
+import torch
+
+from dpo_llama.models.checkpoint import load_model, read_params, save_model
+from dpo_llama.models.generation import generate
+from dpo_llama.models.llama import ModelArgs, Transformer, llama3_scale_frequencies, rope_frequencies
+from dpo_llama.models.presets import get_preset, preset_names
+from scripts.convert_hf_checkpoint import main as convert_hf
+from tests.model_fixtures import make_hf_llama
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}
+VARIANTS = {
+    "gqa": dict(num_key_value_heads=2),
+    "tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "llama31_rope": dict(num_key_value_heads=2, rope_scaling=LLAMA31_ROPE, rope_theta=500000.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def hf_and_ours(request, tmp_path_factory):
+    """A random HF model and the same weights converted to our format and loaded."""
+    hf_dir = tmp_path_factory.mktemp("hf")
+    ours_dir = tmp_path_factory.mktemp("ours")
+    torch.manual_seed(0)
+    hf_model = make_hf_llama(hf_dir, **VARIANTS[request.param])
+    assert convert_hf(["--input", str(hf_dir), "--output", str(ours_dir)]) == 0
+    return hf_model, load_model(ours_dir)
+
+
+def test_logits_match_hf(hf_and_ours):
+    hf_model, model = hf_and_ours
+    tokens = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_hf(hf_and_ours):
+    hf_model, model = hf_and_ours
+    prompt = [1, 17, 42, 99, 5]
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(model, prompt, max_new_tokens=20) == expected
+
+
+def test_generate_stops_at_stop_id(hf_and_ours):
+    _, model = hf_and_ours
+    free_run = generate(model, [1, 2, 3], max_new_tokens=10)
+    stop = free_run[3]
+    first = free_run.index(stop)
+    assert generate(model, [1, 2, 3], max_new_tokens=10, stop_ids=[stop]) == free_run[:first + 1]
+
+
+def tiny_model(**overrides) -> Transformer:
+    return Transformer(get_preset("tiny", **overrides)).eval()
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    """Logits of a prompt fed at once, then token by token through the cache, equal one full forward."""
+    model = tiny_model()
+    tokens = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(1, 20)
+        prefix = model(tokens[:, :12], start_pos=0)
+        steps = [model(tokens[:, i:i + 1], start_pos=i) for i in range(12, 16)]
+        chunk = model(tokens[:, 16:], start_pos=16)
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat([prefix, *steps, chunk], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_forward_hidden_then_head_equals_forward():
+    model = tiny_model()
+    tokens = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        hidden = model.forward_hidden(tokens)
+        assert hidden.shape == (2, 9, 64)
+        torch.testing.assert_close(model.output_logits(hidden[:, 3]), model(tokens)[:, 3])
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    model = tiny_model().train()
+    tokens = torch.randint(0, 512, (2, 16))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(tokens).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_params_json_round_trip(tmp_path):
+    model = tiny_model(rope_scaling=dict(LLAMA31_ROPE), tie_word_embeddings=True)
+    save_model(model, tmp_path)
+    assert read_params(tmp_path) == model.args
+    loaded = load_model(tmp_path)
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))
+
+
+def test_unknown_params_key_is_refused():
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelArgs.from_dict({"dim": 64, "n_layers": 1, "n_heads": 4, "bogus": 1})
+
+
+def test_llama31_scaling_bands():
+    """High frequencies are kept, low ones divided by the factor, the band between interpolated.
+
+    With L = 32, low = 1, high = 4: wavelengths below 8 keep f, above 32 get f / 8.
+    """
+    inv_freq = torch.tensor([2 * torch.pi / 4, 2 * torch.pi / 64, 2 * torch.pi / 16], dtype=torch.float64)
+    scaled = llama3_scale_frequencies(inv_freq, LLAMA31_ROPE)
+    smooth = (32 / 16 - 1) / (4 - 1)
+    expected = [inv_freq[0], inv_freq[1] / 8, (1 - smooth) * inv_freq[2] / 8 + smooth * inv_freq[2]]
+    torch.testing.assert_close(scaled, torch.stack(expected))
+
+
+def test_unsupported_rope_scaling_is_refused():
+    with pytest.raises(ValueError, match="unsupported rope_scaling"):
+        rope_frequencies(64, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
+
+
+PUBLISHED_SIZES = {  # parameters in billions, from the model cards
+    "llama-2-7b": 6.74, "llama-2-13b": 13.02, "llama-2-70b": 68.98, "llama-3-8b": 8.03, "llama-3.1-70b": 70.55,
+    "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "tinyllama-1.1b": 1.10,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_presets_have_published_sizes(name):
+    with torch.device("meta"):
+        model = Transformer(get_preset(name))
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions == pytest.approx(PUBLISHED_SIZES[name], abs=0.01)
+
+
+def test_every_preset_builds_and_unknown_is_refused():
+    for name in preset_names():
+        get_preset(name)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("llama-9")

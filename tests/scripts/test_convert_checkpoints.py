@@ -1,0 +1,116 @@
+"""scripts/convert_hf_checkpoint.py and scripts/convert_meta_checkpoint.py on files in the real formats."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpo_llama.models.checkpoint import INDEX_FILE, iter_safetensors, load_model, read_params, weight_files
+from dpo_llama.models.convert_hf import llama_args_from_hf, rope_settings
+from scripts.convert_hf_checkpoint import main as convert_hf
+from scripts.convert_meta_checkpoint import main as convert_meta
+from tests.model_fixtures import TINY_HF_LLAMA, make_hf_llama, write_meta_checkpoint
+
+
+def state(ckpt_dir) -> dict[str, torch.Tensor]:
+    return dict(iter_safetensors(weight_files(ckpt_dir)))
+
+
+def test_sharded_hf_checkpoint_converts_and_matches_logits(tmp_path):
+    hf_dir, out = tmp_path / "hf", tmp_path / "ours"
+    hf_model = make_hf_llama(hf_dir, max_shard_size="100KB")
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+    assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
+    assert (out / INDEX_FILE).is_file() and len(weight_files(out)) > 1
+    tokens = torch.randint(0, 300, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_meta_two_shard_checkpoint_equals_hf_conversion(tmp_path):
+    hf_model = make_hf_llama(tmp_path / "hf")
+    write_meta_checkpoint(hf_model, tmp_path / "meta", n_shards=2)
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "from_hf")]) == 0
+    assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "from_meta"),
+                         "--max-seq-len", str(TINY_HF_LLAMA["max_position_embeddings"])]) == 0
+    assert read_params(tmp_path / "from_meta") == read_params(tmp_path / "from_hf")
+    from_hf, from_meta = state(tmp_path / "from_hf"), state(tmp_path / "from_meta")
+    assert from_hf.keys() == from_meta.keys()
+    for key in from_hf:
+        torch.testing.assert_close(from_meta[key], from_hf[key], atol=0, rtol=0)
+
+
+def test_dtype_cast(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "o"), "--dtype", "bf16"]) == 0
+    assert {t.dtype for t in state(tmp_path / "o").values()} == {torch.bfloat16}
+
+
+HUB_LAYOUT = {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192}}
+NEW_LAYOUT = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}}
+
+
+def test_both_rope_config_layouts_give_the_same_args():
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 300, "intermediate_size": 192}
+    assert llama_args_from_hf({**base, **HUB_LAYOUT}) == llama_args_from_hf({**base, **NEW_LAYOUT})
+    assert rope_settings({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}) == (1e4, None)
+
+
+def test_missing_config_is_refused(tmp_path, capsys):
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "config.json not found" in capsys.readouterr().err
+
+
+def test_unsupported_model_type_is_refused(tmp_path, capsys):
+    make_hf_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "unsupported model_type 'gpt2'" in capsys.readouterr().err
+
+
+def test_unknown_key_and_wrong_shape_are_refused(tmp_path, capsys):
+    make_hf_llama(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "unexpected" in capsys.readouterr().err
+    weights["model.norm.weight"] = torch.zeros(65)
+    save_file(weights, tmp_path / "model.safetensors")
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o2")]) == 1
+    assert "shape mismatch for norm.weight" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "model.safetensors").exists()
+
+
+def test_missing_weight_is_refused(tmp_path, capsys):
+    make_hf_llama(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_meta_bad_inputs_are_refused(tmp_path, capsys):
+    assert convert_meta(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "params.json not found" in capsys.readouterr().err
+    hf_model = make_hf_llama(tmp_path / "hf")
+    write_meta_checkpoint(hf_model, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "moe": True}))
+    assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
+    assert "unknown keys in Meta params.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["convert_hf_checkpoint.py", "convert_meta_checkpoint.py"])
+def test_scripts_have_help(script):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, f"scripts/{script}", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--input" in result.stdout
