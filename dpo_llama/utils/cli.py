@@ -1,0 +1,229 @@
+"""Turn a config dataclass into a command line, and save/load resolved configs as JSON.
+
+Every dataclass field becomes a flag, spelled ``--field-name`` or ``--field_name``; its
+help text comes from ``field(metadata={"help": ...})``. Supported field types:
+
+- ``str``, ``int``, ``float``;
+- ``bool``: ``--flag``, ``--flag true|false`` (also yes/no, 1/0) and ``--no-flag``;
+- ``Optional[X]``: the value ``none`` (any case) gives ``None``;
+- ``Literal[...]``: the value must be one of the literals (listed in ``--help``);
+- ``list[X]`` and ``tuple[X, ...]``: one or more values; ``tuple[X, Y]``: exactly two.
+
+Unknown flags are an error that suggests the closest known flag.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """Parse ``true/false`` (also ``yes/no``, ``1/0``, ``on/off``), case-insensitively."""
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_inner(tp: Any) -> Any:
+    """Return X for ``Optional[X]`` / ``X | None``, else None."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) != 1 or len(typing.get_args(tp)) != 2:
+        return None
+    return args[0]
+
+
+def _allow_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a converter so that ``none`` (any case) gives None."""
+
+    def convert_or_none(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    convert_or_none.__name__ = getattr(convert, "__name__", "value")
+    return convert_or_none
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a type annotation for --help (choices are shown by the metavar)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "choice"
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def _argument_spec(name: str, tp: Any) -> dict[str, Any]:
+    """argparse keyword arguments (type, nargs, choices) for a field of type ``tp``.
+
+    Raises:
+        TypeError: the type is not one of the supported kinds listed in the module docstring.
+    """
+    inner = _optional_inner(tp)
+    if inner is not None:
+        spec = _argument_spec(name, inner)
+        spec["type"] = _allow_none(spec["type"])
+        if "choices" in spec:
+            spec["choices"] = [*spec["choices"], None]
+        return spec
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return {"type": parse_bool, "nargs": "?", "const": True}
+    if tp in (str, int, float):
+        return {"type": tp}
+    if origin is typing.Literal:
+        return {"type": type(args[0]), "choices": list(args)}
+    if origin is list and len(args) == 1:
+        return {"type": _argument_spec(name, args[0])["type"], "nargs": "+"}
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return {"type": _argument_spec(name, args[0])["type"], "nargs": "+"}
+    if origin is tuple and args and len(set(args)) == 1:
+        return {"type": _argument_spec(name, args[0])["type"], "nargs": len(args)}
+    raise TypeError(f"field {name!r}: unsupported type {tp!r} for a command-line flag")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """The field's default value, or MISSING."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _help_text(f: dataclasses.Field, tp: Any) -> str:
+    """``<help> (type: X, default: Y)``, escaped for argparse's %-formatting."""
+    default = _field_default(f)
+    default_text = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+    text = f"{f.metadata.get('help', '')} (type: {_type_name(tp)}, {default_text})".strip()
+    return text.replace("%", "%%")
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
+    """Add ``--field-name`` (and ``--no-field-name`` for bools) plus hidden underscore spellings."""
+    spec = _argument_spec(f.name, tp)
+    if "choices" in spec:
+        spec["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in spec["choices"]) + "}"
+    required = _field_default(f) is dataclasses.MISSING
+    dashed = f.name.replace("_", "-")
+    parser.add_argument(f"--{dashed}", dest=f.name, help=_help_text(f, tp), required=required, **spec)
+    if dashed != f.name:
+        parser.add_argument(f"--{f.name}", dest=f.name, help=argparse.SUPPRESS, **spec)
+    if tp is bool:
+        parser.add_argument(f"--no-{dashed}", dest=f.name, action="store_false", help=f"Set {dashed} to false.")
+        parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+
+
+def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
+    """An ArgumentParser with one flag per init field of the dataclass ``config_cls``.
+
+    Flags default to ``argparse.SUPPRESS`` so that only given flags override the dataclass's
+    own defaults (``default_factory`` included).
+    """
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"{config_cls!r} is not a dataclass")
+    parser = argparse.ArgumentParser(
+        description=description or config_cls.__doc__,
+        epilog="Every flag may also be spelled with underscores, e.g. --max_train_steps.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.init:
+            _add_field(parser, f, hints[f.name])
+    return parser
+
+
+def _lists_to_tuples(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Convert list values of tuple-typed fields (argparse and JSON give lists) to tuples."""
+    hints = typing.get_type_hints(config_cls)
+    converted = dict(values)
+    for name, value in values.items():
+        tp = _optional_inner(hints[name]) or hints[name]
+        if typing.get_origin(tp) is tuple and value is not None:
+            converted[name] = tuple(value)
+    return converted
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit with an argparse error that suggests the closest known flag."""
+    known = [s for action in parser._actions for s in action.option_strings]
+    flag = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), unknown[0])
+    match = difflib.get_close_matches(flag, known, n=1)
+    hint = f"; did you mean {match[0]}?" if match else ""
+    parser.error(f"unrecognized argument: {' '.join(unknown)}{hint}")
+
+
+def parse_config(config_cls: type[ConfigT], argv: list[str] | None = None, description: str = "") -> ConfigT:
+    """Build a ``config_cls`` instance from command-line flags.
+
+    Args:
+        config_cls: A dataclass type; every init field becomes a flag.
+        argv: Arguments to parse (``sys.argv[1:]`` when None).
+        description: Text shown at the top of ``--help`` (the class docstring when empty).
+
+    Returns:
+        The config, with dataclass defaults for every flag not given.
+
+    Raises:
+        SystemExit: on ``--help``, an unknown flag, a bad value, or a value the dataclass's
+            ``__post_init__`` rejects (argparse prints the message).
+    """
+    parser = build_parser(config_cls, description)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, unknown)
+    try:
+        return config_cls(**_lists_to_tuples(config_cls, vars(namespace)))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a JSON-ready dict (tuples become lists, paths become strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as indented JSON to ``path``."""
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+
+
+def load_config(config_cls: type[ConfigT], path: str | Path) -> ConfigT:
+    """Read a config written by :func:`save_config`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file has keys that ``config_cls`` has no field for.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    values = json.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    extra = sorted(set(values) - names)
+    if extra:
+        raise ValueError(f"{path}: unknown {config_cls.__name__} fields {extra}")
+    return config_cls(**_lists_to_tuples(config_cls, values))

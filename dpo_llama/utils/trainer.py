@@ -1,0 +1,556 @@
+"""A model-agnostic training loop shared by SFT and DPO.
+
+The task (SFT, DPO, ...) supplies four callables:
+
+- ``collate(examples) -> batch``: builds one micro-batch (CPU tensors) from dataset examples;
+- ``loss_fn(model, batch) -> (loss_sum, metric_sums)``: the loss SUMMED over the batch's
+  units (target tokens for SFT, preference pairs for DPO) and other sums to report;
+- ``batch_weight(batch) -> int``: the number of units in the batch;
+- ``save_trainable(dir)`` / ``load_trainable(dir)``: write/read the trainable weights.
+
+Gradient accumulation. One optimizer step uses N = ``gradient_accumulation_steps``
+micro-batches b_1..b_N with weights w_i and loss sums L_i. The loop fetches all N first,
+computes W = sum_i w_i and back-propagates each L_i / W, so the accumulated gradient is
+
+    grad sum_i L_i / W = grad (mean loss over all W units of the step),
+
+exactly what one batch holding all N micro-batches gives. (Dividing each micro-batch by N,
+as the ancestor DPO-LLaMA did, over-weights units in short micro-batches.) Reported metrics
+are likewise ``sum_i metric_sum_i / W``.
+
+Each run writes ``<ckpt_dir>/step-000123/`` checkpoints (trainable weights,
+``trainer_state.pt``, ``config.json``) and TensorBoard/jsonl/PNG logs to ``<log_dir>/<run_name>/``.
+With ``cfg.resume`` the run continues from the latest checkpoint and reproduces exactly the
+losses an uninterrupted run would have had: weights, optimizer, scheduler, data position and
+all RNG states are restored.
+"""
+
+import contextlib
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dpo_llama.configs.base import TrainConfig
+from dpo_llama.utils.cli import save_config
+from dpo_llama.utils.metrics import MetricsLogger, PlotSpec
+
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.json"
+DEFAULT_PLOTS: tuple[PlotSpec, ...] = (("loss", ("train/loss", "val/loss")),)
+GROUP_WINDOW_BATCHES = 50  # length grouping sorts windows of this many micro-batches
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; training stopped before the optimizer step.
+
+    Attributes:
+        step: The step whose loss was not finite.
+        last_checkpoint: The newest checkpoint on disk (untouched), or None.
+    """
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: Path | None) -> None:
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+        saved = last_checkpoint if last_checkpoint is not None else "none (no checkpoint was written yet)"
+        super().__init__(
+            f"step {step}: {what} is {value}; stopped without stepping the optimizer or saving. "
+            f"Last good checkpoint: {saved}"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        history: One dict per step: ``{"step": n, "train/loss": ..., "val/loss": ..., ...}``.
+        step: The last completed optimizer step.
+        last_checkpoint: Directory of the newest checkpoint, or None.
+    """
+
+    history: list[dict[str, float]]
+    step: int
+    last_checkpoint: Path | None
+
+
+def set_seed(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu or auto")
+    return torch.device(name)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a (nested) dict/list/tuple batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (1-indexed).
+
+    With W = warmup_steps, T = max_steps and r = min_lr_ratio:
+
+        step <= W:  step / W                                   (linear warmup)
+        step >  W:  r + (1 - r) * (1 + cos(pi * p)) / 2,       p = min(1, (step - W) / (T - W))
+
+    so the lr peaks at step W and reaches r * lr at step T (and stays there after).
+    """
+    if step <= warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine schedule; after k scheduler steps the lr is ``lr * lr_factor(k + 1)``."""
+
+    def factor(steps_done: int) -> float:
+        return lr_factor(steps_done + 1, cfg.warmup_steps, cfg.max_train_steps, cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the parameters with ``requires_grad``.
+
+    Matrices (ndim >= 2) get ``cfg.weight_decay``; biases and norm weights get none. torch
+    AdamW is fused when every trainable parameter is on CUDA and foreach otherwise;
+    ``adamw_8bit`` / ``paged_adamw_8bit`` use bitsandbytes (imported only then).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    options = {"lr": cfg.learning_rate, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
+    if cfg.optimizer == "adamw":
+        if all(p.is_cuda for p in params):
+            return torch.optim.AdamW(groups, **options, fused=True)
+        return torch.optim.AdamW(groups, **options, foreach=True)
+    import bitsandbytes as bnb  # heavy import, needed only for the 8-bit optimizers
+
+    optimizer_cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    if cfg.optimizer not in optimizer_cls:
+        raise ValueError(f"optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got {cfg.optimizer!r}")
+    return optimizer_cls[cfg.optimizer](groups, **options)
+
+
+class BatchSampler:
+    """A deterministic, resumable stream of micro-batches of example indices.
+
+    Epoch e shuffles the examples with ``np.random.default_rng((seed, e))`` and cuts the
+    permutation into batches of ``batch_size`` (the last may be smaller). With ``lengths``,
+    each window of ``GROUP_WINDOW_BATCHES`` batches is sorted by length before cutting, and
+    the batches are then shuffled, so a batch holds examples of similar length (less padding).
+    The stream's position (epoch, batch index) is its whole state.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> None:
+        if num_examples < 1:
+            raise ValueError("the training set is empty")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.lengths = np.asarray(lengths) if lengths is not None else None
+        self.epoch = 0
+        self.position = 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of one epoch, a pure function of (seed, epoch)."""
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(self.num_examples)
+        if self.lengths is not None:
+            window = self.batch_size * GROUP_WINDOW_BATCHES
+            chunks = [order[i : i + window] for i in range(0, len(order), window)]
+            order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks])
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if self.lengths is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def next_batch(self) -> list[int]:
+        """The next micro-batch's indices, starting a new epoch when one runs out."""
+        if self.position == len(self._batches):
+            self.epoch += 1
+            self.position = 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the stream."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Jump to a position saved by :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._batches = self._epoch_batches(self.epoch)
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": np_pos,
+                  "has_gauss": np_has_gauss, "cached_gaussian": np_gauss},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    """``<ckpt_dir>/step-000123``."""
+    return Path(ckpt_dir) / f"step-{step:06d}"
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``ckpt_dir``, or None.
+
+    Only ``step-<digits>`` directories holding a ``trainer_state.pt`` count, so unfinished
+    temporary directories are ignored.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return max(found, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` of a checkpoint (CPU tensors, ``weights_only=True``)."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {STATE_FILE} in checkpoint {checkpoint}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; a no-op otherwise (CPU keeps the model's dtype)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _add_sums(totals: dict[str, Any], new: Mapping[str, float | torch.Tensor]) -> None:
+    """Add detached float values of ``new`` into ``totals`` (tensors stay on their device)."""
+    for name, value in new.items():
+        value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+        totals[name] = totals.get(name, 0.0) + value
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Sequence[Any],
+    collate: Callable[[list[Any]], Batch],
+    loss_fn: LossFn,
+    batch_weight: Callable[[Batch], int],
+    *,
+    batch_size: int,
+    max_batches: int = 0,
+    device: torch.device | str = "cpu",
+    mixed_precision: bool = False,
+) -> dict[str, float]:
+    """Weighted validation metrics over ``dataset`` in order, in eval mode.
+
+    ``loss = sum_b loss_sum_b / sum_b w_b`` and likewise for every metric, over the first
+    ``max_batches`` micro-batches (0 = all).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    num_batches = math.ceil(len(dataset) / batch_size)
+    if max_batches:
+        num_batches = min(num_batches, max_batches)
+    sums: dict[str, Any] = {}
+    total_weight = 0
+    for start in range(0, num_batches * batch_size, batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        total_weight += int(batch_weight(batch))
+        with _autocast(device, mixed_precision):
+            loss_sum, metric_sums = loss_fn(model, to_device(batch, device))
+        _add_sums(sums, {"loss": loss_sum, **metric_sums})
+    model.train(was_training)
+    if total_weight <= 0:
+        raise ValueError("the validation set has no units to average over (batch_weight summed to 0)")
+    return {name: float(value) / total_weight for name, value in sums.items()}
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    """``"loss 1.234 | lr 1e-04"``, four significant digits."""
+    return " | ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+
+
+class Trainer:
+    """The training loop; see the module docstring. :func:`train` is the usual entry point."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        train_set: Sequence[Any],
+        collate: Callable[[list[Any]], Batch],
+        loss_fn: LossFn,
+        batch_weight: Callable[[Batch], int],
+        *,
+        save_trainable: Callable[[Path], None],
+        load_trainable: Callable[[Path], None],
+        val_set: Sequence[Any] | None = None,
+        val_postprocess: Callable[[dict[str, float]], dict[str, float]] | None = None,
+        batch_tokens: Callable[[Batch], int] | None = None,
+        example_length: Callable[[Any], int] | None = None,
+    ) -> None:
+        if cfg.group_by_length and example_length is None:
+            raise ValueError("group_by_length=True needs an example_length callable")
+        self.cfg = cfg
+        self.model = model
+        self.train_set = train_set
+        self.collate = collate
+        self.loss_fn = loss_fn
+        self.batch_weight = batch_weight
+        self.save_trainable = save_trainable
+        self.load_trainable = load_trainable
+        self.val_set = val_set
+        self.val_postprocess = val_postprocess
+        self.batch_tokens = batch_tokens
+        self.device = resolve_device(cfg.device)
+        set_seed(cfg.seed)
+        self.optimizer = build_optimizer(cfg, model)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        lengths = [example_length(ex) for ex in train_set] if cfg.group_by_length else None
+        self.sampler = BatchSampler(len(train_set), cfg.micro_batch_size, cfg.seed, lengths)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    def run(self, plots: Sequence[PlotSpec] = DEFAULT_PLOTS) -> TrainResult:
+        """Train to ``cfg.max_train_steps`` (resuming first if asked) and write the plots."""
+        history = self._restore()
+        cfg = self.cfg
+        with (
+            MetricsLogger(cfg.log_dir, cfg.run_name, history) as logger,
+            tqdm(total=cfg.max_train_steps, initial=self.step, desc=cfg.run_name, disable=None) as progress,
+        ):
+            save_config(cfg, logger.run_dir / CONFIG_FILE)
+            while self.step < cfg.max_train_steps:
+                self.step += 1
+                metrics = self._train_step()
+                logger.log(self.step, metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if self.step % cfg.log_interval == 0:
+                    tqdm.write(f"step {self.step}/{cfg.max_train_steps} | {_format_metrics(metrics)}")
+                self._maybe_validate(logger)
+                if self._due(cfg.ckpt_interval):
+                    self.last_checkpoint = self._save_checkpoint(logger.history)
+            logger.save_plots(plots)
+            return TrainResult(logger.history, self.step, self.last_checkpoint)
+
+    def _due(self, interval: int) -> bool:
+        """True every ``interval`` steps (0 = never) and at the last step."""
+        return self.step == self.cfg.max_train_steps or (interval > 0 and self.step % interval == 0)
+
+    def _next_batches(self) -> list[Batch]:
+        """Collate the step's ``gradient_accumulation_steps`` micro-batches."""
+        batches = []
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            indices = self.sampler.next_batch()
+            batches.append(self.collate([self.train_set[i] for i in indices]))
+        return batches
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step over N micro-batches, each back-propagating loss_sum / W."""
+        start = time.perf_counter()
+        self.model.train()
+        batches = self._next_batches()
+        weight = sum(int(self.batch_weight(batch)) for batch in batches)
+        if weight <= 0:
+            raise ValueError(f"step {self.step}: batch_weight summed to {weight}; a step needs at least one unit")
+        sums: dict[str, Any] = {}
+        for batch in batches:
+            with _autocast(self.device, self.cfg.mixed_precision):
+                loss_sum, metric_sums = self.loss_fn(self.model, to_device(batch, self.device))
+            (loss_sum / weight).backward()
+            _add_sums(sums, {"loss": loss_sum, **metric_sums})
+        metrics = {name: float(value) / weight for name, value in sums.items()}
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(self.step, "the loss", metrics["loss"], self.last_checkpoint)
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(self.step, "the gradient norm", grad_norm, self.last_checkpoint)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["grad_norm"] = grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.batch_tokens is not None:
+            tokens = sum(int(self.batch_tokens(batch)) for batch in batches)
+            metrics["tokens_per_sec"] = tokens / (time.perf_counter() - start)
+        return metrics
+
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of the gradients before clipping; clips to ``cfg.grad_clip`` if > 0."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
+        return float(norm)
+
+    def _maybe_validate(self, logger: MetricsLogger) -> None:
+        """Every ``val_interval`` steps and at the end: log ``val/<name>`` metrics."""
+        if self.val_set is None or not self._due(self.cfg.val_interval):
+            return
+        metrics = evaluate(
+            self.model, self.val_set, self.collate, self.loss_fn, self.batch_weight,
+            batch_size=self.cfg.micro_batch_size, max_batches=self.cfg.val_batches,
+            device=self.device, mixed_precision=self.cfg.mixed_precision,
+        )
+        if self.val_postprocess is not None:
+            metrics = self.val_postprocess(metrics)
+        logger.log(self.step, metrics, split="val")
+        tqdm.write(f"step {self.step}/{self.cfg.max_train_steps} | val | {_format_metrics(metrics)}")
+
+    def _save_checkpoint(self, history: list[dict[str, float]]) -> Path:
+        """Write ``step-XXXXXX/`` atomically: build ``.tmp-step-XXXXXX/`` then rename it."""
+        final = checkpoint_path(self.cfg.ckpt_dir, self.step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.save_trainable(tmp)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "history": history,
+        }
+        torch.save(state, tmp / STATE_FILE)
+        save_config(self.cfg, tmp / CONFIG_FILE)
+        os.replace(tmp, final)
+        return final
+
+    def _restore(self) -> list[dict[str, float]]:
+        """Load the latest checkpoint when ``cfg.resume``; return its metric history.
+
+        Raises:
+            FileExistsError: ``ckpt_dir`` holds checkpoints but ``cfg.resume`` is False
+                (a fresh run would mix its checkpoints with an older run's).
+        """
+        latest = latest_checkpoint(self.cfg.ckpt_dir)
+        if latest is None:
+            if self.cfg.resume:
+                tqdm.write(f"resume: no checkpoint in {self.cfg.ckpt_dir}, starting from step 0")
+            return []
+        if not self.cfg.resume:
+            raise FileExistsError(
+                f"{self.cfg.ckpt_dir} already holds checkpoints (latest {latest.name}); "
+                "pass --resume to continue that run, or choose another --ckpt-dir"
+            )
+        state = load_trainer_state(latest)
+        self.load_trainable(latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.last_checkpoint = latest
+        tqdm.write(f"resumed from {latest} at step {self.step}")
+        return state["history"]
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    train_set: Sequence[Any],
+    collate: Callable[[list[Any]], Batch],
+    loss_fn: LossFn,
+    batch_weight: Callable[[Batch], int],
+    *,
+    save_trainable: Callable[[Path], None],
+    load_trainable: Callable[[Path], None],
+    val_set: Sequence[Any] | None = None,
+    val_postprocess: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    batch_tokens: Callable[[Batch], int] | None = None,
+    example_length: Callable[[Any], int] | None = None,
+    plots: Sequence[PlotSpec] = DEFAULT_PLOTS,
+) -> TrainResult:
+    """Train ``model`` on ``train_set``; see the module docstring for the callables' contracts.
+
+    The caller places the model on its device(s); batches are moved to ``cfg.device``.
+
+    Args:
+        cfg: Training settings.
+        model: The model; only parameters with ``requires_grad`` are optimised.
+        train_set: Indexable examples.
+        collate: ``examples -> batch`` (nested dict/list/tuple of CPU tensors).
+        loss_fn: ``(model, batch) -> (loss_sum, metric_sums)``; ``"loss"`` is reserved.
+        batch_weight: ``batch -> number of units`` summed in ``loss_sum``.
+        save_trainable: Writes the trainable weights into a checkpoint directory.
+        load_trainable: Reads them back from a checkpoint directory (on resume).
+        val_set: Validation examples, evaluated every ``cfg.val_interval`` steps and at the end.
+        val_postprocess: ``metrics -> metrics`` applied to validation results (e.g. perplexity).
+        batch_tokens: ``batch -> tokens processed``, for the ``tokens_per_sec`` metric.
+        example_length: ``example -> length``, required when ``cfg.group_by_length``.
+        plots: ``(title, tags)`` specs of the PNG plots written at the end.
+
+    Raises:
+        NonFiniteLossError: the loss or gradient norm became NaN/inf (the last checkpoint is intact).
+        FileExistsError: ``cfg.ckpt_dir`` holds checkpoints and ``cfg.resume`` is False.
+    """
+    trainer = Trainer(
+        cfg, model, train_set, collate, loss_fn, batch_weight,
+        save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set,
+        val_postprocess=val_postprocess, batch_tokens=batch_tokens, example_length=example_length,
+    )
+    return trainer.run(plots)

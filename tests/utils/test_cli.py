@@ -1,0 +1,160 @@
+"""Tests for dpo_llama.utils.cli: dataclass -> command line, and config JSON."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from dpo_llama.configs.base import TrainConfig
+from dpo_llama.utils.cli import config_to_dict, load_config, parse_config, save_config
+
+
+@dataclass
+class ToyConfig:
+    name: str = field(default="run", metadata={"help": "Run name."})
+    steps: int = field(default=10, metadata={"help": "Number of steps."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak lr (100% at the end of warmup)."})
+    use_cache: bool = field(default=False, metadata={"help": "Cache things."})
+    enabled: bool = field(default=True, metadata={"help": "Turn it on."})
+    max_length: Optional[int] = field(default=None, metadata={"help": "Truncate to this many tokens."})
+    eval_split: str | None = field(default="val", metadata={"help": "Split used for evaluation."})
+    dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype."})
+    stop_words: list[str] = field(default_factory=lambda: ["</s>"], metadata={"help": "Stop strings."})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam betas."})
+    layers: tuple[int, ...] = field(default=(0, 1), metadata={"help": "Layers to adapt."})
+
+
+def parse(*argv: str) -> ToyConfig:
+    return parse_config(ToyConfig, list(argv))
+
+
+def test_defaults_without_flags():
+    assert parse() == ToyConfig()
+    assert parse_config(TrainConfig, []) == TrainConfig()
+
+
+@pytest.mark.parametrize("flag", ["--max-length", "--max_length"])
+def test_both_spellings(flag):
+    assert parse(flag, "7").max_length == 7
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--use-cache"], True),
+        (["--use_cache"], True),
+        (["--use-cache", "true"], True),
+        (["--use-cache", "FALSE"], False),
+        (["--use_cache", "yes"], True),
+        (["--use-cache", "0"], False),
+        (["--use-cache", "--steps", "3"], True),
+    ],
+)
+def test_bool_flag_forms(argv, expected):
+    assert parse(*argv).use_cache is expected
+
+
+@pytest.mark.parametrize("flag", ["--no-enabled", "--no_enabled"])
+def test_negated_bool(flag):
+    assert parse(flag).enabled is False
+
+
+def test_optional_values():
+    assert parse("--max-length", "none").max_length is None
+    assert parse("--max-length", "None", "--eval-split", "NONE").eval_split is None
+    assert parse("--eval-split", "test").eval_split == "test"
+
+
+def test_lists_and_tuples():
+    cfg = parse("--stop-words", "a", "b c", "--betas", "0.8", "0.99", "--layers", "3")
+    assert cfg.stop_words == ["a", "b c"]
+    assert cfg.betas == (0.8, 0.99)
+    assert cfg.layers == (3,)
+
+
+def test_choices_are_validated(capsys):
+    assert parse("--dtype", "fp32").dtype == "fp32"
+    with pytest.raises(SystemExit):
+        parse("--dtype", "fp16")
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--steps", "ten"], ["--use-cache", "maybe"], ["--betas", "0.9"], ["--learning-rate", "x"]]
+)
+def test_bad_values_are_argparse_errors(argv):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+
+
+def test_unknown_flag_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit):
+        parse("--step", "3")
+    err = capsys.readouterr().err
+    assert "unrecognized argument: --step 3" in err
+    assert "did you mean --steps?" in err
+
+
+def test_help_lists_every_field_with_type_default_and_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--help"], description="Toy trainer.")
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "Toy trainer." in out
+    for f in dataclasses.fields(ToyConfig):
+        assert f"--{f.name.replace('_', '-')}" in out
+        assert f.metadata["help"] in out
+    assert "(type: int, default: 10)" in out
+    assert "(type: float, default: 0.001)" in out
+    assert "{bf16,fp32}" in out and "(type: choice, default: 'bf16')" in out
+    assert "default: ['</s>']" in out and "default: (0.9, 0.95)" in out
+    assert "--no-enabled" in out
+
+
+def test_train_config_help_documents_every_field(capsys):
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help"
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in out for f in dataclasses.fields(TrainConfig))
+    assert "{adamw,adamw_8bit,paged_adamw_8bit}" in out
+
+
+def test_train_config_flags_and_validation(capsys):
+    cfg = parse_config(TrainConfig, ["--adam-betas", "0.8", "0.9", "--optimizer", "paged_adamw_8bit",
+                                     "--no-mixed-precision", "--max_train_steps", "7"])
+    assert (cfg.adam_betas, cfg.optimizer, cfg.mixed_precision, cfg.max_train_steps) == (
+        (0.8, 0.9), "paged_adamw_8bit", False, 7)
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--min-lr-ratio", "2"])
+    assert "min_lr_ratio must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_required_field_and_unsupported_type():
+    @dataclass
+    class Required:
+        path: str = field(metadata={"help": "Input file."})
+
+    with pytest.raises(SystemExit):
+        parse_config(Required, [])
+    assert parse_config(Required, ["--path", "a.pkl"]).path == "a.pkl"
+
+    @dataclass
+    class Unsupported:
+        table: dict = field(default_factory=dict)
+
+    with pytest.raises(TypeError, match="table"):
+        parse_config(Unsupported, [])
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = parse("--betas", "0.5", "0.6", "--max-length", "12")
+    assert config_to_dict(cfg)["betas"] == [0.5, 0.6]
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(ToyConfig, tmp_path / "config.json") == cfg
+    (tmp_path / "bad.json").write_text('{"steps": 3, "stepz": 4}')
+    with pytest.raises(ValueError, match=r"bad.json.*stepz"):
+        load_config(ToyConfig, tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_config(ToyConfig, tmp_path / "missing.json")

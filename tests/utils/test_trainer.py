@@ -1,0 +1,379 @@
+"""Tests for dpo_llama.utils.trainer with toy models and synthetic token-regression data.
+
+Each example has a different number of "target tokens" (rows of x); the loss of a batch is
+the SUM of squared errors over its unpadded tokens and its weight is the token count, like
+SFT's token-level cross-entropy.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpo_llama.configs.base import TrainConfig
+from dpo_llama.utils.cli import load_config
+from dpo_llama.utils.trainer import (
+    BatchSampler,
+    NonFiniteLossError,
+    build_optimizer,
+    evaluate,
+    latest_checkpoint,
+    load_trainer_state,
+    lr_factor,
+    rng_state,
+    set_rng_state,
+    train,
+)
+
+DIM = 3
+
+
+class ToyModel(nn.Module):
+    """x [B, T, DIM] -> prediction [B, T]; optional dropout so that RNG state matters."""
+
+    def __init__(self, dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(DIM, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def make_dataset(token_counts: list[int], seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Examples {x: float32 [T, DIM], y: float32 [T]} with y a fixed linear function of x."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for count in token_counts:
+        x = rng.normal(size=(count, DIM)).astype(np.float32)
+        examples.append({"x": x, "y": (x @ np.array([1.0, -2.0, 0.5], dtype=np.float32))})
+    return examples
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; mask marks real tokens."""
+    length = max(len(ex["y"]) for ex in examples)
+    x = torch.zeros(len(examples), length, DIM)
+    y = torch.zeros(len(examples), length)
+    mask = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, ex in enumerate(examples):
+        count = len(ex["y"])
+        x[row, :count] = torch.from_numpy(ex["x"])
+        y[row, :count] = torch.from_numpy(ex["y"])
+        mask[row, :count] = True
+    return {"x": x, "y": y, "mask": mask}
+
+
+def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of squared errors over real tokens, plus the sum of absolute errors as a metric."""
+    error = (model(batch["x"]) - batch["y"]) * batch["mask"]
+    return error.pow(2).sum(), {"abs_err": error.abs().sum()}
+
+
+def batch_weight(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["mask"].sum())
+
+
+def make_cfg(tmp_path, **overrides) -> TrainConfig:
+    """A small CPU config writing under tmp_path; periodic validation/checkpoints off."""
+    values = dict(
+        max_train_steps=5, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+        warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, log_interval=1000, val_interval=0,
+        ckpt_interval=0, ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"),
+        run_name="toy", device="cpu", seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run(cfg: TrainConfig, model: nn.Module, data, loss=loss_fn, **kwargs):
+    """train() with the toy callables and weights.pt save/load."""
+
+    def save_trainable(directory):
+        torch.save(model.state_dict(), directory / "weights.pt")
+
+    def load_trainable(directory):
+        model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+
+    return train(cfg, model, data, collate, loss, batch_weight,
+                 save_trainable=save_trainable, load_trainable=load_trainable, **kwargs)
+
+
+def losses(history: list[dict], tag: str = "train/loss") -> list[float]:
+    return [record[tag] for record in history if tag in record]
+
+
+def adam_first_step(param: torch.Tensor, grad: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
+    """AdamW's first update without weight decay.
+
+    m = (1 - b1) g and v = (1 - b2) g^2, and the bias corrections divide by (1 - b1) and
+    (1 - b2), so the update is  p - lr * g / (|g| + eps).  With eps comparable to |g| the
+    update depends on the gradient's scale, not only its sign.
+    """
+    return param - lr * grad / (grad.abs() + eps)
+
+
+def reference_grads(model: nn.Module, examples, per_example_mean: bool = False) -> list[torch.Tensor]:
+    """Gradients of the token-weighted mean loss over all examples in one batch.
+
+    With per_example_mean=True: the gradient of the mean over examples of each example's
+    token-mean loss, i.e. the classic buggy accumulation that divides by N per micro-batch.
+    """
+    model.zero_grad()
+    if per_example_mean:
+        total = sum(loss_fn(model, collate([ex]))[0] / len(ex["y"]) for ex in examples) / len(examples)
+    else:
+        batch = collate(examples)
+        total = loss_fn(model, batch)[0] / batch_weight(batch)
+    total.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_loss_falls(tmp_path):
+    cfg = make_cfg(tmp_path, max_train_steps=40, learning_rate=3e-2)
+    result = run(cfg, ToyModel(), make_dataset([1, 2, 3, 4, 5] * 4))
+    train_losses = losses(result.history)
+    assert len(train_losses) == 40
+    assert np.mean(train_losses[-5:]) < 0.3 * np.mean(train_losses[:5])
+
+
+def test_accumulation_equals_one_batch_with_token_weights(tmp_path):
+    """4 micro-batches of 1 example == 1 batch of 4 examples, after ONE optimizer step.
+
+    Token counts 1, 6, 2, 9 differ, so the right gradient is that of
+    sum_i L_i / (1 + 6 + 2 + 9), not the mean of the per-example means. Both runs must match
+    adam_first_step(p, g_ref) (and each other) to 1e-6; the per-example-mean update differs
+    by far more, so the test would catch the classic bug.
+    """
+    data = make_dataset([1, 6, 2, 9], seed=1)
+    common = dict(max_train_steps=1, learning_rate=0.1, adam_eps=1.0, weight_decay=0.0)
+    accumulated, one_batch = ToyModel(seed=3), ToyModel(seed=3)
+    result_acc = run(make_cfg(tmp_path / "a", micro_batch_size=1, gradient_accumulation_steps=4, **common),
+                     accumulated, data)
+    result_one = run(make_cfg(tmp_path / "b", micro_batch_size=4, gradient_accumulation_steps=1, **common),
+                     one_batch, data)
+
+    reference = ToyModel(seed=3)
+    before = [p.detach().clone() for p in reference.parameters()]
+    expected = [adam_first_step(p, g, 0.1, 1.0) for p, g in zip(before, reference_grads(reference, data))]
+    buggy = [adam_first_step(p, g, 0.1, 1.0)
+             for p, g in zip(before, reference_grads(reference, data, per_example_mean=True))]
+    for p_acc, p_one, p_ref, p_bug in zip(accumulated.parameters(), one_batch.parameters(), expected, buggy):
+        torch.testing.assert_close(p_acc.detach(), p_one.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(p_acc.detach(), p_ref, atol=1e-6, rtol=0)
+    assert max((e - b).abs().max().item() for e, b in zip(expected, buggy)) > 1e-3
+    assert result_acc.history[0]["train/loss"] == pytest.approx(result_one.history[0]["train/loss"], rel=1e-6)
+
+
+def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
+    """lr = 0.5, W = 3, T = 10, r = 0.1.
+
+    Warmup: steps 1, 2, 3 -> 0.5/3, 1.0/3, 0.5.
+    Step 4: p = 1/7, cos(pi/7) = 0.9009689 -> 0.5 * (0.1 + 0.45 * 1.9009689) = 0.4777180.
+    Step 6: p = 3/7, cos(3pi/7) = 0.2225209 -> 0.5 * (0.1 + 0.45 * 1.2225209) = 0.3250672.
+    Step 10: p = 1 -> 0.5 * 0.1 = 0.05 (the floor).
+    """
+    cfg = make_cfg(tmp_path, max_train_steps=10, learning_rate=0.5, warmup_steps=3, min_lr_ratio=0.1)
+    lrs = losses(run(cfg, ToyModel(), make_dataset([2] * 8)).history, "train/lr")
+    expected = {1: 0.5 / 3, 2: 1.0 / 3, 3: 0.5, 4: 0.4777180, 6: 0.3250672, 10: 0.05}
+    for step, lr in expected.items():
+        assert lrs[step - 1] == pytest.approx(lr, abs=1e-6)
+    assert lr_factor(11, 3, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(1, 0, 1, 0.2) == pytest.approx(0.2)
+
+
+def test_grad_clipping_scales_the_gradient(tmp_path):
+    """With grad_clip c < ||g||, AdamW sees g * c / (||g|| + 1e-6) (torch's clip coefficient).
+
+    The logged grad_norm is the norm BEFORE clipping.
+    """
+    data = make_dataset([3, 4], seed=2)
+    model = ToyModel(seed=4)
+    cfg = make_cfg(tmp_path, max_train_steps=1, micro_batch_size=2, gradient_accumulation_steps=1,
+                   learning_rate=0.1, adam_eps=0.01, grad_clip=0.05, weight_decay=0.0)
+    reference = ToyModel(seed=4)
+    grads = reference_grads(reference, data)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert norm > 0.05
+    clipped = [g * 0.05 / (norm + 1e-6) for g in grads]
+    expected = [adam_first_step(p.detach(), g, 0.1, 0.01) for p, g in zip(reference.parameters(), clipped)]
+
+    result = run(cfg, model, data)
+
+    assert result.history[0]["train/grad_norm"] == pytest.approx(norm, rel=1e-5)
+    for param, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.detach(), want, atol=1e-6, rtol=0)
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+    """Run 6 steps; separately run, crash during step 4, resume to 6: identical losses.
+
+    The model has dropout (torch RNG), data crosses epoch boundaries (10 examples, 4 per
+    step) and validation runs every 2 steps; the resumed model starts from a different init
+    so everything must come from the step-3 checkpoint.
+    """
+    data, val = make_dataset([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], seed=5), make_dataset([2, 3, 4], seed=6)
+    settings = dict(max_train_steps=6, ckpt_interval=3, val_interval=2, warmup_steps=2, min_lr_ratio=0.1)
+    full_model = ToyModel(dropout=0.5, seed=7)
+    full = run(make_cfg(tmp_path / "full", **settings), full_model, data, val_set=val)
+
+    class Crash(Exception):
+        pass
+
+    calls = {"train": 0}
+
+    def crashing_loss(model, batch):
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] > 3 * 2:
+                raise Crash
+        return loss_fn(model, batch)
+
+    with pytest.raises(Crash):
+        run(make_cfg(tmp_path / "cut", **settings), ToyModel(dropout=0.5, seed=7), data, crashing_loss, val_set=val)
+    assert latest_checkpoint(tmp_path / "cut" / "ckpt").name == "step-000003"
+    resumed_model = ToyModel(dropout=0.5, seed=99)
+    resumed = run(make_cfg(tmp_path / "cut", resume=True, **settings), resumed_model, data, val_set=val)
+
+    assert resumed.step == 6
+    assert losses(resumed.history) == losses(full.history)
+    assert losses(resumed.history, "val/loss") == losses(full.history, "val/loss")
+    assert len(losses(full.history, "val/loss")) == 3
+    for p_full, p_resumed in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p_full, p_resumed)
+    jsonl = (tmp_path / "cut" / "logs" / "toy" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in jsonl if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, max_train_steps=8, ckpt_interval=2)
+    model = ToyModel(seed=8)
+    calls = {"train": 0}
+
+    def nan_at_step_5(model_, batch):
+        calls["train"] += 1
+        loss_sum, metrics = loss_fn(model_, batch)
+        return (loss_sum * math.nan if calls["train"] > 4 * 2 else loss_sum), metrics
+
+    with pytest.raises(NonFiniteLossError, match=r"step 5: the loss is nan.*step-000004") as error:
+        run(cfg, model, make_dataset([2, 3, 4]), nan_at_step_5)
+
+    ckpt_dir = tmp_path / "ckpt"
+    assert error.value.step == 5
+    assert error.value.last_checkpoint == ckpt_dir / "step-000004"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000002", "step-000004"]
+    assert load_trainer_state(ckpt_dir / "step-000004")["step"] == 4
+    saved = torch.load(ckpt_dir / "step-000004" / "weights.pt", weights_only=True)
+    for name, param in model.state_dict().items():  # the NaN step did not touch the weights
+        assert torch.equal(param, saved[name])
+
+
+def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
+    cfg = make_cfg(tmp_path, max_train_steps=5, ckpt_interval=2)
+    result = run(cfg, ToyModel(), make_dataset([2, 3, 4]))
+
+    ckpt_dir = tmp_path / "ckpt"
+    names = ["step-000002", "step-000004", "step-000005"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == names
+    for name in names:
+        assert sorted(p.name for p in (ckpt_dir / name).iterdir()) == ["config.json", "trainer_state.pt", "weights.pt"]
+    assert result.last_checkpoint == latest_checkpoint(ckpt_dir) == ckpt_dir / "step-000005"
+    assert load_config(TrainConfig, ckpt_dir / "step-000005" / "config.json") == cfg
+    state = load_trainer_state(ckpt_dir / "step-000004")
+    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "history"}
+    assert state["step"] == 4 and [r["step"] for r in state["history"]] == [1, 2, 3, 4]
+    assert state["sampler"] == {"epoch": 3, "position": 2}  # 8 micro-batches = 4 epochs of 2 batches
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg, ToyModel(), make_dataset([2, 3, 4]))
+
+
+def test_logs_tensorboard_jsonl_and_plots(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(tmp_path, max_train_steps=4, val_interval=2)
+    result = run(cfg, ToyModel(), make_dataset([2, 3, 4, 5]), val_set=make_dataset([3, 3]),
+                 val_postprocess=lambda m: {**m, "ppl": math.exp(m["loss"])},
+                 batch_tokens=batch_weight,
+                 plots=[("loss", ["train/loss", "val/loss"]), ("Abs error", ["train/abs_err"])])
+
+    run_dir = tmp_path / "logs" / "toy"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/abs_err", "train/tokens_per_sec",
+            "val/loss", "val/abs_err", "val/ppl"} <= tags
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4]
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    assert result.history[1]["val/ppl"] == pytest.approx(math.exp(result.history[1]["val/loss"]))
+    for png in ("loss.png", "abs_error.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "config.json").read_text())["max_train_steps"] == 4
+
+
+def test_evaluate_weights_batches_by_units():
+    """Two val batches with 1 and 3 tokens: loss = (L_1 + L_2) / 4, not the mean of means."""
+    model = ToyModel(seed=9)
+    data = make_dataset([1, 3], seed=10)
+    metrics = evaluate(model, data, collate, loss_fn, batch_weight, batch_size=1)
+    per_example = [loss_fn(model, collate([ex]))[0].item() for ex in data]
+    assert metrics["loss"] == pytest.approx(sum(per_example) / 4, rel=1e-6)
+    only_first = evaluate(model, data, collate, loss_fn, batch_weight, batch_size=1, max_batches=1)
+    assert only_first["loss"] == pytest.approx(per_example[0], rel=1e-6)
+
+
+def test_sampler_is_deterministic_resumable_and_covers_each_epoch():
+    sampler = BatchSampler(10, 3, seed=1)
+    stream = [sampler.next_batch() for _ in range(8)]  # 4 batches (3, 3, 3, 1) per epoch
+    assert sorted(i for batch in stream[:4] for i in batch) == list(range(10))
+    assert stream[:4] != stream[4:]
+    resumed = BatchSampler(10, 3, seed=1)
+    fresh_copy = BatchSampler(10, 3, seed=1)
+    for _ in range(5):
+        fresh_copy.next_batch()
+    resumed.load_state_dict(fresh_copy.state_dict())
+    assert [resumed.next_batch() for _ in range(3)] == stream[5:8]
+
+
+def test_sampler_groups_by_length():
+    """Lengths equal to the index: sorted within one window, each batch is 4 consecutive lengths."""
+    sampler = BatchSampler(40, 4, seed=2, lengths=list(range(40)))
+    batches = [sampler.next_batch() for _ in range(10)]
+    assert sorted(i for batch in batches for i in batch) == list(range(40))
+    assert all(max(batch) - min(batch) == 3 for batch in batches)
+    assert batches != sorted(batches, key=max, reverse=True)  # batch order is shuffled
+
+
+def test_optimizer_trains_only_trainable_params_with_decay_on_matrices(tmp_path):
+    model = ToyModel()
+    model.net[0].requires_grad_(False)
+    optimizer = build_optimizer(make_cfg(tmp_path, weight_decay=0.1), model)
+    decayed, plain = optimizer.param_groups
+    assert [p.shape for p in decayed["params"]] == [torch.Size([1, 8])] and decayed["weight_decay"] == 0.1
+    assert [p.shape for p in plain["params"]] == [torch.Size([1])] and plain["weight_decay"] == 0.0
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["foreach"]
+
+
+def test_8bit_optimizer_is_bitsandbytes(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    optimizer = build_optimizer(make_cfg(tmp_path, optimizer="adamw_8bit"), ToyModel())
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW needs CUDA parameters")
+def test_adamw_is_fused_on_cuda(tmp_path):
+    optimizer = build_optimizer(make_cfg(tmp_path), ToyModel().cuda())
+    assert optimizer.defaults["fused"]
+
+
+def test_rng_state_survives_weights_only_round_trip(tmp_path):
+    import random
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), draws[0])
+    assert np.array_equal(np.random.rand(3), draws[1])
+    assert random.random() == draws[2]
