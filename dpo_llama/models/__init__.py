@@ -12,5 +12,6 @@ from dpo_llama.models.checkpoint import load_model, save_checkpoint, save_model
 from dpo_llama.models.generation import generate
 from dpo_llama.models.llama import ModelArgs, Transformer
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
+
 __all__ = ["ModelArgs", "Tokenizer", "Transformer", "generate", "load_model", "load_tokenizer", "save_checkpoint",
            "save_model"]
