@@ -1,0 +1,524 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), optionally on 4-bit bases
+(QLoRA, Dettmers et al. 2023; see ``quant.py``).
+
+A targeted linear layer ``y = x Wᵀ + b`` becomes
+
+    y = x Wᵀ + b + s · B A dropout(x),        A ∈ R^{r×in} (Kaiming-uniform), B ∈ R^{out×r} (zeros)
+
+with ``W`` frozen and only ``A``, ``B`` trained. ``B = 0`` at init, so training starts from the base model
+exactly. The scaling is ``s = lora_alpha / r`` when ``lora_alpha`` is set (Hu et al.), else the explicit
+``lora_scaling`` (1.0 by default, as DPO-LLaMA). Adapters are kept in float32 whatever the base dtype.
+
+Which layers get an adapter (one switch each; ``layers.N.`` prefixes omitted):
+
+==========================  =====================================================================
+switch                      LLaMA / DeepSeek (MLA) module
+==========================  =====================================================================
+lora_attn_query             ``self_attn.q_proj``; MLA: ``q_proj``, or ``q_a_proj`` + ``q_b_proj``
+lora_attn_key               ``self_attn.k_proj``; MLA: ``kv_a_proj_with_mqa`` (compressed kv latent
+                            + the shared rotary key)
+lora_attn_value             ``self_attn.v_proj``; MLA: ``kv_b_proj`` (up-projects k_nope and v)
+lora_attn_proj              ``self_attn.o_proj``
+lora_mlp_gate / _up / _down dense MLP ``mlp.gate_proj`` / ``mlp.up_proj`` / ``mlp.down_proj`` only
+lora_moe_shared_experts     ``mlp.shared_experts.{gate,up,down}_proj``
+lora_head                   ``lm_head`` (absent with tied embeddings, so no effect there)
+==========================  =====================================================================
+
+The MoE router ``mlp.gate`` is never adapted nor quantized; routed experts (stacked tensors) get no adapter.
+
+4-bit: ``quant_4bit`` turns every other frozen ``nn.Linear`` into a :class:`~dpo_llama.models.quant.Linear4bit`
+and ``quant_lora_4bit`` stores the frozen base inside LoRA layers 4-bit. ``lm_head`` (its logits decide
+every loss) and the embeddings always stay in full precision.
+
+Checkpoint keys: a LoRA layer at ``<path>`` keeps its frozen base at ``<path>.weight`` (so base checkpoints
+load unchanged, 4-bit layers quantizing on arrival) and adds ``<path>.lora_A`` / ``<path>.lora_B``.
+``save_lora`` writes ``adapter.safetensors`` (adapters + trained biases/norms) and ``lora_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dpo_llama.models.checkpoint import DTYPES, load_model
+from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
+                                    quantize_4bit, replace_linears_4bit)
+
+ADAPTER_FILE = "adapter.safetensors"
+LORA_CONFIG_FILE = "lora_config.json"
+ADAPTER_DTYPE = torch.float32
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "lora_attn_query": ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"),
+    "lora_attn_key": ("self_attn.k_proj", "self_attn.kv_a_proj_with_mqa"),
+    "lora_attn_value": ("self_attn.v_proj", "self_attn.kv_b_proj"),
+    "lora_attn_proj": ("self_attn.o_proj",),
+    "lora_mlp_gate": ("mlp.gate_proj",),
+    "lora_mlp_up": ("mlp.up_proj",),
+    "lora_mlp_down": ("mlp.down_proj",),
+    "lora_moe_shared_experts": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                                "mlp.shared_experts.down_proj"),
+    "lora_head": ("lm_head",),
+}
+FULL_PRECISION = ("lm_head", "mlp.gate")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA and 4-bit settings (every field is a command-line flag of the training scripts)."""
+
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank r of the adapters A [r, in] and B [out, r]."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "When set, scaling = lora_alpha / lora_r (Hu et al.); none: lora_scaling."})
+    lora_scaling: float = field(
+        default=1.0, metadata={"help": "Explicit scaling s of the update s * B A x, used when lora_alpha is none."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (training only)."})
+    lora_attn_query: bool = field(
+        default=True, metadata={"help": "LoRA on the query projection (MLA: q_proj or q_a_proj + q_b_proj)."})
+    lora_attn_key: bool = field(
+        default=False, metadata={"help": "LoRA on the key projection (MLA: kv_a_proj_with_mqa)."})
+    lora_attn_value: bool = field(
+        default=True, metadata={"help": "LoRA on the value projection (MLA: kv_b_proj)."})
+    lora_attn_proj: bool = field(default=False, metadata={"help": "LoRA on the attention output o_proj."})
+    lora_mlp_gate: bool = field(default=False, metadata={"help": "LoRA on the dense MLP gate_proj."})
+    lora_mlp_up: bool = field(default=False, metadata={"help": "LoRA on the dense MLP up_proj."})
+    lora_mlp_down: bool = field(default=False, metadata={"help": "LoRA on the dense MLP down_proj."})
+    lora_moe_shared_experts: bool = field(
+        default=False, metadata={"help": "LoRA on the MoE shared experts' gate/up/down projections."})
+    lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
+    train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias."})
+    train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
+    quant_4bit: bool = field(
+        default=False, metadata={"help": "Store the frozen non-LoRA linears 4-bit (lm_head, embeddings stay full)."})
+    quant_lora_4bit: bool = field(
+        default=False, metadata={"help": "Store the frozen base weight inside LoRA layers 4-bit (QLoRA)."})
+    quant_4bit_double: bool = field(
+        default=True, metadata={"help": "Double quantization: also store the 4-bit absmax scales 8-bit."})
+    quant_4bit_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    quant_4bit_blocksize: int = field(default=64, metadata={"help": "Values per 4-bit absmax block."})
+    quant_4bit_compute_dtype: Literal["bf16", "fp32", "fp16"] = field(
+        default="bf16", metadata={"help": "Dtype 4-bit weights are dequantized to for the matmul."})
+
+    def __post_init__(self) -> None:
+        """Rejects values LoRA cannot use, naming the field."""
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0 (or none), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.quant_4bit_compute_dtype not in DTYPES:
+            raise ValueError(f"quant_4bit_compute_dtype must be one of {list(DTYPES)}, "
+                             f"got {self.quant_4bit_compute_dtype!r}")
+        self.quant_config()  # raises on a bad quant_4bit_type or quant_4bit_blocksize
+
+    @property
+    def scaling(self) -> float:
+        """``s = lora_alpha / lora_r`` when ``lora_alpha`` is set, else ``lora_scaling``."""
+        return self.lora_alpha / self.lora_r if self.lora_alpha is not None else self.lora_scaling
+
+    def quant_config(self) -> Quant4bitConfig:
+        """The 4-bit settings these fields describe."""
+        return Quant4bitConfig(quant_type=self.quant_4bit_type, blocksize=self.quant_4bit_blocksize,
+                               double_quant=self.quant_4bit_double,
+                               compute_dtype=DTYPES[self.quant_4bit_compute_dtype])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The LoRA fields only (also of a subclass that adds training fields), JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(LoRAConfig)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LoRAConfig":
+        """Builds a config from ``to_dict()`` output, refusing unknown keys."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown LoRA config keys: {unknown}")
+        return cls(**values)
+
+
+def as_lora_config(cfg: Any) -> LoRAConfig:
+    """A plain :class:`LoRAConfig` from the LoRA fields of ``cfg`` (any object having them, e.g. a script config)."""
+    return LoRAConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)})
+
+
+class LoRALinear(nn.Module):
+    """``y = x Wᵀ + b + s · B A dropout(x)`` with a frozen (optionally 4-bit) ``W`` and trainable ``A``, ``B``.
+
+    Attributes:
+        weight: Frozen base weight ``[out, in]``; None when it is stored 4-bit in ``packed``.
+        packed: The 4-bit base (``quant`` set), else None.
+        lora_A: ``[r, in]`` float32, Kaiming-uniform (``a = √5``, as ``nn.Linear``).
+        lora_B: ``[out, r]`` float32, zeros.
+        merged: ``W`` currently holds ``W + s·B A`` (see :meth:`merge`).
+        adapter_enabled: When False the layer computes the base ``x Wᵀ + b`` (see :func:`disable_adapters`).
+
+    Built on the meta device (inside ``load_model``'s ``prepare``), the adapters are created on the device
+    of the base weight when it arrives through :meth:`load_tensor`.
+    """
+
+    quantized_tensors = ("weight",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, r: int, scaling: float,
+                 dropout: float = 0.0, quant: Quant4bitConfig | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.r, self.scaling = in_features, out_features, r, scaling
+        self.quant = quant
+        self.packed: Packed4bit | None = None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        bias_param = torch.zeros(out_features, device=device, dtype=dtype) if bias else None
+        self.bias = None if bias_param is None else nn.Parameter(bias_param, requires_grad=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.adapter_enabled = True
+        self.init_adapters(self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, scaling: float, dropout: float = 0.0,
+                    quant: Quant4bitConfig | None = None) -> "LoRALinear":
+        """Wraps ``linear``'s weight and bias (a meta-device weight is filled in by :meth:`load_tensor`)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, r, scaling, dropout, quant,
+                    device="meta", dtype=linear.weight.dtype)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        if not linear.weight.is_meta:
+            layer.load_tensor("weight", linear.weight.detach())
+        return layer
+
+    def init_adapters(self, device: torch.device) -> None:
+        """Fresh adapters on ``device``: ``A`` Kaiming-uniform (``a = √5``), ``B = 0``."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=ADAPTER_DTYPE))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=ADAPTER_DTYPE))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Receives a base checkpoint tensor; ``weight`` is quantized on arrival when ``quant`` is set."""
+        if name == "weight":
+            check_shape("weight", tensor, (self.out_features, self.in_features))
+            if self.quant is not None:
+                self.packed, self.weight = quantize_4bit(tensor, self.quant), None
+            else:
+                self.weight = nn.Parameter(tensor, requires_grad=False)
+            if self.lora_A.is_meta:
+                self.init_adapters(tensor.device)
+        elif name == "bias" and self.bias is not None:
+            check_shape("bias", tensor, (self.out_features,))
+            self.bias = nn.Parameter(tensor, requires_grad=self.bias.requires_grad)
+        else:
+            raise ValueError(f"unexpected tensor {name!r} for LoRALinear (adapters load with load_lora)")
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module.to`` / ``.cuda``: also moves a 4-bit base (never casting or re-quantizing it)."""
+        super()._apply(fn, recurse)
+        if self.packed is not None:
+            self.packed.to(applied_device(fn, self.packed.device))
+        return self
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b`` (``W`` dequantized on the fly when 4-bit)."""
+        if self.packed is not None:
+            return linear_4bit(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``s · B A x`` in the adapters' dtype."""
+        return self.scaling * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Merged and disabled: ``x (W + sBA)ᵀ - s B A x`` (equal to the base up to rounding)."""
+        y = self.base_forward(x)
+        if self.adapter_enabled and not self.merged:
+            return y + self.adapter_forward(self.lora_dropout(x)).to(y.dtype)
+        if self.merged and not self.adapter_enabled:
+            return y - self.adapter_forward(x).to(y.dtype)
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B A`` in float32, shape ``[out, in]``."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def merge(self) -> None:
+        """``W <- W + s·B A`` (sum in float32, cast back to W's dtype); for fast inference, not training.
+
+        Raises:
+            ValueError: the base is 4-bit (merge with ``scripts/convert_lora_checkpoint.py`` instead).
+        """
+        if self.merged:
+            return
+        self._add_to_weight(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W <- W - s·B A`` (undoes :meth:`merge` up to W's rounding)."""
+        if not self.merged:
+            return
+        self._add_to_weight(-1.0)
+        self.merged = False
+
+    def _add_to_weight(self, sign: float) -> None:
+        if self.weight is None:
+            raise ValueError("cannot merge LoRA into a 4-bit base weight in place; "
+                             "use scripts/convert_lora_checkpoint.py to write a merged checkpoint")
+        with torch.no_grad():
+            self.weight.copy_((self.weight.float() + sign * self.delta_weight()).to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        base = "4-bit " + self.quant.quant_type if self.quant is not None else "full precision"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, base={base}, merged={self.merged}")
+
+
+def matches(name: str, suffix: str) -> bool:
+    """``name`` is the module path ``suffix`` or ends with ``.suffix``."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def lora_switch(name: str) -> str | None:
+    """The config switch that targets the linear module ``name``, or None."""
+    for switch, suffixes in LORA_TARGETS.items():
+        if any(matches(name, suffix) for suffix in suffixes):
+            return switch
+    return None
+
+
+def keeps_full_precision(name: str) -> bool:
+    """``lm_head`` and the MoE router are never quantized."""
+    return any(matches(name, suffix) for suffix in FULL_PRECISION)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(name, layer)`` of every LoRA layer."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules the config's switches select."""
+    names = []
+    for name, module in model.named_modules():
+        switch = lora_switch(name)
+        if type(module) is nn.Linear and switch is not None and getattr(cfg, switch):
+            names.append(name)
+    return names
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Adds LoRA (and 4-bit storage) to ``model`` in place as ``cfg`` says, then freezes all but the adapters.
+
+    Works on a meta-device model (as ``load_model``'s ``prepare``: base weights are quantized and adapters
+    created as the checkpoint streams in) and on a loaded one. Stores ``cfg`` as ``model.lora_config``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: the model already has LoRA layers, or no layer matches the enabled switches.
+    """
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already has LoRA layers")
+    cfg = as_lora_config(cfg)
+    targets = lora_targets(model, cfg)
+    if not targets:
+        switches = ", ".join(LORA_TARGETS)
+        raise ValueError(f"no layer of this {type(model).__name__} matches the enabled LoRA switches ({switches})")
+    quant = cfg.quant_config()
+    for name in targets:
+        lora_quant = quant if cfg.quant_lora_4bit and not keeps_full_precision(name) else None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoRALinear.from_linear(getattr(parent, child), cfg.lora_r, cfg.scaling, cfg.lora_dropout, lora_quant)
+        setattr(parent, child, layer)
+    if cfg.quant_4bit:
+        replace_linears_4bit(model, quant, keep=keeps_full_precision)
+    model.lora_config = cfg
+    mark_only_lora_trainable(model, cfg)
+    return model
+
+
+def is_norm(name: str) -> bool:
+    """A parameter of a norm module (its module name ends with ``norm``: ``input_layernorm``, ``norm``, ...)."""
+    return name.rpartition(".")[0].endswith("norm")
+
+
+def is_trainable(name: str, cfg: LoRAConfig) -> bool:
+    """Adapters always; biases with ``train_bias``; norm weights with ``train_norms``."""
+    leaf = name.rpartition(".")[2]
+    return (leaf in ("lora_A", "lora_B") or (cfg.train_bias and leaf == "bias")
+            or (cfg.train_norms and is_norm(name)))
+
+
+def mark_only_lora_trainable(model: nn.Module, cfg: LoRAConfig) -> None:
+    """Sets ``requires_grad`` on the parameters :func:`is_trainable` selects, clears it everywhere else."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(name, cfg))
+
+
+def model_lora_config(model: nn.Module) -> LoRAConfig:
+    """The config :func:`apply_lora` stored on ``model``."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA layers: call apply_lora first")
+    return cfg
+
+
+def adapter_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Key -> shape of every tensor :func:`lora_state_dict` saves (works on a meta-device model)."""
+    cfg = model_lora_config(model)
+    return {name: param.shape for name, param in model.named_parameters() if is_trainable(name, cfg)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters plus the biases / norms the model's LoRA config trains, detached on the CPU."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in adapter_shapes(model)}
+
+
+def base_weight_dtype(model: nn.Module) -> torch.dtype:
+    """Dtype of the frozen base weights in LoRA layers (4-bit ones were quantized from it)."""
+    layer = next((layer for _, layer in lora_layers(model)), None)
+    if layer is None:
+        raise ValueError("the model has no LoRA layers: call apply_lora first")
+    return layer.packed.dtype if layer.packed is not None else layer.weight.dtype
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Calls ``write(tmp_path)`` then renames the temporary file to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig, base_info: dict[str, Any]) -> None:
+    """Writes ``adapter.safetensors`` and ``lora_config.json`` into ``out_dir`` (each file atomically).
+
+    ``lora_config.json`` holds ``{"lora": <LoRA fields>, "base": {"model_type", "params", "weight_dtype",
+    "info": base_info}}``; ``weight_dtype`` is the dtype the base weights had in the trained model, so a
+    merge can re-quantize them exactly as training did. ``base_info`` is free-form (e.g. the base
+    checkpoint path and fingerprint).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = lora_state_dict(model)
+    write_atomically(out_dir / ADAPTER_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    base = {"model_type": model.args.model_type, "params": model.args.to_dict(),
+            "weight_dtype": str(base_weight_dtype(model)).removeprefix("torch."), "info": base_info}
+    content = json.dumps({"lora": as_lora_config(cfg).to_dict(), "base": base}, indent=2)
+    write_atomically(out_dir / LORA_CONFIG_FILE, lambda p: p.write_text(content))
+
+
+def read_lora_config(lora_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
+    """Reads ``lora_config.json``: returns the LoRA config and the ``base`` dict (model_type, params, ...)."""
+    path = Path(lora_dir) / LORA_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {lora_dir} a LoRA adapter directory?")
+    content = json.loads(path.read_text())
+    if "lora" not in content or "base" not in content:
+        raise ValueError(f"{path} lacks the 'lora' or 'base' section")
+    return LoRAConfig.from_dict(content["lora"]), content["base"]
+
+
+def check_adapter(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    """Refuses missing keys, unexpected keys and wrong shapes, naming ``source``."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} tensors the model expects, e.g. {missing[:3]}")
+    if unexpected:
+        raise ValueError(f"{source} has {len(unexpected)} tensors the model lacks, e.g. {unexpected[:3]}")
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise ValueError(f"shape mismatch for {key} in {source}: adapter {tuple(tensors[key].shape)}, "
+                             f"model {tuple(shape)}")
+
+
+def load_lora(model: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
+    """Copies a saved adapter into ``model`` (LoRA already applied, base weights loaded), in place.
+
+    Raises:
+        ValueError: the adapter was trained on another model_type or with another scaling, or its keys /
+            shapes do not match the model's LoRA layers.
+    """
+    saved, base = read_lora_config(lora_dir)
+    source = Path(lora_dir) / LORA_CONFIG_FILE
+    if base.get("model_type") != model.args.model_type:
+        raise ValueError(f"{source}: adapter is for model_type {base.get('model_type')!r}, "
+                         f"the model is {model.args.model_type!r}")
+    if saved.scaling != model_lora_config(model).scaling:
+        raise ValueError(f"{source}: adapter was trained with scaling {saved.scaling:g}, "
+                         f"the model's LoRA layers use {model_lora_config(model).scaling:g}")
+    path = Path(lora_dir) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    tensors = load_file(str(path))
+    check_adapter(tensors, adapter_shapes(model), str(path))
+    params = dict(model.named_parameters())
+    if any(params[key].is_meta for key in tensors):
+        raise ValueError("the model's weights are not loaded yet (meta device): load the base checkpoint first")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            params[key].copy_(tensor)
+    return model
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merges every LoRA layer (:meth:`LoRALinear.merge`)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undoes :func:`merge_lora`."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer computes its base output, so the model is its own reference model.
+
+    Works while merged too: a merged layer then subtracts ``s·B A x`` (equal to the base up to rounding).
+    Only the adapters are switched off: biases / norms trained with ``train_bias`` / ``train_norms`` keep
+    their trained values, so with those options the block is not the original base model.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.adapter_enabled = enabled
+
+
+def load_model_with_lora(ckpt_dir: str | os.PathLike, cfg: LoRAConfig | None = None,
+                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                         lora_dir: str | os.PathLike | None = None) -> nn.Module:
+    """``load_model`` with :func:`apply_lora` as ``prepare`` (4-bit layers quantize as tensors stream in),
+    then the adapter of ``lora_dir`` if given.
+
+    Args:
+        ckpt_dir: Base checkpoint directory.
+        cfg: LoRA settings; None means those saved in ``lora_dir``.
+        device, dtype: As for ``load_model``.
+        lora_dir: Directory written by :func:`save_lora`, or None for fresh adapters.
+    """
+    if cfg is None:
+        if lora_dir is None:
+            raise ValueError("give a LoRA config, or a lora_dir to read it from")
+        cfg, _ = read_lora_config(lora_dir)
+    model = load_model(ckpt_dir, device, dtype, prepare=lambda m: apply_lora(m, cfg))
+    if lora_dir is not None:
+        load_lora(model, lora_dir)
+    return model

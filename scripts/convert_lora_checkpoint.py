@@ -1,0 +1,170 @@
+"""Merge a LoRA adapter into its base model and write a full dpo_llama checkpoint.
+
+    python scripts/convert_lora_checkpoint.py --base checkpoints/llama-2-7b --lora checkpoints/dpo \\
+        --output checkpoints/llama-2-7b-dpo
+
+For every LoRA layer the merged weight is ``W' = W + s · B A`` (summed in float32, then cast to the output
+dtype). When the adapter was trained on a 4-bit base (``quant_lora_4bit`` / ``quant_4bit`` in its
+lora_config.json), the trained model never saw ``W`` but its 4-bit round trip ``Ŵ``; the script re-quantizes
+those weights with the same settings (from the dtype they had in training) and writes ``Ŵ + s · B A`` for LoRA
+layers and ``Ŵ`` for the other 4-bit layers, so the merged model reproduces the trained one. Biases / norms
+trained with the adapter replace the base ones. Tokenizer files are copied from the base.
+
+--lora takes an adapter directory (adapter.safetensors + lora_config.json) or a training run's ckpt_dir
+holding step-XXXXXX/ checkpoints, of which the highest step with an adapter is used.
+
+Tensors are streamed one at a time (memory: one tensor plus one output shard). The script refuses (exit
+status 1, one line on stderr) an adapter that does not match the base: another model_type or params,
+missing or unexpected adapter tensors, wrong shapes, or no adapter at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensors, model_classes, parse_dtype,
+                                         read_params, save_checkpoint, weight_files)
+from dpo_llama.models.convert_hf import tokenizer_files
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
+                                   apply_lora, check_adapter, read_lora_config)
+from dpo_llama.models.quant import quantize_4bit, stored_4bit
+
+REQUIRED = ("base", "lora", "output")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=None, help="base dpo_llama checkpoint directory the adapter was trained on")
+    parser.add_argument("--lora", default=None,
+                        help="adapter directory (lora_config.json + adapter.safetensors), or a training ckpt_dir "
+                             "with step-XXXXXX/ sub-directories (the highest step is used)")
+    parser.add_argument("--output", default=None, help="output directory for the merged checkpoint")
+    parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES],
+                        help="dtype of the written weights (default: keep each base tensor's dtype)")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the re-quantization and merge arithmetic, e.g. cuda (default: cpu)")
+    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest output shard in GiB (default: 4)")
+    args = parser.parse_args(argv)
+    missing = [f"--{name}" for name in REQUIRED if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def find_adapter(path: str | Path) -> tuple[Path, str]:
+    """Resolves ``--lora`` to an adapter directory; returns it and a note saying how it was chosen."""
+    path = Path(path)
+    if (path / LORA_CONFIG_FILE).is_file():
+        return path, "adapter directory"
+    steps = [p for p in path.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / LORA_CONFIG_FILE).is_file()]
+    if not steps:
+        raise FileNotFoundError(f"no adapter found in {path}: neither {LORA_CONFIG_FILE} nor step-*/{LORA_CONFIG_FILE}")
+    latest = max(steps, key=lambda p: int(p.name.removeprefix("step-")))
+    return latest, f"highest of {len(steps)} step checkpoint(s) in {path}"
+
+
+def check_base(base_dir: Path, base: dict, source: Path):
+    """Reads the base params and refuses a base other than the one the adapter was trained on."""
+    args = read_params(base_dir)
+    if base.get("model_type") != args.model_type:
+        raise ValueError(f"{source}: adapter is for model_type {base.get('model_type')!r}, "
+                         f"base {base_dir} is {args.model_type!r}")
+    trained, current = base.get("params", {}), json.loads(json.dumps(args.to_dict()))
+    differ = sorted(k for k in current.keys() | trained.keys() if trained.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"{source}: adapter was trained on a base with other params ({', '.join(differ)}) "
+                         f"than {base_dir}")
+    return args
+
+
+def adapted_model(args, cfg: LoRAConfig) -> torch.nn.Module:
+    """The base model on the meta device (no memory) with ``cfg``'s LoRA and 4-bit layers, to look up
+    which tensor was adapted or quantized in training."""
+    _, model_cls = model_classes(args.model_type)
+    with torch.device("meta"):
+        model = model_cls(args)
+    return apply_lora(model, cfg)
+
+
+def trained_weight(tensor: torch.Tensor, module: torch.nn.Module, name: str,
+                   weight_dtype: torch.dtype) -> torch.Tensor:
+    """The weight the trained model computed with: for a 4-bit stored tensor ``Ŵ``, quantized from
+    ``weight_dtype`` and dequantized to the compute dtype, exactly as training did; else ``W`` itself."""
+    quant = stored_4bit(module, name)
+    if quant is None:
+        return tensor
+    return quantize_4bit(tensor.to(weight_dtype), quant).dequantize()
+
+
+def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, torch.Tensor],
+                   weight_dtype: torch.dtype, out_dtype: torch.dtype | None, device: str,
+                   counts: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams the base tensors with adapters merged and 4-bit round trips applied, counting each kind."""
+    for key, tensor in iter_safetensors(weight_files(base_dir)):
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        stored_dtype = tensor.dtype
+        tensor = tensor.to(device)
+        if isinstance(module, LoRALinear) and name == "weight":
+            lora_a, lora_b = adapter[f"{path}.lora_A"].to(device), adapter[f"{path}.lora_B"].to(device)
+            delta = module.scaling * (lora_b.float() @ lora_a.float())
+            tensor = trained_weight(tensor, module, name, weight_dtype).float() + delta
+            counts["merged"] += 1
+        elif key in adapter:
+            tensor = adapter[key]
+            counts["trained"] += 1
+        elif stored_4bit(module, name) is not None:
+            tensor = trained_weight(tensor, module, name, weight_dtype)
+            counts["4-bit"] += 1
+        yield key, tensor.to(out_dtype or stored_dtype).cpu()
+
+
+def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConfig]:
+    """Checks everything, then writes the merged checkpoint; returns its summary and what was merged."""
+    base_dir, output = Path(args.base), Path(args.output)
+    lora_dir, note = find_adapter(args.lora)
+    cfg, base = read_lora_config(lora_dir)
+    model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
+    if output.resolve() in (base_dir.resolve(), lora_dir.resolve()):
+        raise ValueError(f"--output {output} must differ from the base and adapter directories")
+    if not (lora_dir / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{lora_dir / ADAPTER_FILE} not found")
+    adapter = load_file(str(lora_dir / ADAPTER_FILE))
+    model = adapted_model(model_args, cfg)
+    check_adapter(adapter, adapter_shapes(model), str(lora_dir / ADAPTER_FILE))
+    weight_dtype = getattr(torch, base.get("weight_dtype", "float32"))
+    counts = {"merged": 0, "trained": 0, "4-bit": 0}
+    tensors = merged_tensors(base_dir, model, adapter, weight_dtype, parse_dtype(args.dtype), args.device, counts)
+    summary = save_checkpoint(output, model_args, tensors, tokenizer_files(base_dir),
+                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    return summary, f"{lora_dir} ({note})", counts, cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary, adapter_note, counts, cfg = merge(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    quant = cfg.quant_config()
+    print(f"merged adapter {adapter_note} into {args.base} -> {args.output}")
+    print(f"LoRA r={cfg.lora_r}, scaling={cfg.scaling:g}: {counts['merged']} layers merged, "
+          f"{counts['trained']} trained biases/norms copied")
+    if cfg.quant_lora_4bit or cfg.quant_4bit:
+        print(f"4-bit base ({quant.quant_type}, blocksize {quant.blocksize}, double_quant {quant.double_quant}) "
+              f"reproduced: {counts['4-bit']} frozen 4-bit layers dequantized")
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""LoRA layers, targeting, trainability, adapters on/off, merging and the adapter file format."""
+
+import copy
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from dpo_llama.models.checkpoint import save_model
+from dpo_llama.models.llama import Transformer
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, apply_lora,
+                                   disable_adapters, load_lora, load_model_with_lora, lora_layers, lora_state_dict,
+                                   lora_targets, merge_lora, read_lora_config, save_lora, unmerge_lora)
+from dpo_llama.models.presets import get_preset
+
+TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+ALL_SWITCHES = dict(lora_attn_query=True, lora_attn_key=True, lora_attn_value=True, lora_attn_proj=True,
+                    lora_mlp_gate=True, lora_mlp_up=True, lora_mlp_down=True, lora_head=True)
+
+
+def tiny_model(**overrides) -> Transformer:
+    return Transformer(get_preset("tiny", **overrides)).eval()
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """B = 0 at init makes every adapter a no-op; give B random values so the adapters matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+
+
+def lora_copy(base: Transformer, cfg: LoRAConfig, randomize: bool = True) -> Transformer:
+    model = apply_lora(copy.deepcopy(base), cfg)
+    if randomize:
+        randomize_adapters(model)
+    return model
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def test_fresh_adapters_leave_the_output_unchanged():
+    """B = 0 at init, so s·B A x = 0 and the output is the base output exactly."""
+    base = tiny_model()
+    model = lora_copy(base, LoRAConfig(lora_r=4, **ALL_SWITCHES), randomize=False)
+    assert torch.equal(logits(model), logits(base))
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_weights():
+    base = tiny_model()
+    model = lora_copy(base, LoRAConfig(lora_r=4, lora_alpha=8.0, **ALL_SWITCHES))
+    unmerged = logits(model)
+    assert not torch.allclose(unmerged, logits(base), atol=1e-3)
+    merge_lora(model)
+    assert all(layer.merged for _, layer in lora_layers(model))
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+    unmerge_lora(model)
+    torch.testing.assert_close(model.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+
+
+def test_disabled_adapters_give_the_base_model():
+    base = tiny_model()
+    model = lora_copy(base, LoRAConfig(lora_r=4, **ALL_SWITCHES))
+    adapted = logits(model)
+    with disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+    torch.testing.assert_close(logits(model), adapted, atol=0, rtol=0)
+    merge_lora(model)
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
+    assert all(layer.adapter_enabled for _, layer in lora_layers(model))
+
+
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_only_lora_parameters_train(train_norms):
+    model = lora_copy(tiny_model(), LoRAConfig(lora_r=4, train_norms=train_norms, **ALL_SWITCHES)).train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    lora = {name for name, _ in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+    norms = {name for name, _ in model.named_parameters() if name.endswith("norm.weight")}
+    assert len(lora) == 2 * (7 * 2 + 1)
+    assert trainable == (lora | norms if train_norms else lora)
+    model(TOKENS).logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_scaling_alpha_over_r_or_explicit():
+    """One layer with in = 2, out = 1, r = 1, W = 0, A = [[1, 2]], B = [[3]] and x = [1, 1]:
+
+    B A x = 3 · (1·1 + 2·1) = 9, so y = s · 9 with s = alpha / r = 16 / 1 = 16 -> 144 when lora_alpha = 16,
+    and s = lora_scaling (1.0 by default, 0.5 here) otherwise.
+    """
+    assert LoRAConfig(lora_r=8, lora_alpha=16.0).scaling == 2.0
+    assert LoRAConfig(lora_r=8).scaling == 1.0
+    for cfg, expected in [(LoRAConfig(lora_r=1, lora_alpha=16.0), 144.0), (LoRAConfig(lora_r=1), 9.0),
+                          (LoRAConfig(lora_r=1, lora_scaling=0.5), 4.5)]:
+        layer = LoRALinear(2, 1, bias=False, r=cfg.lora_r, scaling=cfg.scaling)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.lora_A.copy_(torch.tensor([[1.0, 2.0]]))
+            layer.lora_B.copy_(torch.tensor([[3.0]]))
+        assert layer(torch.ones(1, 2)).item() == expected
+
+
+def test_layer_matches_peft():
+    """PEFT's LoRA layer is the oracle: same W, A, B, alpha and r give the same output."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    linear = nn.Linear(8, 6, bias=True)
+    ours = LoRALinear.from_linear(copy.deepcopy(linear), r=2, scaling=6.0 / 2)
+    net = nn.Sequential()
+    net.add_module("proj", linear)
+    peft_net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=6, target_modules=["proj"]), net)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        peft_net.proj.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_net.proj.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), peft_net(x), atol=1e-6, rtol=0)
+
+
+def test_kaiming_init_of_a_and_zero_b():
+    """A ~ U(-b, b) with b = 1/sqrt(in) (Kaiming-uniform, a = √5, as nn.Linear); B = 0."""
+    layer = LoRALinear(256, 32, bias=False, r=16, scaling=1.0)
+    bound = 1 / 256**0.5
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+    assert torch.equal(layer.lora_B, torch.zeros(32, 16))
+    assert layer.lora_A.dtype == torch.float32
+
+
+class FakeMoEBlock(nn.Module):
+    """The Linear names of a DeepSeek block (MLA with q_lora_rank, MoE with router and shared experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(8, 8, bias=False))
+        self.mlp = nn.Module()
+        self.mlp.gate = nn.Linear(8, 4, bias=False)
+        self.mlp.shared_experts = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.mlp.shared_experts, name, nn.Linear(8, 8, bias=False))
+
+
+class FakeMoEModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([FakeMoEBlock()])
+        self.layers.append(nn.Module())
+        self.layers[1].mlp = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.layers[1].mlp, name, nn.Linear(8, 8, bias=False))
+        self.lm_head = nn.Linear(8, 16, bias=False)
+
+
+NO_TARGETS = dict(lora_attn_query=False, lora_attn_value=False)
+
+
+@pytest.mark.parametrize("switch, expected", [
+    ("lora_attn_query", ["layers.0.self_attn.q_a_proj", "layers.0.self_attn.q_b_proj"]),
+    ("lora_attn_key", ["layers.0.self_attn.kv_a_proj_with_mqa"]),
+    ("lora_attn_value", ["layers.0.self_attn.kv_b_proj"]),
+    ("lora_attn_proj", ["layers.0.self_attn.o_proj"]),
+    ("lora_mlp_gate", ["layers.1.mlp.gate_proj"]),
+    ("lora_mlp_down", ["layers.1.mlp.down_proj"]),
+    ("lora_moe_shared_experts", [f"layers.0.mlp.shared_experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")]),
+    ("lora_head", ["lm_head"]),
+])
+def test_mla_and_moe_targets(switch, expected):
+    """Each switch selects its own modules: dense-MLP switches skip shared experts, the router is never hit."""
+    assert lora_targets(FakeMoEModel(), LoRAConfig(**{**NO_TARGETS, switch: True})) == expected
+
+
+def test_router_and_head_stay_full_precision_under_4bit():
+    from dpo_llama.models.quant import Linear4bit
+
+    model = apply_lora(FakeMoEModel(), LoRAConfig(lora_head=True, quant_4bit=True, quant_lora_4bit=True))
+    assert type(model.layers[0].mlp.gate) is nn.Linear
+    assert model.lm_head.quant is None and model.layers[0].self_attn.q_a_proj.quant is not None
+    assert isinstance(model.layers[0].self_attn.o_proj, Linear4bit)
+    assert isinstance(model.layers[1].mlp.up_proj, Linear4bit)
+
+
+def test_apply_twice_or_with_no_target_is_refused():
+    model = apply_lora(tiny_model(), LoRAConfig(lora_r=2))
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        apply_lora(model, LoRAConfig(lora_r=2))
+    with pytest.raises(ValueError, match="no layer of this Transformer matches"):
+        apply_lora(tiny_model(tie_word_embeddings=True), LoRAConfig(**NO_TARGETS, lora_head=True))
+
+
+@pytest.mark.parametrize("field, value", [("lora_r", 0), ("lora_dropout", 1.0), ("lora_alpha", 0.0),
+                                          ("quant_4bit_type", "int4"), ("quant_4bit_blocksize", 48),
+                                          ("quant_4bit_compute_dtype", "int8")])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field.removeprefix("quant_4bit_")):
+        LoRAConfig(**{field: value})
+
+
+def test_save_and_load_round_trip(tmp_path):
+    base = tiny_model()
+    cfg = LoRAConfig(lora_r=4, lora_alpha=8.0, train_norms=True, **ALL_SWITCHES)
+    model = lora_copy(base, cfg)
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)
+    save_lora(model, tmp_path, cfg, {"ckpt_dir": "somewhere", "fingerprint": "abc"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_FILE, LORA_CONFIG_FILE]
+    saved_cfg, saved_base = read_lora_config(tmp_path)
+    assert saved_cfg == cfg and saved_base["model_type"] == "llama"
+    assert saved_base["params"] == base.args.to_dict() and saved_base["info"]["fingerprint"] == "abc"
+    assert saved_base["weight_dtype"] == "float32"
+    assert "norm.weight" in lora_state_dict(model) and "layers.0.self_attn.q_proj.weight" not in lora_state_dict(model)
+
+    fresh = apply_lora(copy.deepcopy(base), cfg)
+    load_lora(fresh, tmp_path)
+    assert torch.equal(logits(fresh), logits(model))
+
+
+def test_load_model_with_lora_from_a_checkpoint(tmp_path):
+    """Meta-device load (prepare = apply_lora) plus the saved adapter equals the in-memory LoRA model."""
+    base = tiny_model()
+    save_model(base, tmp_path / "base")
+    cfg = LoRAConfig(lora_r=4, lora_mlp_up=True)
+    model = lora_copy(base, cfg)
+    save_lora(model, tmp_path / "adapter", cfg, {})
+    loaded = load_model_with_lora(tmp_path / "base", lora_dir=tmp_path / "adapter")
+    assert torch.equal(logits(loaded), logits(model))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+
+
+def make_adapter(tmp_path, cfg: LoRAConfig):
+    base = tiny_model()
+    save_lora(lora_copy(base, cfg), tmp_path, cfg, {})
+    return base
+
+
+@pytest.mark.parametrize("other, message", [
+    (LoRAConfig(lora_r=8), "shape mismatch for layers.0.self_attn.q_proj.lora_A"),
+    (LoRAConfig(lora_r=4, lora_attn_key=True), "lacks 4 tensors"),
+    (LoRAConfig(lora_r=4, lora_attn_value=False), "has 4 tensors the model lacks"),
+    (LoRAConfig(lora_r=4, lora_scaling=2.0), "scaling 1"),
+])
+def test_mismatched_adapter_is_refused(tmp_path, other, message):
+    base = make_adapter(tmp_path, LoRAConfig(lora_r=4))
+    with pytest.raises(ValueError, match=message):
+        load_lora(apply_lora(base, other), tmp_path)
+
+
+def test_adapter_for_another_model_type_or_missing_is_refused(tmp_path):
+    base = make_adapter(tmp_path, LoRAConfig(lora_r=4))
+    content = json.loads((tmp_path / LORA_CONFIG_FILE).read_text())
+    content["base"]["model_type"] = "deepseek"
+    (tmp_path / LORA_CONFIG_FILE).write_text(json.dumps(content))
+    model = apply_lora(base, LoRAConfig(lora_r=4))
+    with pytest.raises(ValueError, match="adapter is for model_type 'deepseek'"):
+        load_lora(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="lora_config.json not found"):
+        load_lora(model, tmp_path / "nowhere")
+
+
+def test_script_config_with_more_fields_saves_only_the_lora_fields(tmp_path):
+    @dataclass
+    class ScriptConfig(LoRAConfig):
+        learning_rate: float = 1e-4
+
+    cfg = ScriptConfig(lora_r=2, learning_rate=3e-4)
+    model = apply_lora(tiny_model(), cfg)
+    assert type(model.lora_config) is LoRAConfig
+    save_lora(model, tmp_path, cfg, {})
+    assert "learning_rate" not in json.loads((tmp_path / LORA_CONFIG_FILE).read_text())["lora"]
+    assert read_lora_config(tmp_path)[0] == LoRAConfig(lora_r=2)
+
+
+def test_loading_an_adapter_before_the_base_weights_is_refused(tmp_path):
+    make_adapter(tmp_path, LoRAConfig(lora_r=4))
+    with torch.device("meta"):
+        meta_model = tiny_model()
+    with pytest.raises(ValueError, match="not loaded yet"):
+        load_lora(apply_lora(meta_model, LoRAConfig(lora_r=4)), tmp_path)

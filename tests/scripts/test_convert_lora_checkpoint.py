@@ -1,0 +1,170 @@
+"""scripts/convert_lora_checkpoint.py: merging full-precision and 4-bit adapters, step folders, refusals."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpo_llama.models.checkpoint import iter_safetensors, load_model, read_params, save_model, weight_files
+from dpo_llama.models.llama import Transformer
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, load_model_with_lora,
+                                   lora_layers, merge_lora, save_lora)
+from dpo_llama.models.presets import get_preset
+from scripts.convert_lora_checkpoint import main as convert_lora
+from tests.tokenizer_fixtures import make_sentencepiece
+
+TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+MLP_AND_ATTN = dict(lora_r=4, lora_alpha=8.0, lora_attn_key=True, lora_mlp_down=True)
+QLORA = dict(MLP_AND_ATTN, quant_4bit=True, quant_lora_4bit=True, quant_4bit_compute_dtype="fp32")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """A tiny random LLaMA checkpoint with a sentencepiece tokenizer.model beside the weights."""
+    make_sentencepiece(tmp_path / "tok")
+    save_model(Transformer(get_preset("tiny")), tmp_path / "base", [tmp_path / "tok" / "tokenizer.model"])
+    return tmp_path / "base"
+
+
+def train_adapter(base_dir, out_dir, cfg: LoRAConfig, seed: int = 0):
+    """A model loaded as training would (4-bit layers quantized on arrival) with random B, saved as an adapter."""
+    model = load_model_with_lora(base_dir, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+        if cfg.train_norms:
+            model.norm.weight.mul_(1.5)
+    save_lora(model, out_dir, cfg, {"ckpt_dir": str(base_dir)})
+    return model
+
+
+def run(base_dir, lora_dir, out_dir, *extra) -> int:
+    return convert_lora(["--base", str(base_dir), "--lora", str(lora_dir), "--output", str(out_dir), *extra])
+
+
+def test_merged_checkpoint_reproduces_the_lora_model(base_dir, tmp_path, capsys):
+    """q, k, v and down_proj in 2 layers = 8 merged layers; 2 x 2 block norms + the final norm = 5 trained."""
+    cfg = LoRAConfig(**MLP_AND_ATTN, train_norms=True)
+    model = train_adapter(base_dir, tmp_path / "adapter", cfg)
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "merged") == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=4, scaling=2: 8 layers merged, 5 trained biases/norms copied" in out
+    merged = load_model(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=0)
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()
+    assert read_params(tmp_path / "merged") == read_params(base_dir)
+
+    in_memory = copy.deepcopy(model)
+    merge_lora(in_memory)
+    state = dict(iter_safetensors(weight_files(tmp_path / "merged")))
+    torch.testing.assert_close(state["layers.1.mlp.down_proj.weight"], in_memory.layers[1].mlp.down_proj.weight,
+                               atol=1e-6, rtol=0)
+
+
+def test_4bit_adapter_merges_into_the_model_it_trained(base_dir, tmp_path, capsys):
+    """The merged weights are Ŵ + s·B A (LoRA layers) and Ŵ (other 4-bit layers), so the plain merged model
+    computes what the 4-bit LoRA model computed — and differs from merging into the unquantized W."""
+    model = train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**QLORA))
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "merged") == 0
+    assert "frozen 4-bit layers dequantized" in capsys.readouterr().out
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(model), atol=1e-4, rtol=0)
+
+    full_precision = load_model_with_lora(base_dir, LoRAConfig(**MLP_AND_ATTN), lora_dir=tmp_path / "adapter")
+    assert (logits(full_precision) - logits(model)).abs().max() > 1e-3
+
+
+def test_bf16_4bit_base_is_requantized_from_bf16(base_dir, tmp_path):
+    """Training loaded the fp32 checkpoint as bf16 and quantized that; the merge must quantize the same bf16."""
+    cfg = LoRAConfig(**{**QLORA, "quant_4bit_compute_dtype": "bf16"})
+    model = load_model_with_lora(base_dir, cfg, dtype=torch.bfloat16)
+    save_lora(model, tmp_path / "adapter", cfg, {})
+    assert json.loads((tmp_path / "adapter" / LORA_CONFIG_FILE).read_text())["base"]["weight_dtype"] == "bfloat16"
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", "bf16") == 0
+    merged = dict(iter_safetensors(weight_files(tmp_path / "merged")))
+    packed = model.layers[0].mlp.up_proj.packed
+    assert torch.equal(merged["layers.0.mlp.up_proj.weight"], packed.dequantize())
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+
+
+def test_training_ckpt_dir_uses_the_highest_step(base_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train_adapter(base_dir, run_dir / "step-000010", LoRAConfig(**MLP_AND_ATTN), seed=1)
+    latest = train_adapter(base_dir, run_dir / "step-000200", LoRAConfig(**MLP_AND_ATTN), seed=2)
+    train_adapter(base_dir, run_dir / ".tmp-step-000300", LoRAConfig(**MLP_AND_ATTN), seed=3)
+    (run_dir / "step-000250").mkdir()
+    assert run(base_dir, run_dir, tmp_path / "merged") == 0
+    assert "step-000200 (highest of 2 step checkpoint(s)" in capsys.readouterr().out
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(latest), atol=1e-5, rtol=0)
+
+
+def edit_json(path, edit) -> None:
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def edit_adapter(path, edit) -> None:
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+REFUSALS = {
+    "model_type": (lambda d: edit_json(d / LORA_CONFIG_FILE, lambda c: c["base"].update(model_type="deepseek")),
+                   "adapter is for model_type 'deepseek'"),
+    "params": (lambda d: edit_json(d / LORA_CONFIG_FILE, lambda c: c["base"]["params"].update(n_layers=3)),
+               "other params (n_layers)"),
+    "shape": (lambda d: edit_adapter(d / ADAPTER_FILE, lambda t: t.update({
+        "layers.0.self_attn.q_proj.lora_A": torch.zeros(5, 64)})),
+              "shape mismatch for layers.0.self_attn.q_proj.lora_A"),
+    "missing key": (lambda d: edit_adapter(d / ADAPTER_FILE, lambda t: t.pop("layers.1.mlp.down_proj.lora_B")),
+                    "lacks 1 tensors the model expects, e.g. ['layers.1.mlp.down_proj.lora_B']"),
+    "no adapter": (lambda d: [p.unlink() for p in d.iterdir()], "no adapter found in"),
+    "no weights": (lambda d: (d / ADAPTER_FILE).unlink(), "adapter.safetensors not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_mismatches_are_refused(base_dir, tmp_path, capsys, case):
+    spoil, message = REFUSALS[case]
+    train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
+    spoil(tmp_path / "adapter")
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "merged") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+def test_output_over_the_base_is_refused(base_dir, tmp_path, capsys):
+    train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
+    assert run(base_dir, tmp_path / "adapter", base_dir) == 1
+    assert "must differ from the base" in capsys.readouterr().err
+
+
+def test_missing_arguments_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_lora(["--base", "somewhere"])
+    assert exit_info.value.code == 2
+    assert "required: --lora, --output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_lora(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--base", "--lora", "--output", "--dtype", "--device", "step-XXXXXX"))
+
+
+def test_adapter_for_a_model_without_the_base_layers_is_refused(base_dir, tmp_path, capsys):
+    """An adapter with lm_head LoRA against a tied base (no lm_head): params differ, refused before writing."""
+    tied = Transformer(get_preset("tiny-tied"))
+    save_model(tied, tmp_path / "tied")
+    model = apply_lora(Transformer(get_preset("tiny")), LoRAConfig(lora_head=True))
+    save_lora(model, tmp_path / "adapter", LoRAConfig(lora_head=True), {})
+    assert run(tmp_path / "tied", tmp_path / "adapter", tmp_path / "merged") == 1
+    assert "tie_word_embeddings" in capsys.readouterr().err
