@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensor
                                          read_params, save_checkpoint, weight_files)
 from dpo_llama.models.convert_hf import tokenizer_files
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
-                                   apply_lora, check_adapter, read_lora_config)
+                                   apply_lora, check_adapter, find_adapter, read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
 
 REQUIRED = ("base", "lora", "output")
@@ -57,18 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args
-
-
-def find_adapter(path: str | Path) -> tuple[Path, str]:
-    """Resolves ``--lora`` to an adapter directory; returns it and a note saying how it was chosen."""
-    path = Path(path)
-    if (path / LORA_CONFIG_FILE).is_file():
-        return path, "adapter directory"
-    steps = [p for p in path.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / LORA_CONFIG_FILE).is_file()]
-    if not steps:
-        raise FileNotFoundError(f"no adapter found in {path}: neither {LORA_CONFIG_FILE} nor step-*/{LORA_CONFIG_FILE}")
-    latest = max(steps, key=lambda p: int(p.name.removeprefix("step-")))
-    return latest, f"highest of {len(steps)} step checkpoint(s) in {path}"
 
 
 def check_base(base_dir: Path, base: dict, source: Path):

@@ -37,8 +37,10 @@ load unchanged, 4-bit layers quantizing on arrival) and adds ``<path>.lora_A`` /
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -426,6 +428,27 @@ def read_lora_config(lora_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str,
     if "lora" not in content or "base" not in content:
         raise ValueError(f"{path} lacks the 'lora' or 'base' section")
     return LoRAConfig.from_dict(content["lora"]), content["base"]
+
+
+def find_adapter(path: str | Path) -> tuple[Path, str]:
+    """Resolves ``--lora`` to an adapter directory; returns it and a note saying how it was chosen."""
+    path = Path(path)
+    if (path / LORA_CONFIG_FILE).is_file():
+        return path, "adapter directory"
+    steps = [p for p in path.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / LORA_CONFIG_FILE).is_file()]
+    if not steps:
+        raise FileNotFoundError(f"no adapter found in {path}: neither {LORA_CONFIG_FILE} nor step-*/{LORA_CONFIG_FILE}")
+    latest = max(steps, key=lambda p: int(p.name.removeprefix("step-")))
+    return latest, f"highest of {len(steps)} step checkpoint(s) in {path}"
+
+
+def adapter_fingerprint(lora_dir: str | os.PathLike) -> str:
+    """SHA-256 of an adapter's tensors and LoRA settings (not of free-form base info such as paths)."""
+    cfg, base = read_lora_config(lora_dir)
+    digest = hashlib.sha256(json.dumps({"lora": cfg.to_dict(), "model_type": base.get("model_type")},
+                                       sort_keys=True).encode())
+    digest.update((Path(lora_dir) / ADAPTER_FILE).read_bytes())
+    return digest.hexdigest()
 
 
 def check_adapter(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:

@@ -33,6 +33,7 @@ attribute ``quantized_tensors`` naming those tensors; each is quantized whole wi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -234,3 +235,19 @@ def replace_linears_4bit(model: nn.Module, cfg: Quant4bitConfig, keep: Callable[
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), cfg))
     return names
+
+
+def quantization_summary(model: nn.Module) -> dict | None:
+    """Which tensors of ``model`` are stored 4-bit and how, or None when nothing is quantized.
+
+    Two models with equal summaries quantize the same tensors with the same settings, so their frozen
+    weights agree bit for bit (quantization is deterministic). Used to check that a DPO policy is quantized
+    exactly as its precomputed reference was.
+    """
+    stored = sorted(f"{name}.{tensor}:{module.quant}" for name, module in model.named_modules()
+                    if getattr(module, "quant", None) is not None for tensor in module.quantized_tensors)
+    if not stored:
+        return None
+    configs = sorted({entry.rpartition(":")[2] for entry in stored})
+    return {"configs": configs, "tensors": len(stored),
+            "tensors_sha256": hashlib.sha256("\n".join(stored).encode()).hexdigest()}

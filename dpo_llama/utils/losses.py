@@ -474,7 +474,7 @@ class KTOLossConfig(Protocol):
     undesirable_weight: float
 
 
-def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> LossOutput:
+def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> tuple[LossOutput, Tensor]:
     """KTO loss of one unpaired batch, with z0 estimated from the batch's mismatched pairs.
 
     Rewards and z0 both use SUMMED log-probs, as in the paper and TRL: z0 estimates a KL between whole
@@ -485,10 +485,11 @@ def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> LossOutput:
         cfg: Provides ``beta``, ``desirable_weight`` and ``undesirable_weight``.
 
     Returns:
-        Losses ``[B]`` in batch order and the rewards of desirable / undesirable examples.
+        ``(output, z0)``: losses ``[B]`` in batch order with the rewards of desirable / undesirable examples,
+        and the detached KL estimate z0 used as the reference point.
     """
     kl = kto_kl_estimate(batch.policy_kl_logps, batch.ref_kl_logps)
-    return kto_loss(
+    output = kto_loss(
         batch.policy_logps,
         batch.ref_logps,
         batch.is_desirable,
@@ -497,3 +498,4 @@ def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> LossOutput:
         cfg.desirable_weight,
         cfg.undesirable_weight,
     )
+    return output, kl

@@ -374,8 +374,9 @@ def test_kto_batch_loss_uses_summed_logps():
         policy_kl_logps=torch.tensor([-1.0, -2.0], dtype=torch.float64),
         ref_kl_logps=torch.tensor([-2.0, -4.0], dtype=torch.float64),
     )
-    output = kto_batch_loss(batch, SimpleNamespace(beta=1.0, desirable_weight=2.0, undesirable_weight=1.0))
+    output, kl = kto_batch_loss(batch, SimpleNamespace(beta=1.0, desirable_weight=2.0, undesirable_weight=1.0))
     assert_close(output.losses, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    assert_close(kl, torch.tensor(1.5, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------- NLL and dispatcher
