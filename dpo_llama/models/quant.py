@@ -36,11 +36,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -82,7 +84,7 @@ class Packed4bit:
         compute_dtype: Dtype :meth:`dequantize` returns and matmuls run in.
     """
 
-    def __init__(self, data: torch.Tensor, state: bnb_functional.QuantState, compute_dtype: torch.dtype):
+    def __init__(self, data: torch.Tensor, state: QuantState, compute_dtype: torch.dtype):
         self.data = data
         self.state = state
         self.compute_dtype = compute_dtype
@@ -110,7 +112,8 @@ class Packed4bit:
 
     def dequantize(self) -> torch.Tensor:
         """The weight ``Ŵ`` (original shape) in the compute dtype."""
-        return bnb_functional.dequantize_4bit(self.data, self.state).to(self.compute_dtype)
+        from bitsandbytes.functional import dequantize_4bit
+        return dequantize_4bit(self.data, self.state).to(self.compute_dtype)
 
     def __repr__(self) -> str:
         return (f"Packed4bit(shape={tuple(self.shape)}, {self.state.quant_type}, blocksize={self.state.blocksize}, "
@@ -129,7 +132,8 @@ def quantize_4bit(weight: torch.Tensor, cfg: Quant4bitConfig) -> Packed4bit:
                          "(already-packed 4-bit data is never quantized again)")
     if weight.is_meta:
         raise ValueError("cannot quantize a weight on the meta device (it has no values yet)")
-    data, state = bnb_functional.quantize_4bit(weight.detach().contiguous(), blocksize=cfg.blocksize,
+    from bitsandbytes.functional import quantize_4bit as bnb_quantize_4bit
+    data, state = bnb_quantize_4bit(weight.detach().contiguous(), blocksize=cfg.blocksize,
                                                compress_statistics=cfg.double_quant, quant_type=cfg.quant_type)
     return Packed4bit(data, state, cfg.compute_dtype)
 
@@ -138,7 +142,8 @@ def linear_4bit(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None =
     """``y = x Ŵᵀ + b`` computed in ``packed.compute_dtype`` and returned in ``x``'s dtype."""
     compute = packed.compute_dtype
     bias = None if bias is None else bias.to(compute)
-    return bnb.matmul_4bit(x.to(compute), packed.data.t(), packed.state, bias=bias).to(x.dtype)
+    from bitsandbytes import matmul_4bit
+    return matmul_4bit(x.to(compute), packed.data.t(), packed.state, bias=bias).to(x.dtype)
 
 
 def applied_device(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.device:

@@ -87,6 +87,11 @@ class ParseReport:
         if len(self.first_skipped) < self.max_examples:
             self.first_skipped.append(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
 
+    def drop(self, location: str, reason: str, detail: str = "") -> None:
+        """Move one kept record to the skipped counts (e.g. removed later by tokenization or truncation)."""
+        self.rows_kept -= 1
+        self.skip(location, reason, detail)
+
     def merge(self, other: ParseReport) -> None:
         """Add the counts and locations of ``other`` (e.g. one file's report) to this one."""
         self.files.extend(other.files)

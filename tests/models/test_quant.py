@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from dpo_llama.models import quant
 from dpo_llama.models.checkpoint import load_model, save_model
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers
@@ -79,14 +78,16 @@ def test_gradient_flows_to_the_input_only():
 @pytest.fixture
 def quantize_calls(monkeypatch):
     """Counts every call of bitsandbytes' quantize_4bit made through dpo_llama.models.quant."""
+    import bitsandbytes.functional as bnb_functional
+
     calls = []
-    original = quant.bnb_functional.quantize_4bit
+    original = bnb_functional.quantize_4bit
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(quant.bnb_functional, "quantize_4bit", counting)
+    monkeypatch.setattr(bnb_functional, "quantize_4bit", counting)
     return calls
 
 

@@ -1,0 +1,141 @@
+"""DPO-family training on a preference dataset: batching, the per-batch loss and metrics, the start check.
+
+A paired micro-batch of B pairs is ONE forward pass over 2B sequences, chosen rows first, then rejected
+(``prompt + chosen`` / ``prompt + rejected``, right-padded). Policy log-probs are gathered at exactly the
+scored positions — the first response token included — and compared with the reference log-probs stored in
+the dataset. The trainer averages the summed loss over the pairs of the whole optimizer step.
+
+Reported metrics (per pair, train and validation): ``rewards/chosen``, ``rewards/rejected`` (β-scaled
+implicit rewards), ``rewards/accuracies`` (share of pairs with chosen reward > rejected reward),
+``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (policy, summed over scored tokens); KTO reports
+``kl`` (the z0 estimate), ``rewards/accuracies`` (share of examples whose reward has the sign of its label)
+and ``rewards/margins`` (the reward times +1 for desirable, -1 for undesirable).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpo_llama.utils.logprobs import sequence_logps
+from dpo_llama.utils.losses import KTOLogps, PreferenceLogps, kto_batch_loss, preference_loss
+from dpo_llama.utils.preference_data import TokenSequence, kl_sequence, paired_sequences
+from dpo_llama.utils.sft import pad_sequences
+
+PLOTS = (
+    ("loss", ("train/loss", "val/loss")),
+    ("reward accuracy", ("train/rewards/accuracies", "val/rewards/accuracies")),
+    ("reward margin", ("train/rewards/margins", "val/rewards/margins")),
+)
+
+
+def pad_batch(sequences: Sequence[TokenSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, T]`` tokens and score mask from ``(ids, mask)`` sequences."""
+    return (pad_sequences([ids for ids, _ in sequences], pad_id, torch.long),
+            pad_sequences([mask for _, mask in sequences], False, torch.bool))
+
+
+def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen sequences in rows ``0..B-1``, rejected in ``B..2B-1``, plus the stored reference log-probs."""
+    chosen, rejected = zip(*(paired_sequences(e) for e in examples))
+    tokens, mask = pad_batch([*chosen, *rejected], pad_id)
+    return {"tokens": tokens, "mask": mask,
+            "ref_chosen": torch.tensor([float(e["ref_chosen_logps"]) for e in examples]),
+            "ref_rejected": torch.tensor([float(e["ref_rejected_logps"]) for e in examples])}
+
+
+def collate_unpaired(examples: Sequence[dict], dataset: Sequence[dict], pad_id: int,
+                     max_seq_len: int) -> dict[str, torch.Tensor]:
+    """KTO batch: the completions, their mismatched KL sequences, labels and reference log-probs."""
+    own = [(np.concatenate([e["prompt"], e["completion"]]), np.concatenate([e["prompt_mask"], e["completion_mask"]]))
+           for e in examples]
+    tokens, mask = pad_batch(own, pad_id)
+    kl_tokens, kl_mask = pad_batch([kl_sequence(e, dataset, max_seq_len) for e in examples], pad_id)
+    return {"tokens": tokens, "mask": mask, "kl_tokens": kl_tokens, "kl_mask": kl_mask,
+            "desirable": torch.tensor([bool(e["desirable"]) for e in examples]),
+            "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples]),
+            "ref_kl_logps": torch.tensor([float(e["ref_kl_logps"]) for e in examples])}
+
+
+def num_units(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs (or KTO examples) in a batch: the unit the loss is averaged over."""
+    return len(batch["ref_chosen"]) if "ref_chosen" in batch else len(batch["ref_logps"])
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Token positions processed by the policy forward passes (padding included)."""
+    return batch["tokens"].numel() + (batch["kl_tokens"].numel() if "kl_tokens" in batch else 0)
+
+
+def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> PreferenceLogps:
+    """One forward over the 2B sequences; returns the pairs' summed log-probs and token counts."""
+    sums, counts = sequence_logps(model, batch["tokens"], batch["mask"])
+    n = len(batch["ref_chosen"])
+    return PreferenceLogps(policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
+                           ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"],
+                           chosen_counts=counts[:n], rejected_counts=counts[n:])
+
+
+def with_aux_loss(model: nn.Module, loss_sum: torch.Tensor, units: int, weight: float, metrics: dict) -> torch.Tensor:
+    """Adds a MoE model's load-balancing loss once per unit (so it averages to ``weight · aux``)."""
+    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+    if aux is None or weight <= 0:
+        return loss_sum
+    metrics["aux_loss"] = aux.detach() * units
+    return loss_sum + weight * aux * units
+
+
+def paired_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict]:
+    """Summed ``cfg.loss_type`` loss of a paired batch and its metric sums."""
+    logps = policy_logps(model, batch)
+    out = preference_loss(cfg.loss_type, logps, cfg)
+    metrics = {
+        "rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+        "logps/chosen": logps.policy_chosen_logps.detach().sum(),
+        "logps/rejected": logps.policy_rejected_logps.detach().sum(),
+    }
+    return with_aux_loss(model, out.losses.sum(), num_units(batch), cfg.aux_loss_weight, metrics), metrics
+
+
+def kto_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict]:
+    """Summed KTO loss of an unpaired batch; the policy's KL-pair log-probs carry no gradient (as in TRL)."""
+    with torch.no_grad():
+        policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"])[0]
+    policy, _ = sequence_logps(model, batch["tokens"], batch["mask"])
+    logps = KTOLogps(policy_logps=policy, ref_logps=batch["ref_logps"], is_desirable=batch["desirable"],
+                     policy_kl_logps=policy_kl, ref_kl_logps=batch["ref_kl_logps"])
+    out, kl = kto_batch_loss(logps, cfg)
+    rewards = cfg.beta * (policy.detach() - batch["ref_logps"])
+    signed = torch.where(batch["desirable"], rewards, -rewards)
+    units = num_units(batch)
+    metrics = {"kl": kl * units, "rewards/accuracies": (signed > 0).float().sum(), "rewards/margins": signed.sum(),
+               "logps/chosen": policy.detach().sum()}
+    return with_aux_loss(model, out.losses.sum(), units, cfg.aux_loss_weight, metrics), metrics
+
+
+@torch.no_grad()
+def reference_check(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> dict[str, float]:
+    """Measures "policy = reference" on one batch before any update.
+
+    With the policy loaded exactly as the reference was (same weights, quantization, dtype) and every LoRA
+    B = 0, the policy's log-probs equal the stored ones, so for DPO's sigmoid loss ``h = 0`` and
+    ``loss = -log σ(0) = ln 2`` with zero rewards. Returns the largest absolute log-prob difference, the
+    sigmoid loss and the mean |reward| at β = ``cfg.beta``.
+    """
+    was_training = model.training
+    model.eval()
+    logps = policy_logps(model, batch)
+    model.train(was_training)
+    diff = torch.cat([logps.policy_chosen_logps - logps.ref_chosen_logps,
+                      logps.policy_rejected_logps - logps.ref_rejected_logps])
+    margin = (logps.policy_chosen_logps - logps.ref_chosen_logps) - (logps.policy_rejected_logps -
+                                                                    logps.ref_rejected_logps)
+    loss = torch.nn.functional.softplus(-cfg.beta * margin).mean()
+    return {"max_abs_logp_diff": float(diff.abs().max()), "sigmoid_loss": float(loss), "ln2": math.log(2),
+            "mean_abs_reward": float(cfg.beta * diff.abs().mean()), "pairs": len(margin)}

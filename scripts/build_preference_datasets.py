@@ -1,0 +1,153 @@
+"""Build a tokenized preference dataset with reference log-probs computed once (train.pkl, validation.pkl, meta.json).
+
+    python scripts/build_preference_datasets.py --input data/hh-rlhf/train.jsonl.gz \
+        --ref-model checkpoints/llama-2-7b-sft --template llama2 --max-seq-len 1024 --output datasets/hh
+
+Formats (auto-detected per file, or --format): hh (HH-RLHF chosen/rejected transcripts), trl (prompt/chosen/rejected
+strings), trl_conversational (message lists; implicit prompt too), sharegpt_ranking (LLaMA-Factory conversations +
+chosen/rejected), alpaca_ranking (instruction/input/chosen/rejected), shp (Stanford SHP; pairs kept when the score
+ratio >= --shp-min-score-ratio), kto (unpaired: messages + label, or prompt/completion/label).
+
+The reference model (--ref-model, plus --lora if the policy will continue training that adapter) scores every
+chosen/rejected sequence once, with the quantization the policy will train with (--quant-4bit nf4 quantizes every
+frozen linear layer except lm_head, matching training with --quant-4bit true --quant-lora-4bit true), in
+length-sorted batches, saving finished chunks so an interrupted run resumes. meta.json records a fingerprint of
+the reference weights, adapter, quantization, dtype, tokenizer and template; run_dpo_lora.py refuses a policy that
+does not match it. Truncation: the prompt is cut first (keeping its end, and BOS), down to --max-prompt-len if
+needed, then the responses (keeping their start); pairs with identical or empty responses afterwards are dropped.
+With no arguments it builds the embedded demo's preference data against the demo's merged SFT model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dpo_llama.configs import demo
+from dpo_llama.models.checkpoint import load_model, parse_dtype
+from dpo_llama.models.lora import find_adapter, keeps_full_precision, load_model_with_lora
+from dpo_llama.models.quant import Quant4bitConfig, replace_linears_4bit
+from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils.dataset_io import length_stats, split_train_val, write_dataset
+from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
+                                             is_unpaired_dataset, model_fingerprint, store_reference,
+                                             tokenize_records)
+from dpo_llama.utils.preference_formats import PREFERENCE_FORMAT_KEYS, load_preference_records
+from dpo_llama.utils.templates import TEMPLATE_NAMES
+from dpo_llama.utils.trainer import resolve_device
+
+CACHE_DIR = ".reference_cache"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=[str(demo.PREFERENCE_DATA)], help="data file(s) (default: demo)")
+    p.add_argument("--format", default="auto", choices=["auto", *PREFERENCE_FORMAT_KEYS], help="input format")
+    p.add_argument("--ref-model", default=demo.SFT_MERGED, help="reference checkpoint (default: demo SFT model)")
+    p.add_argument("--lora", default=None, help="adapter applied to the reference (the policy continues it)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip reference log-probs (only for the reference-free losses simpo and orpo)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the --ref-model's)")
+    p.add_argument("--template", default=demo.TEMPLATE, choices=TEMPLATE_NAMES, help="chat template")
+    p.add_argument("--max-seq-len", type=int, default=512, help="prompt + longer response, in tokens")
+    p.add_argument("--max-prompt-len", type=int, default=256, help="the prompt may be cut down to this length")
+    p.add_argument("--score-all-assistant-turns", action="store_true",
+                   help="score every assistant turn of the trajectories (M-DPO) instead of only the final one")
+    p.add_argument("--shp-min-score-ratio", type=float, default=2.0, help="SHP: keep pairs with score ratio >= this")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most this many records")
+    p.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
+    p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
+    p.add_argument("--quant-4bit", default="none", choices=["none", "nf4", "fp4"],
+                   help="quantize the reference's frozen linear layers as the policy will be (ignored with --lora: "
+                        "the adapter's own settings apply)")
+    p.add_argument("--quant-4bit-blocksize", type=int, default=64, help="4-bit block size")
+    p.add_argument("--quant-4bit-double", type=lambda s: s.lower() == "true", default=True, help="double quant")
+    p.add_argument("--quant-4bit-compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="4-bit compute")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per reference batch")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per reference batch")
+    p.add_argument("--output", default=demo.PREFERENCE_DATASET, help="output directory")
+    return p.parse_args(argv)
+
+
+def load_reference(args, device: torch.device, dtype_name: str):
+    """The reference model, built exactly as the DPO policy will be at step 0."""
+    dtype = parse_dtype(dtype_name)
+    if args.lora:
+        return load_model_with_lora(args.ref_model, None, device, dtype, find_adapter(args.lora)[0])
+    if args.quant_4bit == "none":
+        return load_model(args.ref_model, device, dtype)
+    quant = Quant4bitConfig(args.quant_4bit, args.quant_4bit_blocksize, args.quant_4bit_double,
+                            parse_dtype(args.quant_4bit_compute_dtype))
+    return load_model(args.ref_model, device, dtype,
+                      prepare=lambda m: replace_linears_4bit(m, quant, keep=keeps_full_precision))
+
+
+def tokenize_and_split(args, tokenizer):
+    """Records -> tokenized examples -> (train, validation), KTO examples paired for the KL estimate."""
+    records, report = load_preference_records(args.input, args.format, args.max_samples, args.shp_min_score_ratio)
+    examples = tokenize_records(records, tokenizer, args.template, args.max_seq_len, args.max_prompt_len,
+                                args.score_all_assistant_turns, report)
+    if not examples:
+        raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")
+    train, validation = split_train_val(examples, args.val_ratio, args.seed)
+    if is_unpaired_dataset(examples):
+        for split in (train, validation):
+            add_kl_pairs(split)
+    return train, validation, report
+
+
+def add_reference(args, train, validation, tokenizer) -> dict:
+    """Computes and stores reference log-probs; returns the reference's fingerprint."""
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    model = load_reference(args, device, dtype_name)
+    fingerprint = model_fingerprint(model, args.ref_model, args.lora and find_adapter(args.lora)[0], dtype_name,
+                                    tokenizer, args.template)
+    sequences = all_sequences(train, args.max_seq_len) + all_sequences(validation, args.max_seq_len)
+    logps = compute_reference_logps(model, sequences, tokenizer.pad_id, device, Path(args.output) / CACHE_DIR,
+                                    {"reference": fingerprint["digest"]}, args.batch_tokens, args.batch_size)
+    store_reference(train, logps[:2 * len(train)])
+    store_reference(validation, logps[2 * len(train):])
+    return fingerprint
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.ref_model)
+        train, validation, report = tokenize_and_split(args, tokenizer)
+        fingerprint = None if args.no_reference else add_reference(args, train, validation, tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    examples = train + validation
+    lengths = [len(e["prompt"]) + max(len(e.get("chosen", e.get("completion"))), len(e.get("rejected", [])))
+               for e in examples]
+    meta = {
+        "kind": "preference", "unpaired": is_unpaired_dataset(examples), "inputs": args.input, "format": args.format,
+        "template": args.template, "tokenizer_fingerprint": tokenizer.fingerprint(), "max_seq_len": args.max_seq_len,
+        "max_prompt_len": args.max_prompt_len, "score_all_assistant_turns": args.score_all_assistant_turns,
+        "seed": args.seed, "val_ratio": args.val_ratio, "counts": {"train": len(train), "validation": len(validation)},
+        "tokens": length_stats(lengths), "rows": report.to_dict(),
+        "reference": None if fingerprint is None else {"ckpt_dir": str(args.ref_model), "lora": args.lora,
+                                                       **fingerprint},
+    }
+    write_dataset(args.output, train, validation, meta)
+    shutil.rmtree(Path(args.output) / CACHE_DIR, ignore_errors=True)
+    print(report.summary())
+    print(f"wrote {len(train)} train / {len(validation)} validation examples to {args.output} in "
+          f"{time.time() - start:.1f}s (reference: {'none' if fingerprint is None else args.ref_model})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
