@@ -1,0 +1,283 @@
+"""Mixture-of-experts pieces of the DeepSeek models: the router, the expert weights and their backends.
+
+Routing (Dai et al. 2024, "DeepSeekMoE"; DeepSeek-AI 2024, "DeepSeek-V2"). For a token ``x`` and router
+weights ``W_g`` ``[E, H]``:
+
+    s = softmax(W_g x)                                    # scores over E experts, float32
+    ids = top-k(s)                                        # greedy, or group-limited (see ``select_experts``)
+    w_j = s_ids_j / sum_j s_ids_j   if norm_topk_prob and k > 1
+          s_ids_j * routed_scaling_factor   otherwise
+    y = sum_j w_j * Expert_ids_j(x)                        # Expert_e(x) = W2_e(silu(W1_e x) * W3_e x)
+
+The experts of one layer are stored stacked (``gate_proj [E, I, H]``, ``up_proj [E, I, H]``,
+``down_proj [E, H, I]``) so a backend receives all of them at once. Every backend implements
+
+    backend(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> y [T, H]
+
+differentiable in ``x`` and ``topk_weights``:
+
+* ``"torch"``: tokens are grouped by expert (argsort of the flat expert ids), each expert multiplies one
+  contiguous slice, the weighted rows are ``index_add``-ed back to their tokens.
+* ``"cpu_kernel"``: the C++ kernel of ``dpo_llama.models.cpu_moe`` (experts packed once and cached). It
+  computes no expert-weight gradients, so the experts must be frozen. Selecting it when the kernel is
+  missing raises a ``RuntimeError``: no silent fallback to a backend with other speed and memory needs.
+
+Experts can be frozen as 4-bit weights (``RoutedExperts.quantize_4bit``, ``dpo_llama.models.quant``), one
+``Packed4bit`` per expert and matrix; the torch backend dequantizes one expert at a time, on the fly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_BACKENDS = ("torch", "cpu_kernel")
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def select_experts(scores: torch.Tensor, top_k: int, topk_method: str = "greedy", n_group: int | None = None,
+                   topk_group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chooses ``top_k`` experts per token from router scores ``[T, E]``.
+
+    * ``"greedy"``: the ``top_k`` highest scores.
+    * ``"group_limited_greedy"`` (DeepSeek-V2): experts form ``n_group`` consecutive groups of ``E / n_group``;
+      a group's score is its best expert's score; only the ``topk_group`` best groups stay eligible (the
+      others' scores are set to 0) and the ``top_k`` highest remaining scores are chosen.
+
+    Returns:
+        ``(topk_scores, topk_ids)``, both ``[T, top_k]``, in no particular order.
+    """
+    if topk_method == "group_limited_greedy":
+        tokens, n_experts = scores.shape
+        group_scores = scores.view(tokens, n_group, n_experts // n_group).amax(dim=-1)
+        best_groups = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        expert_mask = group_mask.repeat_interleave(n_experts // n_group, dim=1)
+        scores = scores.masked_fill(~expert_mask, 0.0)
+    elif topk_method != "greedy":
+        raise ValueError(f"unknown topk_method {topk_method!r}; choose from {TOPK_METHODS}")
+    topk_scores, topk_ids = scores.topk(top_k, dim=-1, sorted=False)
+    return topk_scores, topk_ids
+
+
+def routing_weights(topk_scores: torch.Tensor, norm_topk_prob: bool, routed_scaling_factor: float) -> torch.Tensor:
+    """Mixing weights of the chosen experts, exactly as DeepSeek's reference ``MoEGate``.
+
+    ``w = s / (sum(s) + 1e-20)`` when ``norm_topk_prob`` and ``k > 1``; otherwise ``w = s * routed_scaling_factor``
+    (the reference applies the scaling factor only to un-normalised weights).
+    """
+    if norm_topk_prob and topk_scores.shape[-1] > 1:
+        return topk_scores / (topk_scores.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_scores * routed_scaling_factor
+
+
+def sequence_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DeepSeek's sequence-level load-balancing loss (``seq_aux=True``).
+
+    For each sequence ``b`` of ``T`` tokens with ``k`` experts per token among ``E``:
+
+        ce_{b,i}  = count_{b,i} / (T k / E)          # how often expert i was chosen, 1 = perfectly balanced
+        P_{b,i}   = mean_t s_{b,t,i}                  # mean router probability of expert i
+        aux       = alpha * mean_b sum_i ce_{b,i} P_{b,i}
+
+    Gradients flow through the scores only (the counts are constants).
+
+    Args:
+        scores: ``[B, T, E]`` softmax router scores.
+        topk_ids: ``[B, T, k]`` chosen experts.
+        alpha: The loss weight ``aux_loss_alpha``.
+    """
+    batch, seq_len, n_experts = scores.shape
+    ids = topk_ids.reshape(batch, -1)
+    ones = torch.ones_like(ids, dtype=torch.float32)
+    counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(1, ids, ones)
+    ce = counts / (ids.shape[1] / n_experts)
+    return alpha * (ce * scores.mean(dim=1)).sum(dim=1).mean()
+
+
+def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DeepSeek's token-level load-balancing loss (``seq_aux=False``), over all ``N`` tokens of the batch.
+
+    ``f_i = E * (number of choices of expert i) / (N k)``, ``P_i = mean_t s_{t,i}``, ``aux = alpha * sum_i f_i P_i``.
+
+    Args:
+        scores: ``[N, E]`` softmax router scores.
+        topk_ids: ``[N, k]`` chosen experts.
+        alpha: The loss weight ``aux_loss_alpha``.
+    """
+    n_experts = scores.shape[-1]
+    fraction = F.one_hot(topk_ids.reshape(-1), n_experts).float().mean(dim=0)
+    return alpha * (scores.mean(dim=0) * fraction * n_experts).sum()
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: ``down (silu(gate x) * up x)`` for weights in ``nn.Linear`` layout."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  experts: "RoutedExperts") -> torch.Tensor:
+    """The ``"torch"`` backend: sort token copies by expert, one SwiGLU per expert, weighted scatter-add.
+
+    The ``T * k`` (token, expert) pairs are ordered by expert with a stable argsort, so expert ``e`` owns the
+    contiguous slice ``[start_e, start_e + count_e)`` of the gathered rows; its outputs are weighted and
+    summed back into the rows of their tokens with ``index_add`` (in float32).
+
+    Args:
+        x: ``[T, H]`` token states.
+        topk_ids, topk_weights: ``[T, k]`` routing decisions and mixing weights.
+        experts: Provides ``expert_forward(rows, e)``.
+    """
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    token_of = order // k
+    counts = torch.bincount(flat_ids, minlength=experts.n_experts).tolist()
+    grouped = x[token_of]
+    outputs, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            outputs.append(experts.expert_forward(grouped[start:start + count], expert))
+        start += count
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if outputs:
+        weighted = torch.cat(outputs).float() * topk_weights.reshape(-1)[order, None].float()
+        out = out.index_add(0, token_of, weighted)
+    return out.to(x.dtype)
+
+
+def load_cpu_kernel():
+    """Imports ``dpo_llama.models.cpu_moe``, raising a clear error if the kernel cannot be used here."""
+    try:
+        cpu_moe = importlib.import_module("dpo_llama.models.cpu_moe")
+    except ImportError as err:
+        raise RuntimeError(f"experts backend 'cpu_kernel' needs dpo_llama.models.cpu_moe, which failed to import: "
+                           f"{err}; use experts_backend='torch'") from err
+    if not cpu_moe.kernel_available():
+        raise RuntimeError("experts backend 'cpu_kernel': the C++ MoE kernel is not available on this machine "
+                           "(see dpo_llama.models.cpu_moe); use experts_backend='torch'")
+    return cpu_moe
+
+
+class RoutedExperts(nn.Module):
+    """The ``E`` routed SwiGLU experts of one MoE layer, stored stacked.
+
+    Attributes:
+        gate_proj, up_proj: ``[E, I, H]`` parameters; down_proj: ``[E, H, I]`` (None once 4-bit).
+        backend: ``"torch"`` or ``"cpu_kernel"`` (see the module docstring).
+        quant: The ``Quant4bitConfig`` the experts are stored with, or None (full precision).
+        quantized_tensors: The tensors ``quant`` applies to (``quant.stored_4bit``'s protocol); note that each
+            expert's slice is quantized on its own.
+        packed: With ``quant``: per weight name, one ``Packed4bit`` per expert.
+    """
+
+    quantized_tensors = EXPERT_WEIGHTS
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, backend: str = "torch"):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden_dim = n_experts, dim, hidden_dim
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.backend = backend
+        self.quant = None
+        self.packed: dict[str, list] | None = None
+        self._kernel_cache: tuple[tuple, Any] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default initialisation per expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(self, name)
+            bound = 1 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+
+    def shape_of(self, name: str) -> tuple[int, int, int]:
+        """Shape of the stacked weight ``name``."""
+        if name == "down_proj":
+            return self.n_experts, self.dim, self.hidden_dim
+        return self.n_experts, self.hidden_dim, self.dim
+
+    def extra_repr(self) -> str:
+        quant = f", 4-bit {self.quant.quant_type}" if self.quant is not None else ""
+        sizes = f"n_experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+        return f"{sizes}, backend={self.backend}{quant}"
+
+    def quantize_4bit(self, cfg) -> None:
+        """Stores the experts as frozen 4-bit weights, one ``Packed4bit`` per expert and matrix.
+
+        On a meta-device model (e.g. in ``load_model``'s ``prepare``) the weights are quantized as they load.
+
+        Args:
+            cfg: A ``dpo_llama.models.quant.Quant4bitConfig``.
+        """
+        self.quant = cfg
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(self, name)
+            if weight is not None and not weight.is_meta:
+                self.load_tensor(name, weight.detach())
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Receives a checkpoint tensor (``load_model``); 4-bit experts are quantized on arrival."""
+        if name not in EXPERT_WEIGHTS:
+            raise ValueError(f"unexpected tensor {name!r} for RoutedExperts")
+        if tuple(tensor.shape) != self.shape_of(name):
+            raise ValueError(f"shape mismatch for experts.{name}: got {tuple(tensor.shape)}, "
+                             f"expected {self.shape_of(name)}")
+        if self.quant is None:
+            setattr(self, name, nn.Parameter(tensor, requires_grad=getattr(self, name).requires_grad))
+            return
+        from dpo_llama.models.quant import quantize_4bit  # bitsandbytes is only needed for 4-bit experts
+        self.packed = self.packed or {}
+        self.packed[name] = [quantize_4bit(weight, self.quant) for weight in tensor]
+        setattr(self, name, None)
+
+    def _apply(self, fn, recurse=True):
+        """``.to`` / ``.cuda`` also move 4-bit experts (never cast them)."""
+        super()._apply(fn, recurse)
+        if self.packed is not None:
+            from dpo_llama.models.quant import applied_device
+            for weight in (w for packed in self.packed.values() for w in packed):
+                weight.to(applied_device(fn, weight.device))
+        return self
+
+    def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``down (silu(gate x) * up x)`` for one expert and rows ``x`` ``[n, H]``.
+
+        4-bit experts are dequantized on the fly by ``quant.linear_4bit`` (its backward dequantizes again
+        instead of keeping the dequantized weight).
+        """
+        if self.quant is None:
+            return swiglu(x, self.gate_proj[expert], self.up_proj[expert], self.down_proj[expert])
+        from dpo_llama.models.quant import linear_4bit
+        gate, up, down = (self.packed[name][expert] for name in EXPERT_WEIGHTS)
+        return linear_4bit(F.silu(linear_4bit(x, gate)) * linear_4bit(x, up), down)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """``y_t = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x_t)`` for ``x`` ``[T, H]``."""
+        if self.backend == "torch":
+            return torch_experts(x, topk_ids, topk_weights, self)
+        if self.backend == "cpu_kernel":
+            return self.cpu_kernel_forward(x, topk_ids, topk_weights)
+        raise ValueError(f"unknown experts backend {self.backend!r}; choose from {EXPERT_BACKENDS}")
+
+    def cpu_kernel_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The ``"cpu_kernel"`` backend (frozen, full-precision experts only)."""
+        cpu_moe = load_cpu_kernel()
+        if self.quant is not None:
+            raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; use experts_backend='torch'")
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            raise RuntimeError("experts backend 'cpu_kernel' computes no gradients for expert weights: freeze them "
+                               "(requires_grad_(False)) or use experts_backend='torch'")
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = None
+            self._kernel_cache = (key, cpu_moe.PackedExperts.from_weights(*weights, weight_dtype="bf16"))
+        return cpu_moe.cpu_moe(x, topk_ids, topk_weights, self._kernel_cache[1])

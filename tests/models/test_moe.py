@@ -1,0 +1,259 @@
+"""The MoE router, balancing losses and expert backends against naive per-token references."""
+
+import sys
+
+import pytest
+import torch
+
+from dpo_llama.models.moe import (RoutedExperts, batch_aux_loss, load_cpu_kernel, routing_weights, select_experts,
+                                  sequence_aux_loss)
+
+
+def naive_route(scores, top_k, method="greedy", n_group=None, topk_group=None, norm=False, scale=1.0):
+    """Per token: the eligible experts (all, or those of the ``topk_group`` groups with the best maximum), the
+    ``top_k`` best of them, their scores normalised or scaled. Returns ``[{expert: weight}]``."""
+    routes = []
+    for s in scores.tolist():
+        eligible = list(range(len(s)))
+        if method == "group_limited_greedy":
+            size = len(s) // n_group
+            groups = sorted(range(n_group), key=lambda g: -max(s[g * size:(g + 1) * size]))[:topk_group]
+            eligible = [e for g in groups for e in range(g * size, (g + 1) * size)]
+        chosen = sorted(eligible, key=lambda e: -s[e])[:top_k]
+        total = sum(s[e] for e in chosen)
+        routes.append({e: s[e] / total if norm and top_k > 1 else s[e] * scale for e in chosen})
+    return routes
+
+
+def as_routes(topk_ids, weights):
+    return [dict(zip(ids, ws)) for ids, ws in zip(topk_ids.tolist(), weights.tolist())]
+
+
+def test_hand_example_greedy_and_group_limited():
+    """Scores (0.1, 0.4, 0.2, 0.3), k = 2.
+
+    Greedy picks experts 1 and 3 with weights 0.4, 0.3; normalised 4/7, 3/7; scaled by 2: 0.8, 0.6.
+    Group-limited with groups {0, 1}, {2, 3} (maxima 0.4 and 0.3) and one group allowed keeps only experts 0
+    and 1: weights 0.1 and 0.4.
+    """
+    scores = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    top, ids = select_experts(scores, 2)
+    assert as_routes(ids, top) == [pytest.approx({1: 0.4, 3: 0.3})]
+    assert as_routes(ids, routing_weights(top, True, 2.0)) == [pytest.approx({1: 4 / 7, 3: 3 / 7})]
+    assert as_routes(ids, routing_weights(top, False, 2.0)) == [pytest.approx({1: 0.8, 3: 0.6})]
+    top, ids = select_experts(scores, 2, "group_limited_greedy", n_group=2, topk_group=1)
+    assert as_routes(ids, top) == [pytest.approx({0: 0.1, 1: 0.4})]
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+@pytest.mark.parametrize("norm,scale", [(False, 1.0), (True, 1.0), (False, 2.5)])
+def test_router_matches_per_token_reference(method, norm, scale):
+    scores = torch.randn(50, 16).softmax(-1)
+    top, ids = select_experts(scores, 3, method, n_group=4, topk_group=2)
+    weights = routing_weights(top, norm, scale)
+    expected = naive_route(scores, 3, method, n_group=4, topk_group=2, norm=norm, scale=scale)
+    assert [pytest.approx(r) for r in expected] == as_routes(ids, weights)
+
+
+def test_top1_is_never_normalised():
+    """With k = 1 the reference skips normalisation and applies the scaling factor."""
+    top = torch.tensor([[0.3]])
+    assert routing_weights(top, True, 2.0).item() == pytest.approx(0.6)
+
+
+def test_unknown_topk_method_is_refused():
+    with pytest.raises(ValueError, match="unknown topk_method"):
+        select_experts(torch.rand(2, 4), 1, "noaux_tc")
+
+
+SCORES = torch.tensor([[[0.7, 0.3], [0.6, 0.4]], [[0.2, 0.8], [0.5, 0.5]]])
+IDS = torch.tensor([[[0], [0]], [[1], [0]]])
+
+
+def test_sequence_aux_loss_hand_example():
+    """E = 2, k = 1, T = 2, so ce = count / (T k / E) = count.
+
+    Sequence 0: counts (2, 0), mean scores (0.65, 0.35): sum_i ce_i P_i = 1.3.
+    Sequence 1: counts (1, 1), mean scores (0.35, 0.65): 1.0.  aux = alpha * (1.3 + 1.0) / 2 = 1.15 alpha.
+    """
+    assert sequence_aux_loss(SCORES, IDS, 0.01).item() == pytest.approx(0.0115)
+
+
+def test_batch_aux_loss_hand_example():
+    """Over all 4 tokens: counts (3, 1), f = E * count / (N k) = (1.5, 0.5), P = (0.5, 0.5): aux = alpha * 1.0."""
+    assert batch_aux_loss(SCORES.view(4, 2), IDS.view(4, 1), 0.01).item() == pytest.approx(0.01)
+
+
+def test_aux_loss_gradient_flows_through_scores_only():
+    """d aux / d P_{b,i} = alpha * ce_{b,i} / B, spread evenly over the T tokens: d / d s_{b,t,i} = alpha ce / (B T)."""
+    scores = SCORES.clone().requires_grad_()
+    sequence_aux_loss(scores, IDS, 1.0).backward()
+    ce = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(scores.grad, (ce / 4)[:, None, :].expand(2, 2, 2))
+
+
+def make_experts(n_experts=6, dim=16, hidden=12) -> RoutedExperts:
+    return RoutedExperts(n_experts, dim, hidden)
+
+
+def naive_experts(x, ids, weights, experts: RoutedExperts):
+    """``y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t)``, one token and one slot at a time."""
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros_like(x[t])
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = torch.nn.functional.silu(experts.gate_proj[e] @ x[t]) * (experts.up_proj[e] @ x[t])
+            y = y + weights[t, j] * (experts.down_proj[e] @ h)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def routing_inputs(tokens=20, n_experts=6, k=2):
+    x = torch.randn(tokens, 16, requires_grad=True)
+    ids = torch.stack([torch.randperm(n_experts - 1)[:k] for _ in range(tokens)])  # the last expert gets no token
+    weights = torch.rand(tokens, k, requires_grad=True)
+    return x, ids, weights
+
+
+def grads(fn, experts, x, ids, weights):
+    experts.zero_grad()
+    x.grad = weights.grad = None
+    out = fn(x, ids, weights)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, weights.grad, experts.gate_proj.grad, experts.down_proj.grad
+
+
+def test_torch_backend_equals_per_token_loop():
+    """Forward and gradients (wrt x, routing weights and expert weights) of the sorted/grouped computation."""
+    experts = make_experts()
+    x, ids, weights = routing_inputs()
+    fast = grads(experts, experts, x, ids, weights)
+    slow = grads(lambda *a: naive_experts(*a, experts), experts, x, ids, weights)
+    for got, expected in zip(fast, slow):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert fast[3][-1].abs().sum() == 0  # the unused expert has a zero gradient
+
+
+def test_torch_backend_bf16_keeps_dtype():
+    experts = make_experts().to(torch.bfloat16)
+    x, ids, weights = routing_inputs()
+    out = experts(x.detach().bfloat16(), ids, weights.detach())
+    assert out.dtype == torch.bfloat16
+    expected = naive_experts(x.detach().bfloat16().float(), ids, weights.detach(), make_experts_from(experts))
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def make_experts_from(experts: RoutedExperts) -> RoutedExperts:
+    """A float32 copy."""
+    copy = make_experts(experts.n_experts, experts.dim, experts.hidden_dim)
+    copy.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
+    return copy
+
+
+def test_load_tensor_checks_shapes():
+    experts = make_experts()
+    with pytest.raises(ValueError, match="shape mismatch for experts.down_proj"):
+        experts.load_tensor("down_proj", torch.zeros(6, 12, 16))
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        experts.load_tensor("bias", torch.zeros(6))
+
+
+def test_missing_cpu_kernel_gives_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dpo_llama.models.cpu_moe", None)
+    with pytest.raises(RuntimeError, match="experts backend 'cpu_kernel' needs dpo_llama.models.cpu_moe"):
+        load_cpu_kernel()
+    experts = make_experts()
+    experts.backend = "cpu_kernel"
+    x, ids, weights = routing_inputs()
+    with pytest.raises(RuntimeError, match="cpu_kernel"):
+        experts(x, ids, weights)
+
+
+def cpu_kernel_or_skip():
+    cpu_moe = pytest.importorskip("dpo_llama.models.cpu_moe")
+    if not cpu_moe.kernel_available():
+        pytest.skip("the C++ MoE kernel does not build on this machine")
+    return cpu_moe
+
+
+def test_cpu_kernel_backend_equals_torch_backend(monkeypatch):
+    """Weights rounded to bf16 first, so the kernel's bf16 packing is exact; the portable ISA keeps fp32
+    activations (AMX would round them to bf16), so both backends agree to fp32 rounding."""
+    cpu_kernel_or_skip()
+    monkeypatch.setenv("DPO_LLAMA_MOE_ISA", "portable")
+    experts = make_experts()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(p.bfloat16().float())
+    experts.requires_grad_(False)
+    x, ids, weights = routing_inputs()
+    expected = grads(experts, experts, x, ids, weights)[:3]
+    experts.backend = "cpu_kernel"
+    got = grads(experts, experts, x, ids, weights)[:3]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_kernel_packs_once_and_repacks_after_a_weight_change():
+    cpu_kernel_or_skip()
+    experts = make_experts().requires_grad_(False)
+    experts.backend = "cpu_kernel"
+    x, ids, weights = routing_inputs()
+    with torch.no_grad():
+        first = experts(x, ids, weights)
+        packed = experts._kernel_cache[1]
+        experts(x, ids, weights)
+        assert experts._kernel_cache[1] is packed
+        experts.down_proj.mul_(2)
+        torch.testing.assert_close(experts(x, ids, weights), 2 * first, atol=1e-3, rtol=1e-3)
+    assert experts._kernel_cache[1] is not packed
+
+
+def test_cpu_kernel_refuses_trainable_experts():
+    cpu_kernel_or_skip()
+    experts = make_experts()
+    experts.backend = "cpu_kernel"
+    with pytest.raises(RuntimeError, match="freeze them"):
+        experts(*routing_inputs())
+
+
+def quant_or_skip():
+    return pytest.importorskip("dpo_llama.models.quant")
+
+
+def test_4bit_experts_equal_dequantized_per_token_loop():
+    """4-bit experts (one Packed4bit per expert) against the per-token loop on the dequantized weights,
+    forward and gradients wrt x and the routing weights (the 4-bit weights get none)."""
+    quant = quant_or_skip()
+    experts = make_experts(dim=64, hidden=64)
+    cfg = quant.Quant4bitConfig(compute_dtype=torch.float32)
+    experts.quantize_4bit(cfg)
+    assert experts.gate_proj is None and len(experts.packed["gate_proj"]) == 6
+    assert list(experts.parameters()) == []
+    dense = make_experts(dim=64, hidden=64)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(dense, name).copy_(torch.stack([p.dequantize() for p in experts.packed[name]]))
+    x = torch.randn(20, 64, requires_grad=True)
+    ids = torch.stack([torch.randperm(5)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2, requires_grad=True)
+    got = grads(experts, dense, x, ids, weights)[:3]
+    expected = grads(lambda *a: naive_experts(*a, dense), dense, x, ids, weights)[:3]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_4bit_experts_quantize_on_load_from_meta():
+    """As in ``load_model(prepare=...)``: quantize_4bit on the meta device, the weights arrive later."""
+    quant = quant_or_skip()
+    with torch.device("meta"):
+        experts = make_experts(dim=64, hidden=64)
+    cfg = quant.Quant4bitConfig(compute_dtype=torch.float32)
+    experts.quantize_4bit(cfg)
+    source = make_experts(dim=64, hidden=64)
+    for name, tensor in source.state_dict().items():
+        experts.load_tensor(name, tensor)
+    assert experts.gate_proj is None and experts.packed["down_proj"][0].shape == (64, 64)
+    expected = quant.quantize_4bit(source.up_proj[2].detach(), cfg).dequantize()
+    torch.testing.assert_close(experts.packed["up_proj"][2].dequantize(), expected, atol=0, rtol=0)
