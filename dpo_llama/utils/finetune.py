@@ -1,0 +1,67 @@
+"""What the SFT and DPO run scripts share: loading the policy, checking the data, saving adapters."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpo_llama.models.checkpoint import DTYPES
+from dpo_llama.models.lora import as_lora_config, load_lora, load_model_with_lora, read_lora_config, save_lora
+from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bf16 on CUDA and fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"fp32"`` (the names of ``DTYPES``)."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def check_tokenizer(meta: dict, ckpt_dir: str, data_dir: str) -> Tokenizer:
+    """Loads the checkpoint's tokenizer and refuses a dataset tokenized with another one."""
+    tokenizer = load_tokenizer(ckpt_dir)
+    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        raise ValueError(f"{data_dir} was tokenized with another tokenizer than the one in {ckpt_dir} "
+                         "(tokenizer fingerprints differ): rebuild the dataset with this model's tokenizer")
+    return tokenizer
+
+
+def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -> nn.Module:
+    """The model to train: checkpoint + LoRA (+ 4-bit) per ``cfg``, optionally continuing a saved adapter.
+
+    With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
+    the config's LoRA fields are then ignored and a note is printed.
+    """
+    dtype = resolve_dtype(cfg.dtype, device)
+    lora_cfg = as_lora_config(cfg)
+    if lora_dir is not None:
+        lora_cfg, _ = read_lora_config(lora_dir)
+        print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
+              file=sys.stderr)
+    model = load_model_with_lora(cfg.pretrain_ckpt_dir, lora_cfg, device, dtype, lora_dir)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if hasattr(model, "set_experts_backend"):
+        model.set_experts_backend(cfg.experts_backend)
+    return model
+
+
+def adapter_callbacks(model: nn.Module, base_info: dict) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
+    """``save_trainable`` / ``load_trainable`` for the trainer: the LoRA adapter (and trained norms/biases)."""
+    cfg = model.lora_config
+    return (lambda out_dir: save_lora(model, out_dir, cfg, base_info)), (lambda ckpt: load_lora(model, ckpt))
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``"trainable 1,234 of 5,678 parameters (21.7%)"``."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
