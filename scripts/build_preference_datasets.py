@@ -30,8 +30,8 @@ import torch
 
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model, parse_dtype
-from dpo_llama.models.lora import find_adapter, keeps_full_precision, load_model_with_lora
-from dpo_llama.models.quant import Quant4bitConfig, replace_linears_4bit
+from dpo_llama.models.lora import find_adapter, load_model_with_lora, quantize_frozen_layers
+from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.dataset_io import length_stats, split_train_val, write_dataset
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
@@ -87,7 +87,7 @@ def load_reference(args, device: torch.device, dtype_name: str):
     quant = Quant4bitConfig(args.quant_4bit, args.quant_4bit_blocksize, args.quant_4bit_double,
                             parse_dtype(args.quant_4bit_compute_dtype))
     return load_model(args.ref_model, device, dtype,
-                      prepare=lambda m: replace_linears_4bit(m, quant, keep=keeps_full_precision))
+                      prepare=lambda m: quantize_frozen_layers(m, quant))
 
 
 def tokenize_and_split(args, tokenizer):

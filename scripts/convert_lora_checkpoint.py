@@ -88,6 +88,8 @@ def trained_weight(tensor: torch.Tensor, module: torch.nn.Module, name: str,
     quant = stored_4bit(module, name)
     if quant is None:
         return tensor
+    if tensor.dim() == 3:  # stacked MoE experts: each expert's slice was quantized on its own
+        return torch.stack([quantize_4bit(t.to(weight_dtype), quant).dequantize() for t in tensor])
     return quantize_4bit(tensor.to(weight_dtype), quant).dequantize()
 
 

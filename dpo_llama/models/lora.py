@@ -315,6 +315,15 @@ def lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return names
 
 
+def quantize_frozen_layers(model: nn.Module, quant: Quant4bitConfig) -> None:
+    """Stores every frozen ``nn.Linear`` (except ``lm_head`` and the MoE router) and the routed experts of
+    MoE layers (modules with a ``quantize_4bit`` method) in 4 bits."""
+    replace_linears_4bit(model, quant, keep=keeps_full_precision)
+    for module in model.modules():
+        if hasattr(module, "quantize_4bit"):
+            module.quantize_4bit(quant)
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Adds LoRA (and 4-bit storage) to ``model`` in place as ``cfg`` says, then freezes all but the adapters.
 
@@ -342,7 +351,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         layer = LoRALinear.from_linear(getattr(parent, child), cfg.lora_r, cfg.scaling, cfg.lora_dropout, lora_quant)
         setattr(parent, child, layer)
     if cfg.quant_4bit:
-        replace_linears_4bit(model, quant, keep=keeps_full_precision)
+        quantize_frozen_layers(model, quant)
     model.lora_config = cfg
     mark_only_lora_trainable(model, cfg)
     return model

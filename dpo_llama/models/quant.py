@@ -28,7 +28,8 @@ Protocol shared with other 4-bit modules (e.g. stacked MoE experts) and with
 ``scripts/convert_lora_checkpoint.py``: a module that keeps some tensors 4-bit has an attribute
 ``quant`` (a :class:`Quant4bitConfig`, or None when it keeps everything in full precision) and an
 attribute ``quantized_tensors`` naming those tensors; each is quantized whole with
-``quantize_4bit(tensor, quant)``. See :func:`stored_4bit`.
+``quantize_4bit(tensor, quant)``, except stacked 3-D tensors (MoE experts ``[E, out, in]``), whose every
+expert slice is quantized on its own. See :func:`stored_4bit`.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically (tmp file + rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     os.replace(tmp, path)

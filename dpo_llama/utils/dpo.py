@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.losses import KTOLogps, PreferenceLogps, kto_batch_loss, preference_loss
-from dpo_llama.utils.preference_data import TokenSequence, kl_sequence, paired_sequences
+from dpo_llama.utils.preference_data import TokenSequence, completion_sequence, kl_sequence, paired_sequences
 from dpo_llama.utils.sft import pad_sequences
 
 PLOTS = (
@@ -48,13 +47,10 @@ def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tens
             "ref_rejected": torch.tensor([float(e["ref_rejected_logps"]) for e in examples])}
 
 
-def collate_unpaired(examples: Sequence[dict], dataset: Sequence[dict], pad_id: int,
-                     max_seq_len: int) -> dict[str, torch.Tensor]:
+def collate_unpaired(examples: Sequence[dict], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     """KTO batch: the completions, their mismatched KL sequences, labels and reference log-probs."""
-    own = [(np.concatenate([e["prompt"], e["completion"]]), np.concatenate([e["prompt_mask"], e["completion_mask"]]))
-           for e in examples]
-    tokens, mask = pad_batch(own, pad_id)
-    kl_tokens, kl_mask = pad_batch([kl_sequence(e, dataset, max_seq_len) for e in examples], pad_id)
+    tokens, mask = pad_batch([completion_sequence(e) for e in examples], pad_id)
+    kl_tokens, kl_mask = pad_batch([kl_sequence(e, max_seq_len) for e in examples], pad_id)
     return {"tokens": tokens, "mask": mask, "kl_tokens": kl_tokens, "kl_mask": kl_mask,
             "desirable": torch.tensor([bool(e["desirable"]) for e in examples]),
             "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples]),

@@ -11,9 +11,10 @@ with ``score_all_assistant_turns`` every assistant token of the whole trajectory
 "Building Math Agents with Multi-Turn Iterative Preference Learning"), prompt history included — identical
 in both trajectories, those tokens cancel in the DPO log-ratio but count in averaged losses and the NLL.
 
-An unpaired (KTO) example holds ``prompt``, ``completion`` (+ masks), ``desirable`` and ``kl_index``: the
-index of another example whose completion, appended to this prompt, gives the mismatched pair used to
-estimate the KL term (Ethayarajh et al. 2024); ``ref_logps`` and ``ref_kl_logps`` are its reference log-probs.
+An unpaired (KTO) example holds ``prompt``, ``completion`` (+ masks), ``desirable`` and ``kl_completion``
+(+ mask): the completion of another example which, appended to this prompt, gives the mismatched pair used
+to estimate the KL term (Ethayarajh et al. 2024); ``ref_logps`` and ``ref_kl_logps`` are its reference
+log-probs.
 
 Truncation to ``max_seq_len`` (prompt + the longer continuation): first the prompt is cut to its last
 ``max(max_prompt_len, max_seq_len - longest continuation)`` tokens (its first token is kept when it is BOS);
@@ -154,13 +155,14 @@ def tokenize_records(records: Sequence, tokenizer: Tokenizer, template: str, max
 
 
 def add_kl_pairs(examples: list[dict]) -> None:
-    """Gives every KTO example the mismatched completion of its neighbour: ``kl_index = (i + 1) mod n``.
+    """Gives every KTO example the completion of its neighbour ``(i + 1) mod n`` as its mismatched completion.
 
     As in TRL, the KL reference point z0 is estimated from prompts paired with completions written for other
-    prompts; shifting by one guarantees ``kl_index != i`` whenever there are two or more examples.
+    prompts; shifting by one guarantees a different example whenever there are two or more.
     """
     for i, example in enumerate(examples):
-        example["kl_index"] = (i + 1) % len(examples)
+        other = examples[(i + 1) % len(examples)]
+        example["kl_completion"], example["kl_completion_mask"] = other["completion"], other["completion_mask"]
 
 
 def is_unpaired_dataset(examples: Sequence[dict]) -> bool:
@@ -173,25 +175,23 @@ def paired_sequences(example: dict) -> list[TokenSequence]:
              np.concatenate([example["prompt_mask"], example[f"{side}_mask"]])) for side in ("chosen", "rejected")]
 
 
-def kl_sequence(example: dict, examples: Sequence[dict], max_seq_len: int) -> TokenSequence:
-    """This prompt followed by the ``kl_index`` example's completion, cut to ``max_seq_len``."""
-    other = examples[example["kl_index"]]
+def completion_sequence(example: dict) -> TokenSequence:
+    """``prompt + completion`` of a KTO example with its score mask."""
+    return (np.concatenate([example["prompt"], example["completion"]]),
+            np.concatenate([example["prompt_mask"], example["completion_mask"]]))
+
+
+def kl_sequence(example: dict, max_seq_len: int) -> TokenSequence:
+    """This prompt followed by the mismatched completion, cut to ``max_seq_len``; only the completion is scored."""
     room = max(max_seq_len - len(example["prompt"]), 1)
-    return (np.concatenate([example["prompt"], other["completion"][:room]]),
-            np.concatenate([np.zeros_like(example["prompt_mask"]), other["completion_mask"][:room]]))
-
-
-def unpaired_sequences(example: dict, examples: Sequence[dict], max_seq_len: int) -> list[TokenSequence]:
-    """The completion sequence and the mismatched KL sequence of a KTO example."""
-    own = (np.concatenate([example["prompt"], example["completion"]]),
-           np.concatenate([example["prompt_mask"], example["completion_mask"]]))
-    return [own, kl_sequence(example, examples, max_seq_len)]
+    return (np.concatenate([example["prompt"], example["kl_completion"][:room]]),
+            np.concatenate([np.zeros_like(example["prompt_mask"]), example["kl_completion_mask"][:room]]))
 
 
 def all_sequences(examples: Sequence[dict], max_seq_len: int) -> list[TokenSequence]:
     """Every sequence whose reference log-prob is stored, two per example, in example order."""
     if is_unpaired_dataset(examples):
-        return [s for e in examples for s in unpaired_sequences(e, examples, max_seq_len)]
+        return [s for e in examples for s in (completion_sequence(e), kl_sequence(e, max_seq_len))]
     return [s for e in examples for s in paired_sequences(e)]
 
 
@@ -319,9 +319,10 @@ def reference_fingerprint(weights_sha256: str, lora_sha256: str | None, quant: d
 
 
 def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
-    """Human-readable differences between two ``reference_fingerprint`` dicts."""
-    return [f"{key}: dataset has {expected.get(key)!r}, policy has {actual.get(key)!r}"
-            for key in sorted(set(expected) | set(actual)) if key != "digest" and expected.get(key) != actual.get(key)]
+    """Human-readable differences between a dataset's recorded reference and ``actual`` (a
+    ``reference_fingerprint``); only the fingerprinted parts count, not e.g. the paths recorded beside them."""
+    return [f"{key}: dataset has {expected.get(key)!r}, policy has {actual[key]!r}"
+            for key in sorted(actual) if key != "digest" and expected.get(key) != actual[key]]
 
 
 def model_fingerprint(model, ckpt_dir: str | Path, lora_dir: str | Path | None, dtype: str, tokenizer: Tokenizer,

@@ -1,0 +1,116 @@
+"""Preference optimisation (DPO and relatives) with LoRA / QLoRA against precomputed reference log-probs.
+
+    python dpo_llama/run_dpo_lora.py --pretrain-ckpt-dir checkpoints/llama-2-7b-sft --train-data-dir datasets/hh \
+        --loss-type sigmoid --beta 0.1 --max-train-steps 1000
+
+Only the policy is run during training: the reference log-probs were computed once by
+scripts/build_preference_datasets.py. Before the first step the run verifies that the policy starts where that
+reference was computed (same weights, adapter, quantization, dtype, tokenizer, template: the dataset's
+fingerprint) and then measures it on the first batch: policy log-probs must equal the stored ones, so the DPO
+loss is ln 2 with zero rewards (written to <log-dir>/<run-name>/reference_check.json). A mismatch is refused
+unless --allow-reference-mismatch. Losses: --loss-type sigmoid | robust | ipo | hinge | simpo | orpo | kto
+(see dpo_llama/utils/losses.py for each formula and paper), plus --sft-weight for an NLL term (RPO).
+Checkpoints, --resume, logs and plots work as in run_sft_lora.py. With no arguments it trains the demo.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+from dpo_llama.configs.dpo_lora import DPOLoRAConfig
+from dpo_llama.models.lora import find_adapter
+from dpo_llama.utils.cli import parse_config
+from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
+from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, kto_loss, num_units,
+                                 paired_loss, reference_check)
+from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, load_policy, resolve_dtype,
+                                      trainable_summary)
+from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
+from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
+from dpo_llama.utils.trainer import NonFiniteLossError, latest_checkpoint, resolve_device, to_device, train
+
+
+def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
+    """Refuses data that cannot serve this loss: unpaired vs paired, or no reference where one is needed."""
+    check_dataset_kind(meta, "preference", cfg.train_data_dir)
+    if meta["unpaired"] != (cfg.loss_type == "kto"):
+        kind = "unpaired (KTO)" if meta["unpaired"] else "paired"
+        raise ValueError(f"{cfg.train_data_dir} holds {kind} data; loss_type {cfg.loss_type!r} needs "
+                         f"{'unpaired' if cfg.loss_type == 'kto' else 'paired'} data")
+    if meta["reference"] is None and cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES:
+        raise ValueError(f"{cfg.train_data_dir} was built with --no-reference; loss_type {cfg.loss_type!r} needs "
+                         f"reference log-probs (reference-free: {', '.join(REFERENCE_FREE_LOSS_TYPES)})")
+
+
+def refuse_or_warn(cfg: DPOLoRAConfig, problem: str) -> None:
+    """Raises, or only warns with --allow-reference-mismatch."""
+    if not cfg.allow_reference_mismatch:
+        raise ValueError(f"{problem}\n(pass --allow-reference-mismatch to train anyway)")
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_dir, device) -> None:
+    """The policy's starting point must be the dataset's reference (see the module docstring)."""
+    if meta["reference"] is None:
+        return
+    policy = model_fingerprint(model, cfg.pretrain_ckpt_dir, lora_dir, dtype_name(resolve_dtype(cfg.dtype, device)),
+                               tokenizer, meta["template"])
+    differences = fingerprint_mismatches(meta["reference"], policy)
+    if differences:
+        refuse_or_warn(cfg, "the dataset's reference log-probs were not computed with this starting policy:\n  "
+                       + "\n  ".join(differences))
+
+
+def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> None:
+    """Step-0 check on the first micro-batch: policy log-probs = stored reference log-probs, loss = ln 2."""
+    batch = to_device(collate(train_set[:cfg.micro_batch_size]), device)
+    result = reference_check(model, batch, cfg)
+    write_json(Path(cfg.log_dir) / cfg.run_name / "reference_check.json", result)
+    print(f"reference check on {result['pairs']} pairs: max |policy - reference| log-prob "
+          f"{result['max_abs_logp_diff']:.2e}, DPO loss {result['sigmoid_loss']:.6f} (ln 2 = {result['ln2']:.6f}), "
+          f"mean |reward| {result['mean_abs_reward']:.2e}")
+    if result["max_abs_logp_diff"] > cfg.reference_check_tolerance:
+        refuse_or_warn(cfg, f"policy and reference log-probs differ by {result['max_abs_logp_diff']:.3g} "
+                            f"(> {cfg.reference_check_tolerance}) before training")
+
+
+def run(cfg: DPOLoRAConfig):
+    """Checks, trains, and returns the trainer's result."""
+    device = resolve_device(cfg.device)
+    train_set, val_set, meta = read_dataset(cfg.train_data_dir)
+    check_data(cfg, meta)
+    tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
+    lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
+    model = load_policy(cfg, device, lora_dir)
+    verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device)
+    if cfg.loss_type == "kto":
+        collate = partial(collate_unpaired, pad_id=tokenizer.pad_id, max_seq_len=meta["max_seq_len"])
+        loss_fn = partial(kto_loss, cfg=cfg)
+    else:
+        collate, loss_fn = partial(collate_pairs, pad_id=tokenizer.pad_id), partial(paired_loss, cfg=cfg)
+        resuming = cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None
+        if meta["reference"] is not None and not resuming:
+            measure_reference(cfg, model, train_set, collate, device)
+    print(f"{cfg.loss_type} on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
+    save_trainable, load_trainable = adapter_callbacks(model, {"ckpt_dir": cfg.pretrain_ckpt_dir,
+                                                               "train_data_dir": cfg.train_data_dir})
+    return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
+                 load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens, plots=PLOTS)
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(DPOLoRAConfig, argv, description=__doc__)
+    try:
+        result = run(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
+          f"logs and plots in {cfg.log_dir}/{cfg.run_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
