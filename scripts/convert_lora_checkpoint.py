@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensors, model_classes, parse_dtype,
                                          read_params, save_checkpoint, weight_files)
 from dpo_llama.models.convert_hf import tokenizer_files
@@ -36,26 +37,21 @@ from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, L
                                    apply_lora, check_adapter, find_adapter, read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
 
-REQUIRED = ("base", "lora", "output")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=None, help="base dpo_llama checkpoint directory the adapter was trained on")
-    parser.add_argument("--lora", default=None,
+    parser.add_argument("--base", default=str(demo.BASE_MODEL),
+                        help="base dpo_llama checkpoint directory the adapter was trained on (default: demo base)")
+    parser.add_argument("--lora", default=demo.SFT_CKPT,
                         help="adapter directory (lora_config.json + adapter.safetensors), or a training ckpt_dir "
-                             "with step-XXXXXX/ sub-directories (the highest step is used)")
-    parser.add_argument("--output", default=None, help="output directory for the merged checkpoint")
+                             f"with step-XXXXXX/ sub-directories, the highest step is used (default: {demo.SFT_CKPT})")
+    parser.add_argument("--output", default=demo.SFT_MERGED,
+                        help=f"output directory for the merged checkpoint (default: {demo.SFT_MERGED})")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES],
                         help="dtype of the written weights (default: keep each base tensor's dtype)")
     parser.add_argument("--device", default="cpu",
                         help="device for the re-quantization and merge arithmetic, e.g. cuda (default: cpu)")
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest output shard in GiB (default: 4)")
-    args = parser.parse_args(argv)
-    missing = [f"--{name}" for name in REQUIRED if getattr(args, name) is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def check_base(base_dir: Path, base: dict, source: Path):

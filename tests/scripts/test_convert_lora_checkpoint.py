@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import iter_safetensors, load_model, read_params, save_model, weight_files
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, load_model_with_lora,
                                    lora_layers, merge_lora, save_lora)
 from dpo_llama.models.presets import get_preset
 from scripts.convert_lora_checkpoint import main as convert_lora
+from scripts.convert_lora_checkpoint import parse_args
 from tests.tokenizer_fixtures import make_sentencepiece
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -149,11 +151,12 @@ def test_output_over_the_base_is_refused(base_dir, tmp_path, capsys):
     assert "must differ from the base" in capsys.readouterr().err
 
 
-def test_missing_arguments_and_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        convert_lora(["--base", "somewhere"])
-    assert exit_info.value.code == 2
-    assert "required: --lora, --output" in capsys.readouterr().err
+def test_defaults_are_the_demo_and_help(tmp_path, capsys):
+    """Without arguments the script merges the demo's SFT adapter; a missing adapter is one clear error."""
+    args = parse_args([])
+    assert (args.base, args.lora, args.output) == (str(demo.BASE_MODEL), demo.SFT_CKPT, demo.SFT_MERGED)
+    assert convert_lora(["--lora", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 1
+    assert "no adapter found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert_lora(["--help"])
     help_text = capsys.readouterr().out

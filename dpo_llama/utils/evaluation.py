@@ -1,0 +1,49 @@
+"""Model-level evaluation: preference accuracy on held-out pairs and a generation-level reward.
+
+* Preference accuracy = share of pairs where the model gives the chosen response a higher summed
+  log-probability than the rejected one, ``log π(y_w | x) > log π(y_l | x)``. Unlike the implicit-reward
+  accuracy logged during DPO training (``β log π/π_ref``), it needs no reference model, so an SFT model and
+  a DPO model are measured the same way.
+* Generation reward = mean of ``reward(prompt, greedy answer)`` over held-out prompts: what a user of the
+  model actually gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dpo_llama.models.generation import generate
+from dpo_llama.models.tokenizer import Tokenizer
+from dpo_llama.utils.dpo import collate_pairs
+from dpo_llama.utils.logprobs import sequence_logps
+from dpo_llama.utils.templates import render_conversation, stop_ids
+
+
+@torch.inference_mode()
+def preference_accuracy(model, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> float:
+    """Share of tokenized pairs (``preference_data`` examples) with ``log π(chosen) > log π(rejected)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    wins = 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate_pairs([{**e, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
+                               for e in examples[start:start + batch_size]], pad_id)
+        sums, _ = sequence_logps(model, batch["tokens"].to(device), batch["mask"].to(device))
+        half = len(sums) // 2
+        wins += int((sums[:half] > sums[half:]).sum())
+    return wins / len(examples)
+
+
+def generation_reward(model, tokenizer: Tokenizer, template: str, prompts: Sequence[list[dict]],
+                      reward: Callable[[int, str], float], max_new_tokens: int = 32, desc: str = "generating") -> float:
+    """Mean ``reward(i, text)`` of the greedy answers to ``prompts`` (message lists ending with a user turn)."""
+    stops = stop_ids(tokenizer, template)
+    total = 0.0
+    for i, messages in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
+        prompt_ids, _ = render_conversation(messages, tokenizer, template, add_generation_prompt=True)
+        answer = generate(model, prompt_ids, max_new_tokens, stop_ids=stops)
+        total += reward(i, tokenizer.decode(answer))
+    return total / len(prompts)
