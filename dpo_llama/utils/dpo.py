@@ -39,12 +39,15 @@ def pad_batch(sequences: Sequence[TokenSequence], pad_id: int) -> tuple[torch.Te
 
 
 def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen sequences in rows ``0..B-1``, rejected in ``B..2B-1``, plus the stored reference log-probs."""
+    """Chosen sequences in rows ``0..B-1``, rejected in ``B..2B-1``, plus the stored reference log-probs when
+    the data has them (data built with ``--no-reference`` serves only the reference-free losses)."""
     chosen, rejected = zip(*(paired_sequences(e) for e in examples))
     tokens, mask = pad_batch([*chosen, *rejected], pad_id)
-    return {"tokens": tokens, "mask": mask,
-            "ref_chosen": torch.tensor([float(e["ref_chosen_logps"]) for e in examples]),
-            "ref_rejected": torch.tensor([float(e["ref_rejected_logps"]) for e in examples])}
+    batch = {"tokens": tokens, "mask": mask}
+    if "ref_chosen_logps" in examples[0]:
+        batch["ref_chosen"] = torch.tensor([float(e["ref_chosen_logps"]) for e in examples])
+        batch["ref_rejected"] = torch.tensor([float(e["ref_rejected_logps"]) for e in examples])
+    return batch
 
 
 def collate_unpaired(examples: Sequence[dict], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
@@ -59,7 +62,7 @@ def collate_unpaired(examples: Sequence[dict], pad_id: int, max_seq_len: int) ->
 
 def num_units(batch: dict[str, torch.Tensor]) -> int:
     """Pairs (or KTO examples) in a batch: the unit the loss is averaged over."""
-    return len(batch["ref_chosen"]) if "ref_chosen" in batch else len(batch["ref_logps"])
+    return len(batch["desirable"]) if "desirable" in batch else len(batch["tokens"]) // 2
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -70,9 +73,9 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> PreferenceLogps:
     """One forward over the 2B sequences; returns the pairs' summed log-probs and token counts."""
     sums, counts = sequence_logps(model, batch["tokens"], batch["mask"])
-    n = len(batch["ref_chosen"])
+    n = num_units(batch)
     return PreferenceLogps(policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
-                           ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"],
+                           ref_chosen_logps=batch.get("ref_chosen"), ref_rejected_logps=batch.get("ref_rejected"),
                            chosen_counts=counts[:n], rejected_counts=counts[n:])
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from dpo_llama.models.checkpoint import DTYPES
 from dpo_llama.models.lora import as_lora_config, load_lora, load_model_with_lora, read_lora_config, save_lora
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
+from dpo_llama.utils.trainer import set_seed
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -39,8 +40,10 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
     """The model to train: checkpoint + LoRA (+ 4-bit) per ``cfg``, optionally continuing a saved adapter.
 
     With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
-    the config's LoRA fields are then ignored and a note is printed.
+    the config's LoRA fields are then ignored and a note is printed. Fresh LoRA A matrices are drawn after
+    seeding with ``cfg.seed``, so a run's starting point depends on its flags only.
     """
+    set_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
     lora_cfg = as_lora_config(cfg)
     if lora_dir is not None:

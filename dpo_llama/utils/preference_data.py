@@ -17,8 +17,8 @@ to estimate the KL term (Ethayarajh et al. 2024); ``ref_logps`` and ``ref_kl_log
 log-probs.
 
 Truncation to ``max_seq_len`` (prompt + the longer continuation): first the prompt is cut to its last
-``max(max_prompt_len, max_seq_len - longest continuation)`` tokens (its first token is kept when it is BOS);
-then continuations are cut to their first ``max_seq_len - prompt`` tokens. A pair whose continuations are
+``max(min(max_prompt_len, max_seq_len - 1), max_seq_len - longest continuation)`` tokens (its first token is
+kept when it is BOS); then continuations are cut to their first ``max_seq_len - prompt`` tokens. A pair whose continuations are
 identical, or one with no scored token left, is dropped and counted.
 
 Reference log-probs are the summed log-probs of the scored tokens (float32; the token counts come from the
@@ -89,8 +89,9 @@ def fit_lengths(prompt: tuple[list, list], continuations: list[tuple[list, list]
                 max_prompt_len: int, bos_id: int | None) -> tuple[tuple[list, list], list[tuple[list, list]]]:
     """Applies the module's truncation rule to a prompt and its continuations."""
     longest = max(len(ids) for ids, _ in continuations)
+    prompt_floor = min(max_prompt_len, max_seq_len - 1)  # leave room for at least one response token
     if len(prompt[0]) + longest > max_seq_len:
-        prompt = truncate_prompt(*prompt, max(max_prompt_len, max_seq_len - longest), bos_id)
+        prompt = truncate_prompt(*prompt, max(prompt_floor, max_seq_len - longest), bos_id)
     room = max_seq_len - len(prompt[0])
     return prompt, [(ids[:room], mask[:room]) for ids, mask in continuations]
 

@@ -43,6 +43,8 @@ def tokenize_conversations(records: Sequence[Conversation], tokenizer: Tokenizer
     """Tokenizes records, counting template errors and truncation drops in ``report``."""
     examples = []
     for record in records:
+        if progress is not None:
+            progress.update(1)
         try:
             example = tokenize_conversation(record.messages, tokenizer, template, max_seq_len)
         except ValueError as err:
@@ -52,8 +54,6 @@ def tokenize_conversations(records: Sequence[Conversation], tokenizer: Tokenizer
             report.drop(record.source, "no assistant token within max_seq_len")
         else:
             examples.append(example)
-        if progress is not None:
-            progress.update(1)
     return examples
 
 
