@@ -1,0 +1,268 @@
+"""Benchmark of the CPU MoE expert kernel (``dpo_llama.models.cpu_moe``) at DeepSeek-V2-Lite shapes.
+
+One MoE layer: E = 64 experts, top-k = 6, hidden H = 2048, expert intermediate I = 1408, bf16 weights
+(about 1.1 GB), bf16 activations, random top-k routing with a fixed seed (uniform-ish expert load).
+
+Compared, each at every ``--qlen`` and in the same run (the machine is shared and noisy, so every
+figure is also given as a ratio against baselines measured in that run):
+
+* ours-bf16 / ours-int8: ``cpu_moe`` with the best ISA this CPU runs (``selected_isa()``),
+* torch-loop: a plain PyTorch per-expert loop (gather rows, three matmuls, ``index_add_``), autograd
+  for the backward,
+* kt-bf16: kt-kernel's AMX BF16 MoE (``AMXBF16_MOE`` forward; ``AMXBF16_SFT_MOE_SkipLoRA``, its
+  frozen-expert SFT path, for forward + backward), only if ``kt-kernel`` is installed; nan otherwise.
+
+FLOPs: forward = 6 qlen k H I (gate, up, down: 2 flops per multiply-add); forward + backward =
+12 qlen k H I (the backward computes W_down^T dy and [dg | du] W_gate_up; no weight gradients).
+The fp32 peak is measured with an AVX-512 FMA loop in the extension on every thread (or, without
+AVX-512, a 2048^3 fp32 torch matmul as a proxy).
+
+Ends with one machine-readable line for the largest qlen::
+
+    RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x>
+
+Usage: ``python benchmarks/bench_moe_kernel.py [--qlen 1 32 128 512 2048] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpo_llama.models.cpu_moe import PackedExperts, available_isas, cpu_moe, load_extension, selected_isa
+
+EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2048, 1408
+METHODS = ("ours-bf16", "ours-int8", "torch-loop", "kt-bf16")
+
+
+def make_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 expert weights gate/up ``[E, I, H]``, down ``[E, H, I]`` (std 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(EXPERTS, INTER, HIDDEN, generator=gen) * 0.02).bfloat16()
+    up = (torch.randn(EXPERTS, INTER, HIDDEN, generator=gen) * 0.02).bfloat16()
+    down = (torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.02).bfloat16()
+    return gate, up, down
+
+
+def make_batch(qlen: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens ``x`` (bf16), random distinct top-k expert ids, softmax routing weights, output grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(qlen, HIDDEN, generator=gen).bfloat16()
+    ids = torch.rand(qlen, EXPERTS, generator=gen).argsort(dim=1)[:, :TOP_K].contiguous()
+    weights = torch.rand(qlen, TOP_K, generator=gen).softmax(dim=1)
+    grad = torch.randn(qlen, HIDDEN, generator=gen).bfloat16()
+    return x, ids, weights, grad
+
+
+def torch_loop(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch MoE: per expert, gather its rows, SwiGLU, scatter-add the weighted output."""
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=EXPERTS).tolist()
+    token = order // TOP_K
+    slot_weight = weights.flatten()[order].to(x.dtype)
+    y = torch.zeros_like(x)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token[start : start + count]
+        xe = x[rows]
+        h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)
+        y = y.index_add(0, rows, (h @ down[e].T) * slot_weight[start : start + count, None])
+        start += count
+    return y
+
+
+class KtKernel:
+    """kt-kernel's BF16 MoE (forward) and frozen-expert SFT MoE (forward + backward) on the same weights.
+
+    The package's Python side needs extra dependencies, so the compiled extension is loaded directly.
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, max_len: int, threads: int):
+        ext = _load_kt_extension()
+        self.cpu_infer = ext.CPUInfer(threads)
+        self.weights = (gate.contiguous(), up.contiguous(), down.contiguous())
+        self.identity_map = torch.arange(EXPERTS, dtype=torch.int64)
+        config = ext.moe.MOEConfig(EXPERTS, TOP_K, HIDDEN, INTER, 0)
+        config.max_len = max_len
+        config.gate_proj, config.up_proj, config.down_proj = (w.data_ptr() for w in self.weights)
+        config.pool = self.cpu_infer.backend_
+        self.moe = ext.moe.AMXBF16_MOE(config)
+        self._run(self.moe.load_weights_task(self.identity_map.data_ptr()))
+        sft = ext.moe.MOESFTConfig()
+        sft.expert_num, sft.num_experts_per_tok, sft.hidden_size, sft.intermediate_size = EXPERTS, TOP_K, HIDDEN, INTER
+        sft.lora_rank, sft.lora_alpha, sft.max_cache_depth, sft.max_len, sft.layer_idx = 0, 1.0, 1, max_len, 0
+        sft.gate_proj, sft.up_proj, sft.down_proj = (w.data_ptr() for w in self.weights)
+        sft.physical_to_logical_map = self.identity_map.data_ptr()
+        sft.pool = self.cpu_infer.backend_
+        self.sft = ext.moe.AMXBF16_SFT_MOE_SkipLoRA(sft)
+        self._run(self.sft.load_weights_task())
+
+    def _run(self, task: object) -> None:
+        self.cpu_infer.submit(task)
+        self.cpu_infer.sync()
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        qlen = torch.tensor([x.shape[0]], dtype=torch.int32)
+        weights32 = weights.float().contiguous()
+        self._run(self.moe.forward_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(), y.data_ptr(), False))
+        return y
+
+    def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
+        y, grad_x = torch.empty_like(x), torch.empty_like(x)
+        grad_w = torch.zeros(weights.shape, dtype=torch.float32)
+        qlen = torch.tensor([x.shape[0]], dtype=torch.int64)
+        weights32 = weights.float().contiguous()
+        self._run(self.sft.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(), y.data_ptr(), True))
+        self._run(self.sft.backward_task(grad.data_ptr(), grad_x.data_ptr(), 0, 0, 0, 0, 0, 0, grad_w.data_ptr(), 0, 0, 0))
+        return y, grad_x, grad_w
+
+
+def _load_kt_extension() -> object:
+    """kt-kernel's AMX build of its extension (raises ImportError if absent or unusable here)."""
+    spec = importlib.util.find_spec("kt_kernel")
+    if spec is None or spec.origin is None:
+        raise ImportError("kt-kernel is not installed")
+    if "amx" not in available_isas():
+        raise ImportError("kt-kernel's BF16 MoE needs AMX")
+    library = glob.glob(os.path.join(os.path.dirname(spec.origin), "_kt_kernel_ext_amx.*.so"))
+    if not library:
+        raise ImportError("kt-kernel has no AMX build")
+    ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", library[0])
+    module = importlib.util.module_from_spec(ext_spec)
+    ext_spec.loader.exec_module(module)
+    return module
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call (one call if the warm-up took > 1 s)."""
+    start = time.perf_counter()
+    fn()
+    if time.perf_counter() - start > 1.0:
+        repeats = 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fma_peak_gflops() -> tuple[float, str]:
+    """Measured fp32 FMA peak of this machine on ``torch.get_num_threads()`` threads."""
+    if "avx512" in available_isas():
+        return max(load_extension().fma_peak_gflops(30_000_000) for _ in range(3)), "AVX-512 FMA loop"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    seconds = min(median_seconds(lambda: a @ b, 3) for _ in range(2))
+    return 2 * 2048**3 / seconds / 1e9, "fp32 torch matmul 2048^3 (proxy)"
+
+
+def ours_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor, packed: PackedExperts) -> Callable[[], object]:
+    def run() -> None:
+        xg = x.detach().requires_grad_()
+        wg = weights.detach().requires_grad_()
+        cpu_moe(xg, ids, wg, packed).backward(grad)
+
+    return run
+
+
+def torch_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor, *experts: torch.Tensor) -> Callable[[], object]:
+    def run() -> None:
+        xg = x.detach().requires_grad_()
+        wg = weights.detach().requires_grad_()
+        torch_loop(xg, ids, wg, *experts).backward(grad)
+
+    return run
+
+
+def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """``{method: (forward seconds, forward+backward seconds)}`` (nan where unavailable)."""
+    x, ids, weights, grad = make_batch(qlen)
+    gate, up, down = setups["weights"]
+    results = {}
+    with torch.no_grad():
+        fwd = {
+            "ours-bf16": lambda: cpu_moe(x, ids, weights, setups["bf16"]),
+            "ours-int8": lambda: cpu_moe(x, ids, weights, setups["int8"]),
+            "torch-loop": lambda: torch_loop(x, ids, weights, gate, up, down),
+        }
+        if setups["kt"] is not None:
+            fwd["kt-bf16"] = lambda: setups["kt"].forward(x, ids, weights)
+        fwd_times = {name: median_seconds(fn, repeats) for name, fn in fwd.items()}
+    fwd_bwd = {
+        "ours-bf16": ours_fwd_bwd(x, ids, weights, grad, setups["bf16"]),
+        "ours-int8": ours_fwd_bwd(x, ids, weights, grad, setups["int8"]),
+        "torch-loop": torch_fwd_bwd(x, ids, weights, grad, gate, up, down),
+    }
+    if setups["kt"] is not None:
+        fwd_bwd["kt-bf16"] = lambda: setups["kt"].forward_backward(x, ids, weights, grad)
+    for name in METHODS:
+        total = median_seconds(fwd_bwd[name], repeats) if name in fwd_bwd else math.nan
+        results[name] = (fwd_times.get(name, math.nan), total)
+    return results
+
+
+def print_table(qlen: int, results: dict[str, tuple[float, float]]) -> None:
+    fwd_flops, total_flops = 6 * qlen * TOP_K * HIDDEN * INTER, 12 * qlen * TOP_K * HIDDEN * INTER
+    torch_fwd, kt_fwd = results["torch-loop"][0], results["kt-bf16"][0]
+    kt_total = results["kt-bf16"][1]
+    print(f"\nqlen={qlen}")
+    print("| method | fwd ms | fwd GFLOP/s | fwd tok/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd tok/s | fwd vs torch | fwd vs kt | fwd+bwd vs kt |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in METHODS:
+        fwd, total = results[name]
+        print(
+            f"| {name} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | {total * 1e3:.1f} | "
+            f"{total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | {kt_fwd / fwd:.2f} | {kt_total / total:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--qlen", type=int, nargs="+", default=[1, 32, 128, 512, 2048], help="tokens per call")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and kt-kernel threads)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_extension()
+    print(f"threads={args.threads} isa={selected_isa()} available={available_isas()} E={EXPERTS} k={TOP_K} H={HIDDEN} I={INTER}")
+    weights = make_weights()
+    setups = {"weights": weights, "bf16": PackedExperts.from_weights(*weights, "bf16"), "int8": PackedExperts.from_weights(*weights, "int8")}
+    try:
+        setups["kt"] = KtKernel(*weights, max_len=max(args.qlen), threads=args.threads)
+    except (ImportError, AttributeError, OSError) as error:
+        print(f"kt-kernel: not measured ({error})")
+        setups["kt"] = None
+    peak, peak_source = fma_peak_gflops()
+    print(f"fp32 FMA peak: {peak:.0f} GFLOP/s ({peak_source}, {args.threads} threads)")
+    last = {}
+    for qlen in args.qlen:
+        last = measure(qlen, setups, args.repeats)
+        print_table(qlen, last)
+    qlen = args.qlen[-1]
+    ours_fwd, ours_total = last["ours-bf16"]
+    print(
+        f"\nRESULT fwd_vs_torch={last['torch-loop'][0] / ours_fwd:.2f} fwd_vs_kt={last['kt-bf16'][0] / ours_fwd:.2f} "
+        f"fwdbwd_vs_kt={last['kt-bf16'][1] / ours_total:.2f} "
+        f"fwd_peak_frac={6 * qlen * TOP_K * HIDDEN * INTER / ours_fwd / 1e9 / peak:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+// AMX kernels (Intel Advanced Matrix Extensions, Sapphire Rapids and later).
+// Kernels configure the tiles at their start and leave them configured: releasing the tile state
+// after every task and configuring it again costs more than a small task itself, so the driver
+// calls release_tiles() once per thread after each parallel loop.
+// Tile registers: 0-3 accumulators (2 row tiles x 2 column tiles of 16x16 fp32/int32),
+// 4-5 activation tiles (16 rows x 64 bytes), 6-7 weight tiles (16 rows x 64 bytes).
+//   Forward product: the weight tiles are read straight from the packed panels (row stride 128).
+//   Transposed product: AMX cannot transpose, so each task first rewrites its strip of up to 128
+//   columns of W (read panel by panel, once per task) into VNNI pairs along n in a per-thread
+//   scratch buffer; this keeps a single packed copy of the weights in memory.
+#pragma once
+
+#include <immintrin.h>
+
+#include <vector>
+
+#include "moe_common.h"
+
+namespace dpo_moe {
+namespace amx {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+DPO_TARGET_AMX inline void configure_tiles() {
+  TileConfig cfg = {};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Tile loads do not train the hardware prefetchers well: the first pass over a panel prefetches
+// the weights kPrefetchAhead bytes ahead (the next panel follows contiguously in memory).
+constexpr int64_t kPrefetchAhead = 8 * 16 * kRowBytes;
+
+DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) {
+  for (int64_t line = 0; line < 16 * kRowBytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T0);
+}
+
+DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }
+
+// Forward product for bf16 weights. Activation rows are bf16 and padded to 16.
+DPO_TARGET_AMX inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0, int64_t p1,
+                                        float* c, int64_t ldc) {
+  configure_tiles();
+  const int64_t row_tiles = (a.rows + 15) / 16, steps = w.k / 32;
+  const int64_t lda = a.ld * 2, ldc_bytes = ldc * 4;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.panel(p);
+    float* cp = c + (p - p0) * kPanel;
+    for (int64_t mt = 0; mt < row_tiles; mt += 2) {
+      const bool two = mt + 1 < row_tiles;
+      const uint16_t* a0 = a.bf16 + mt * 16 * a.ld;
+      const uint16_t* a1 = a0 + 16 * a.ld;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t* b = panel + s * 16 * kRowBytes;
+        if (mt == 0) prefetch_step(b + kPrefetchAhead);
+        _tile_loadd(6, b, kRowBytes);
+        _tile_loadd(7, b + 64, kRowBytes);
+        _tile_loadd(4, a0 + s * 32, lda);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a1 + s * 32, lda);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* c0 = cp + mt * 16 * ldc;
+      _tile_stored(0, c0, ldc_bytes);
+      _tile_stored(1, c0 + 16, ldc_bytes);
+      if (two) {
+        _tile_stored(2, c0 + 16 * ldc, ldc_bytes);
+        _tile_stored(3, c0 + 16 * ldc + 16, ldc_bytes);
+      }
+    }
+  }
+}
+
+// int32 accumulators (stored in place in c) -> s_a s_w (acc - 128 colsum) for 16 rows x 32 cols.
+DPO_TARGET_AMX inline void dequantize_tile_rows(float* c, int64_t ldc, const float* a_scale,
+                                                const PackedView& w, int64_t p) {
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = p * kPanel + half * 16;
+    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(w.colsum + n), 7);
+    const __m512 w_scale = _mm512_loadu_ps(w.scale + n);
+    for (int i = 0; i < 16; ++i) {
+      float* row = c + i * ldc + half * 16;
+      const __m512i acc = _mm512_loadu_si512(row);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
+      _mm512_storeu_ps(row, _mm512_mul_ps(v, _mm512_mul_ps(w_scale, _mm512_set1_ps(a_scale[i]))));
+    }
+  }
+}
+
+// Forward product for int8 weights: u8 activations x s8 weights with TDPBUSD.
+DPO_TARGET_AMX inline void gemm_nt_int8(const Act& a, const PackedView& w, int64_t p0, int64_t p1,
+                                        float* c, int64_t ldc) {
+  configure_tiles();
+  const int64_t row_tiles = (a.rows + 15) / 16, steps = w.k / 64;
+  const int64_t ldc_bytes = ldc * 4;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.panel(p);
+    float* cp = c + (p - p0) * kPanel;
+    for (int64_t mt = 0; mt < row_tiles; mt += 2) {
+      const bool two = mt + 1 < row_tiles;
+      const uint8_t* a0 = a.u8 + mt * 16 * a.ld;
+      const uint8_t* a1 = a0 + 16 * a.ld;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t* b = panel + s * 16 * kRowBytes;
+        _tile_loadd(6, b, kRowBytes);
+        _tile_loadd(7, b + 64, kRowBytes);
+        _tile_loadd(4, a0 + s * 64, a.ld);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a1 + s * 64, a.ld);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      }
+      float* c0 = cp + mt * 16 * ldc;
+      _tile_stored(0, c0, ldc_bytes);
+      _tile_stored(1, c0 + 16, ldc_bytes);
+      dequantize_tile_rows(c0, ldc, a.scale + mt * 16, w, p);
+      if (two) {
+        _tile_stored(2, c0 + 16 * ldc, ldc_bytes);
+        _tile_stored(3, c0 + 16 * ldc + 16, ldc_bytes);
+        dequantize_tile_rows(c0 + 16 * ldc, ldc, a.scale + mt * 16 + 16, w, p);
+      }
+    }
+  }
+}
+
+// In-register transpose of an 8x8 matrix of 64-bit elements: x[i][q] -> x[q][i]. Stage b
+// (b = 1, 2, 4) swaps the off-diagonal b x b blocks, i.e. bit b of the row index with bit b of
+// the column index, with two two-source permutes per pair of rows.
+struct Transpose8x8 {
+  __m512i lo[3], hi[3];
+
+  DPO_TARGET_AMX Transpose8x8() {
+    lo[0] = _mm512_setr_epi64(0, 8, 2, 10, 4, 12, 6, 14);
+    hi[0] = _mm512_setr_epi64(1, 9, 3, 11, 5, 13, 7, 15);
+    lo[1] = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    hi[1] = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    lo[2] = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    hi[2] = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+  }
+
+  DPO_TARGET_AMX void operator()(__m512i* x) const {
+#pragma GCC unroll 3
+    for (int stage = 0; stage < 3; ++stage) {
+      const int b = 1 << stage;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        if (i & b) continue;
+        const __m512i xi = _mm512_permutex2var_epi64(x[i], lo[stage], x[i + b]);
+        x[i + b] = _mm512_permutex2var_epi64(x[i], hi[stage], x[i + b]);
+        x[i] = xi;
+      }
+    }
+  }
+};
+
+// Rewrites the columns [2 row0, 2 row0 + 32 groups) of every bf16 panel as AMX weight tiles with
+// bf16 pairs along n: tile (g, p, t) row j holds (W[2j][k], W[2j+1][k]) of panel p for
+// k = 2 row0 + 32 g + 16 t + 0..15, stored at tiles + ((g * panels + p) * 2 + t) KB.
+// A source row holds per 8 bytes (W[n][k], W[n][k+1], W[n+1][k], W[n+1][k+1]); swapping the
+// middle words gives the target's 8 bytes for (k, k+1), and an 8x8 transpose of those 8-byte
+// units moves them to their tile rows. Panels are read whole (contiguous) for the prefetchers.
+DPO_TARGET_AMX inline void transpose_strip_bf16(const PackedView& w, int64_t row0, int64_t groups,
+                                                uint8_t* tiles) {
+  const __m512i swap_middle = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  const Transpose8x8 transpose;
+  const int64_t panels = w.n / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (p + 1 < panels) prefetch_step(w.panel(p + 1) + (row0 + 16 * g) * kRowBytes);
+      for (int t = 0; t < 2; ++t)
+        for (int half = 0; half < 2; ++half) {
+          __m512i x[8];
+          for (int i = 0; i < 8; ++i)
+            x[i] = _mm512_shuffle_epi8(
+                _mm512_loadu_si512(src + (16 * g + 8 * t + i) * kRowBytes + half * 64),
+                swap_middle);
+          transpose(x);
+          uint8_t* dst = tiles + ((g * panels + p) * 2 + t) * 1024 + half * 8 * 64;
+          for (int j = 0; j < 8; ++j) _mm512_store_si512(dst + j * 64, x[j]);
+        }
+    }
+  }
+}
+
+// 64-byte aligned per-thread scratch memory, kept between tasks: a fresh allocation of a few
+// hundred KB per task would be mmap-ed and page-faulted every time.
+DPO_INLINE uint8_t* thread_scratch(int which, int64_t bytes) {
+  thread_local std::vector<uint8_t> buffers[2];
+  std::vector<uint8_t>& buffer = buffers[which];
+  if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) &
+                                    ~uintptr_t(63));
+}
+
+// c[m][j] = sum_n A[m][n] B[n][j] for 32 columns j, A in bf16 rows, B given as the tiles written
+// by transpose_strip_bf16 (two 1 KB tiles per 32 values of n).
+DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles, int64_t panels,
+                                              float* c, int64_t ldc) {
+  const int64_t row_tiles = (a.rows + 15) / 16;
+  const int64_t lda = a.ld * 2, ldc_bytes = ldc * 4;
+  for (int64_t mt = 0; mt < row_tiles; mt += 2) {
+    const bool two = mt + 1 < row_tiles;
+    const uint16_t* a0 = a.bf16 + mt * 16 * a.ld;
+    const uint16_t* a1 = a0 + 16 * a.ld;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t p = 0; p < panels; ++p) {
+      _tile_loadd(6, tiles + p * 2048, 64);
+      _tile_loadd(7, tiles + p * 2048 + 1024, 64);
+      _tile_loadd(4, a0 + p * kPanel, lda);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, a1 + p * kPanel, lda);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* c0 = c + mt * 16 * ldc;
+    _tile_stored(0, c0, ldc_bytes);
+    _tile_stored(1, c0 + 16, ldc_bytes);
+    if (two) {
+      _tile_stored(2, c0 + 16 * ldc, ldc_bytes);
+      _tile_stored(3, c0 + 16 * ldc + 16, ldc_bytes);
+    }
+  }
+}
+
+// Transposed product for bf16 weights: c[m][j] = sum_n A[m][n] W[n][col0 + j], A in bf16.
+DPO_TARGET_AMX inline void gemm_nn_bf16(const Act& a, const PackedView& w, int64_t col0,
+                                        int64_t cols, float* c, int64_t ldc) {
+  const int64_t panels = w.n / kPanel, groups = cols / kPanel;
+  uint8_t* tiles = thread_scratch(0, groups * panels * 2048);
+  transpose_strip_bf16(w, col0 / 2, groups, tiles);
+  configure_tiles();
+  for (int64_t g = 0; g < groups; ++g)
+    product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc);
+}
+
+// int8 -> bf16 (exact for |q| <= 127: the low 16 bits of the fp32 value are zero) of 16 bytes.
+DPO_TARGET_AMX inline __m256i int8_to_bf16(__m128i bytes) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
+}
+
+// Rewrites the columns [4 row0, 4 row0 + cols) of every int8 panel as bf16 panels with pairs along
+// k (cols / 2 pair rows of 128 bytes each), i.e. the bf16 packed layout of the same columns.
+DPO_TARGET_AMX inline void widen_strip_int8(const PackedView& w, int64_t row0, int64_t cols,
+                                            uint8_t* out) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t panels = w.n / kPanel, quad_rows = cols / 4;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
+    for (int64_t r = 0; r < quad_rows; ++r) {
+      if (p + 1 < panels && r % 8 == 0) prefetch_step(w.panel(p + 1) + (row0 + r) * kRowBytes);
+      for (int half = 0; half < 2; ++half) {
+        const uint8_t* bytes = src + r * kRowBytes + half * 64;
+        // lo/hi: 8 channels each x 4 values of k as bf16, i.e. 64-bit units (k0 k1 | k2 k3).
+        const __m512i lo = _mm512_inserti64x4(
+            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)bytes))),
+            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 16))), 1);
+        const __m512i hi = _mm512_inserti64x4(
+            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 32)))),
+            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 48))), 1);
+        uint8_t* dst = out + (p * quad_rows * 2 + 2 * r) * kRowBytes + half * 64;
+        _mm512_store_si512(dst, _mm512_permutex2var_epi32(lo, even, hi));
+        _mm512_store_si512(dst + kRowBytes, _mm512_permutex2var_epi32(lo, odd, hi));
+      }
+    }
+  }
+}
+
+// Transposed product for int8 weights. The activations arrive already multiplied by the channel
+// scales s_w[n], so the integer weights are used as they are (exactly representable in bf16).
+DPO_TARGET_AMX inline void gemm_nn_int8(const Act& a, const PackedView& w, int64_t col0,
+                                        int64_t cols, float* c, int64_t ldc) {
+  const int64_t panels = w.n / kPanel, groups = cols / kPanel;
+  uint8_t* strip = thread_scratch(0, panels * cols * kPanel * 2);
+  uint8_t* tiles = thread_scratch(1, groups * panels * 2048);
+  widen_strip_int8(w, col0 / 4, cols, strip);
+  const PackedView bf16_strip{strip, w.n, cols, nullptr, nullptr, WeightType::bf16};
+  transpose_strip_bf16(bf16_strip, 0, groups, tiles);
+  configure_tiles();
+  for (int64_t g = 0; g < groups; ++g)
+    product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc);
+}
+
+// Runs one bf16 and one int8 tile product on known data; used by the forked AMX probe.
+DPO_TARGET_AMX inline bool self_test() {
+  if (!request_amx_permission()) return false;
+  configure_tiles();
+  alignas(64) uint16_t ones_bf16[16 * 32];
+  alignas(64) uint8_t ones_u8[16 * 64];
+  alignas(64) float out_f32[16 * 16];
+  alignas(64) int32_t out_i32[16 * 16];
+  std::fill(ones_bf16, ones_bf16 + 16 * 32, uint16_t(0x3F80));  // 1.0 in bf16
+  std::fill(ones_u8, ones_u8 + 16 * 64, uint8_t(1));
+  _tile_zero(0);
+  _tile_loadd(4, ones_bf16, 64);
+  _tile_loadd(6, ones_bf16, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_stored(0, out_f32, 64);
+  _tile_zero(1);
+  _tile_loadd(5, ones_u8, 64);
+  _tile_loadd(7, ones_u8, 64);
+  _tile_dpbusd(1, 5, 7);
+  _tile_stored(1, out_i32, 64);
+  _tile_release();
+  return out_f32[0] == 32.0f && out_f32[255] == 32.0f && out_i32[0] == 64 && out_i32[255] == 64;
+}
+
+}  // namespace amx
+
+// Runs amx::self_test in a forked child, so that a CPU or kernel that advertises AMX but faults
+// on tile instructions (SIGILL) cannot take the calling process down.
+inline bool amx_runs() {
+  if (!detect_cpu().amx) return false;
+  const pid_t pid = fork();
+  if (pid < 0) return false;
+  if (pid == 0) _exit(amx::self_test() ? 0 : 1);
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) return false;
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+DPO_TARGET_AMX inline void release_tiles_amx() { amx::release_tiles(); }
+DPO_TARGET_AMX inline void gemm_nt_bf16_amx(const Act& a, const PackedView& w, int64_t p0,
+                                            int64_t p1, float* c, int64_t ldc) {
+  amx::gemm_nt_bf16(a, w, p0, p1, c, ldc);
+}
+DPO_TARGET_AMX inline void gemm_nt_int8_amx(const Act& a, const PackedView& w, int64_t p0,
+                                            int64_t p1, float* c, int64_t ldc) {
+  amx::gemm_nt_int8(a, w, p0, p1, c, ldc);
+}
+DPO_TARGET_AMX inline void gemm_nn_bf16_amx(const Act& a, const PackedView& w, int64_t col0,
+                                            int64_t cols, float* c, int64_t ldc) {
+  amx::gemm_nn_bf16(a, w, col0, cols, c, ldc);
+}
+DPO_TARGET_AMX inline void gemm_nn_int8_amx(const Act& a, const PackedView& w, int64_t col0,
+                                            int64_t cols, float* c, int64_t ldc) {
+  amx::gemm_nn_int8(a, w, col0, cols, c, ldc);
+}
+
+}  // namespace dpo_moe

@@ -1,0 +1,507 @@
+// CPU kernel for one Mixture-of-Experts layer with SwiGLU experts and top-k routing:
+//   y[t] = sum_j w[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = topk_ids[t,j]
+// plus its backward for frozen experts (gradients for x and for the routing weights w).
+//
+// Forward:
+//   1. counting sort of the (token, slot) pairs by expert; each expert gets a block of rows padded
+//      to a multiple of 16 (AMX tile height),
+//   2. gather the token rows into that order, converted to the format the kernels consume,
+//   3. tasks (expert, 32-column panel of I): fused gate + up product, epilogue h = silu(g) * u,
+//   4. tasks (expert, 32-column panel of H): down product into o (one row per pair),
+//   5. y[t] = sum_j w[t,j] o[row(t,j)] in fp32, slots in order (deterministic, no atomics).
+// Backward (v = W_down^T dy, dL/dw = <dy, o> = <v, h>):
+//   1. gather dy rows per pair; tasks (expert, 128 columns of I): v = dy W_down (transposed product),
+//   2. per pair: dL/dw = <v, h>, dh = w v, dg = dh u silu'(g), du = dh silu(g),
+//   3. tasks (expert, 128 columns of H): dx_pair = [dg | du] W_gate_up (transposed product),
+//   4. dx[t] = sum_j dx_pair[row(t,j)].
+// The forward saves the gate/up outputs (fp32, 2 I floats per pair) for step 2 of the backward.
+
+#include <torch/extension.h>
+
+#include <chrono>
+#include <cmath>
+#include <mutex>
+
+#include "moe_common.h"
+#include "moe_gemm_amx.h"
+#include "moe_gemm_avx512.h"
+#include "moe_gemm_generic.h"
+
+namespace dpo_moe {
+namespace {
+
+// ---------------------------------------------------------------- ISA selection
+
+Isa parse_isa(const std::string& name) {
+  if (name == "amx") return Isa::amx;
+  if (name == "avx512") return Isa::avx512;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "portable") return Isa::portable;
+  TORCH_CHECK(false, "unknown MoE kernel ISA '", name, "' (expected amx|avx512|avx2|portable)");
+}
+
+Kernels kernels_for(Isa isa, WeightType type) {
+  const bool bf16 = type == WeightType::bf16;
+  switch (isa) {
+    case Isa::amx:
+      if (bf16)
+        return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_amx, gemm_nn_bf16_amx,
+                silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
+      return {ActFormat::u8, ActFormat::bf16, gemm_nt_int8_amx, gemm_nn_int8_amx,
+              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
+    case Isa::avx512:
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx512, gemm_nn_bf16_avx512,
+                silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx512, gemm_nn_int8_avx512,
+              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
+    case Isa::avx2:
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx2, gemm_nn_bf16_avx2, silu_mul_avx2,
+                swiglu_backward_avx2, store_row_avx2, nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx2, gemm_nn_int8_avx2, silu_mul_avx2,
+              swiglu_backward_avx2, store_row_avx2, nullptr};
+    default:
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_portable, gemm_nn_bf16_portable,
+                silu_mul_portable, swiglu_backward_portable, store_row_portable, nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_portable, gemm_nn_int8_portable,
+              silu_mul_portable, swiglu_backward_portable, store_row_portable, nullptr};
+  }
+}
+
+bool isa_supported(Isa isa) {
+  const CpuFeatures f = detect_cpu();
+  switch (isa) {
+    case Isa::amx: return f.amx;
+    case Isa::avx512: return f.avx512;
+    case Isa::avx2: return f.avx2;
+    default: return true;
+  }
+}
+
+// ---------------------------------------------------------------- packed weights
+
+// The packed weights of all experts for one projection: data [E, N/32, K/G, 32, G] plus, for int8,
+// per-channel scales [E, N] and integer column sums [E, N].
+struct PackedExperts {
+  at::Tensor data, scale, colsum;
+  WeightType type;
+  int64_t n, k;
+
+  PackedExperts(const at::Tensor& d, const at::Tensor& s, const at::Tensor& c)
+      : data(d), scale(s), colsum(c) {
+    TORCH_CHECK(d.dim() == 5 && d.is_contiguous(), "packed weights must be a contiguous 5-D tensor");
+    TORCH_CHECK(d.scalar_type() == at::kBFloat16 || d.scalar_type() == at::kChar,
+                "packed weights must be bfloat16 or int8");
+    type = d.scalar_type() == at::kBFloat16 ? WeightType::bf16 : WeightType::int8;
+    n = d.size(1) * kPanel;
+    k = d.size(2) * d.size(4);
+    if (type == WeightType::int8)
+      TORCH_CHECK(s.numel() == d.size(0) * n && c.numel() == d.size(0) * n,
+                  "int8 weights need per-channel scale and colsum tensors");
+  }
+
+  PackedView expert(int64_t e) const {
+    const int64_t bytes = n * k * (type == WeightType::bf16 ? 2 : 1);
+    const bool q = type == WeightType::int8;
+    return {static_cast<const uint8_t*>(data.data_ptr()) + e * bytes, n, k,
+            q ? scale.data_ptr<float>() + e * n : nullptr,
+            q ? colsum.data_ptr<int32_t>() + e * n : nullptr, type};
+  }
+};
+
+// ---------------------------------------------------------------- routing
+
+// Rows of all per-pair buffers: expert e owns rows [row_begin[e], row_begin[e] + count[e]),
+// followed by zero padding up to a multiple of kRowAlign.
+struct Routing {
+  int64_t tokens = 0, top_k = 0;
+  std::vector<int64_t> count, row_begin, row_of_pair, pair_of_row;
+  std::vector<int64_t> active;  // experts with at least one pair
+  int64_t rows = 0;
+};
+
+Routing route(const at::Tensor& ids, int64_t experts) {
+  Routing r;
+  r.tokens = ids.size(0);
+  r.top_k = ids.size(1);
+  const int64_t pairs = r.tokens * r.top_k;
+  const int64_t* id = ids.data_ptr<int64_t>();
+  r.count.assign(experts, 0);
+  for (int64_t i = 0; i < pairs; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < experts, "topk_ids value ", id[i], " out of range [0, ",
+                experts, ")");
+    ++r.count[id[i]];
+  }
+  r.row_begin.assign(experts, 0);
+  for (int64_t e = 0; e < experts; ++e) {
+    r.row_begin[e] = r.rows;
+    r.rows += round_up(r.count[e], kRowAlign);
+    if (r.count[e] > 0) r.active.push_back(e);
+  }
+  r.row_of_pair.resize(pairs);
+  r.pair_of_row.assign(r.rows, -1);
+  std::vector<int64_t> cursor = r.row_begin;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t row = cursor[id[i]]++;
+    r.row_of_pair[i] = row;
+    r.pair_of_row[row] = i;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- workspace
+
+// Temporary buffers reused across calls. Fresh multi-megabyte allocations go back to the OS when
+// freed and are page-faulted in again on every call, which costs more than the products themselves
+// at small batches. Each slot keeps the largest size seen so far (a few hundred MB at 2048 tokens
+// for DeepSeek-V2-Lite shapes) for the life of the process; a call that finds the arena in use
+// (another thread) allocates fresh buffers instead.
+enum Slot { kInput, kHidden, kHiddenF32, kDownOut, kGradIn, kGradV, kGradAct, kGradOut, kSlots };
+
+class Workspace {
+ public:
+  Workspace() : lock_(mutex(), std::try_to_lock) {}
+
+  at::Tensor take(Slot slot, at::IntArrayRef shape, at::ScalarType dtype) {
+    if (!lock_.owns_lock()) return at::empty(shape, at::TensorOptions().dtype(dtype));
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
+    const int64_t bytes = std::max<int64_t>(numel * int64_t(c10::elementSize(dtype)), 1);
+    at::Tensor& buffer = slots()[slot];
+    if (!buffer.defined() || buffer.numel() < bytes) {
+      buffer = at::Tensor();  // free the old buffer before allocating the larger one
+      buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    }
+    return buffer.narrow(0, 0, numel * int64_t(c10::elementSize(dtype))).view(dtype).view(shape);
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<at::Tensor>& slots() {
+    static std::vector<at::Tensor> s(kSlots);
+    return s;
+  }
+  std::unique_lock<std::mutex> lock_;
+};
+
+// ---------------------------------------------------------------- activation buffers
+
+// One operand for all routed rows, stored in the format a kernel consumes.
+struct ActBuffer {
+  ActFormat format;
+  int64_t ld;
+  at::Tensor values, scale;
+
+  ActBuffer(Workspace& ws, Slot slot, ActFormat f, int64_t rows, int64_t cols)
+      : format(f), ld(cols) {
+    const auto dtype = f == ActFormat::f32 ? at::kFloat : f == ActFormat::bf16 ? at::kBFloat16
+                                                                               : at::kByte;
+    values = ws.take(slot, {rows, cols}, dtype);
+    if (f == ActFormat::u8) scale = at::empty({rows}, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  void* row(int64_t r) const {
+    return static_cast<uint8_t*>(values.data_ptr()) + r * ld * values.element_size();
+  }
+  float* row_scale(int64_t r) const {
+    return format == ActFormat::u8 ? scale.data_ptr<float>() + r : nullptr;
+  }
+
+  Act view(int64_t row0, int64_t rows) const {
+    Act a;
+    a.rows = rows;
+    a.ld = ld;
+    if (format == ActFormat::f32) a.f32 = static_cast<const float*>(row(row0));
+    if (format == ActFormat::bf16) a.bf16 = static_cast<const uint16_t*>(row(row0));
+    if (format == ActFormat::u8) {
+      a.u8 = static_cast<const uint8_t*>(row(row0));
+      a.scale = row_scale(row0);
+    }
+    return a;
+  }
+};
+
+// Fills `buf` with one row per routed row: row_source(row, &n, &col_scale) returns the fp32 source
+// of n elements (nullptr for padding rows), optionally times per-column scales.
+template <class Source>
+void fill_rows(const Kernels& kern, ActBuffer& buf, const Routing& r, const Source& row_source) {
+  constexpr int64_t kChunk = 16;
+  run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
+    for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
+      int64_t n = 0;
+      const float* col_scale = nullptr;
+      const float* src = row_source(row, &n, &col_scale);
+      kern.store_row(buf.format, src, n, col_scale, buf.ld, buf.row(row), buf.row_scale(row));
+    }
+  });
+}
+
+int64_t expert_of_row(const Routing& r, const at::Tensor& ids, int64_t row) {
+  return ids.data_ptr<int64_t>()[r.pair_of_row[row]];
+}
+
+// Output columns per transposed-product task: wide enough that each task reads contiguous runs of
+// every weight panel (a 32-column strip would touch only 2 KB per panel).
+constexpr int64_t kNnCols = 128;
+int64_t blocks_of(int64_t cols) { return (cols + kNnCols - 1) / kNnCols; }
+
+// Runs body(e, block) for every active expert e and block in [0, blocks).
+template <class Body>
+void for_expert_blocks(const Kernels& kern, const Routing& r, int64_t blocks, const Body& body) {
+  run_tasks(
+      int64_t(r.active.size()) * blocks,
+      [&](int64_t task) { body(r.active[task / blocks], task % blocks); }, kern.release);
+}
+
+// out[t] = sum_j coef(t, j) * rows[row(t, j)][0..n), summed in slot order.
+template <class Coef>
+void combine(const Routing& r, const float* rows, int64_t ld, int64_t n, float* out,
+             const Coef& coef) {
+  run_tasks(r.tokens, [&](int64_t t) {
+    float* dst = out + t * n;
+    std::fill(dst, dst + n, 0.0f);
+    for (int64_t j = 0; j < r.top_k; ++j) {
+      const float c = coef(t, j);
+      const float* src = rows + r.row_of_pair[t * r.top_k + j] * ld;
+      for (int64_t i = 0; i < n; ++i) dst[i] += c * src[i];
+    }
+  });
+}
+
+// ---------------------------------------------------------------- forward / backward
+
+void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [T, H] tensor");
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  ids.size(0) == x.size(0),
+              "topk_ids must be a contiguous int64 [T, k] tensor");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  weights.sizes() == ids.sizes(),
+              "topk_weights must be a contiguous float32 tensor shaped like topk_ids");
+}
+
+Kernels prepare(const std::string& isa_name, const PackedExperts& gate_up,
+                const PackedExperts& down) {
+  const Isa isa = parse_isa(isa_name);
+  TORCH_CHECK(isa_supported(isa), "MoE kernel ISA '", isa_name, "' is not supported by this CPU");
+  if (isa == Isa::amx) TORCH_CHECK(request_amx_permission(), "the kernel refused AMX tile state");
+  TORCH_CHECK(gate_up.type == down.type && gate_up.k == down.n && down.k == gate_up.n / 2,
+              "packed gate/up and down weights do not match");
+  return kernels_for(isa, gate_up.type);
+}
+
+// Gate/up task epilogue for rows [0, rows) of one expert and panel p: h = silu(g) * u written to
+// the down product's operand (fp32 side buffer for u8, which needs whole rows to quantize).
+void store_hidden(const Kernels& kern, const float* gu, int64_t ld_gu, int64_t rows, int64_t p,
+                  ActBuffer& ha, float* h_f32, int64_t row0) {
+  float h[kPanel];
+  for (int64_t m = 0; m < rows; ++m) {
+    kern.silu_mul(gu + m * ld_gu, h, kPanel);
+    if (ha.format == ActFormat::u8) {
+      std::memcpy(h_f32 + (row0 + m) * ha.ld + p * kPanel, h, sizeof(h));
+    } else {
+      void* dst = static_cast<uint8_t*>(ha.row(row0 + m)) + p * kPanel * ha.values.element_size();
+      kern.store_row(ha.format, h, kPanel, nullptr, kPanel, dst, nullptr);
+    }
+  }
+}
+
+std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
+                                    const at::Tensor& weights, const at::Tensor& w13,
+                                    const at::Tensor& s13, const at::Tensor& c13,
+                                    const at::Tensor& w2, const at::Tensor& s2,
+                                    const at::Tensor& c2, const std::string& isa_name,
+                                    bool save_for_backward) {
+  check_inputs(x, ids, weights);
+  const PackedExperts gate_up(w13, s13, c13), down(w2, s2, c2);
+  const Kernels kern = prepare(isa_name, gate_up, down);
+  const int64_t hidden = x.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
+  TORCH_CHECK(hidden <= hidden_pad, "x has more columns than the packed weights");
+  const Routing r = route(ids, w13.size(0));
+  Workspace ws;
+
+  const float* xs = x.data_ptr<float>();
+  ActBuffer xa(ws, kInput, kern.nt_format, r.rows, hidden_pad);
+  fill_rows(kern, xa, r, [&](int64_t row, int64_t* n, const float**) -> const float* {
+    const int64_t pair = r.pair_of_row[row];
+    *n = hidden;
+    return pair < 0 ? nullptr : xs + (pair / r.top_k) * hidden;
+  });
+
+  // Gate/up products, kept (2 I floats per row) only when the backward needs them.
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor gu = save_for_backward ? at::empty({r.rows, 2 * inter}, f32) : at::Tensor();
+  ActBuffer ha(ws, kHidden, kern.nt_format, r.rows, inter);
+  at::Tensor h_f32 = kern.nt_format == ActFormat::u8 ? ws.take(kHiddenF32, {r.rows, inter}, at::kFloat)
+                                                     : at::Tensor();
+  float* h_f32_ptr = h_f32.defined() ? h_f32.data_ptr<float>() : nullptr;
+  for_expert_blocks(kern, r, inter / kPanel, [&](int64_t e, int64_t p) {
+    const int64_t row0 = r.row_begin[e], rows = r.count[e];
+    std::vector<float> local;
+    float* c;
+    int64_t ldc;
+    if (save_for_backward) {
+      c = gu.data_ptr<float>() + row0 * 2 * inter + p * 2 * kPanel;
+      ldc = 2 * inter;
+    } else {
+      local.resize(round_up(rows, kRowAlign) * 2 * kPanel);
+      c = local.data();
+      ldc = 2 * kPanel;
+    }
+    kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
+    store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, row0);
+  });
+  if (ha.format == ActFormat::u8)
+    fill_rows(kern, ha, r, [&](int64_t row, int64_t* n, const float**) -> const float* {
+      *n = inter;
+      return r.pair_of_row[row] < 0 ? nullptr : h_f32_ptr + row * inter;
+    });
+  else
+    run_tasks(r.rows, [&](int64_t row) {  // padding rows must be zero for the AMX row tiles
+      if (r.pair_of_row[row] < 0) kern.store_row(ha.format, nullptr, 0, nullptr, ha.ld, ha.row(row), nullptr);
+    });
+
+  at::Tensor o = ws.take(kDownOut, {r.rows, hidden_pad}, at::kFloat);
+  float* o_ptr = o.data_ptr<float>();
+  for_expert_blocks(kern, r, hidden_pad / kPanel, [&](int64_t e, int64_t p) {
+    const int64_t row0 = r.row_begin[e];
+    kern.nt(ha.view(row0, r.count[e]), down.expert(e), p, p + 1,
+            o_ptr + row0 * hidden_pad + p * kPanel, hidden_pad);
+  });
+
+  at::Tensor y = at::empty({r.tokens, hidden}, f32);
+  const float* w = weights.data_ptr<float>();
+  combine(r, o_ptr, hidden_pad, hidden, y.data_ptr<float>(),
+          [&](int64_t t, int64_t j) { return w[t * r.top_k + j]; });
+  return {y, gu};
+}
+
+std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor& ids,
+                                     const at::Tensor& weights, const at::Tensor& gu,
+                                     const at::Tensor& w13, const at::Tensor& s13,
+                                     const at::Tensor& c13, const at::Tensor& w2,
+                                     const at::Tensor& s2, const at::Tensor& c2,
+                                     const std::string& isa_name) {
+  check_inputs(grad_y, ids, weights);
+  const PackedExperts gate_up(w13, s13, c13), down(w2, s2, c2);
+  const Kernels kern = prepare(isa_name, gate_up, down);
+  const bool int8 = gate_up.type == WeightType::int8;
+  const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
+  const Routing r = route(ids, w13.size(0));
+  TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter,
+              "saved gate/up activations do not match the routing");
+  Workspace ws;
+
+  // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
+  const float* dy = grad_y.data_ptr<float>();
+  ActBuffer dya(ws, kGradIn, kern.nn_format, r.rows, hidden_pad);
+  fill_rows(kern, dya, r, [&](int64_t row, int64_t* n, const float** col_scale) -> const float* {
+    const int64_t pair = r.pair_of_row[row];
+    if (pair < 0) return nullptr;
+    *n = hidden;
+    if (int8) *col_scale = down.expert(expert_of_row(r, ids, row)).scale;
+    return dy + (pair / r.top_k) * hidden;
+  });
+  at::Tensor v = ws.take(kGradV, {r.rows, inter}, at::kFloat);
+  float* v_ptr = v.data_ptr<float>();
+  for_expert_blocks(kern, r, blocks_of(inter), [&](int64_t e, int64_t b) {
+    const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
+    kern.nn(dya.view(row0, r.count[e]), down.expert(e), col0, std::min(kNnCols, inter - col0),
+            v_ptr + row0 * inter + col0, inter);
+  });
+
+  // Per row: routing-weight gradient and [dg | du] (interleaved per panel like gu), written as
+  // the operand of the next product (times the int8 channel scales of W_gate_up).
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor grad_w = at::empty({r.tokens, r.top_k}, f32);
+  const float* w = weights.data_ptr<float>();
+  const float* gu_ptr = gu.data_ptr<float>();
+  float* gw_ptr = grad_w.data_ptr<float>();
+  ActBuffer da(ws, kGradAct, kern.nn_format, r.rows, 2 * inter);
+  constexpr int64_t kChunk = 16;
+  run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
+    std::vector<float> d(2 * inter);
+    for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
+      const int64_t pair = r.pair_of_row[row];
+      if (pair < 0) {
+        kern.store_row(da.format, nullptr, 0, nullptr, da.ld, da.row(row), da.row_scale(row));
+        continue;
+      }
+      gw_ptr[pair] = kern.swiglu_backward(gu_ptr + row * 2 * inter, v_ptr + row * inter, w[pair],
+                                          d.data(), inter);
+      const float* col_scale = int8 ? gate_up.expert(ids.data_ptr<int64_t>()[pair]).scale : nullptr;
+      kern.store_row(da.format, d.data(), 2 * inter, col_scale, da.ld, da.row(row),
+                     da.row_scale(row));
+    }
+  });
+
+  at::Tensor dxp = ws.take(kGradOut, {r.rows, hidden_pad}, at::kFloat);
+  float* dxp_ptr = dxp.data_ptr<float>();
+  for_expert_blocks(kern, r, blocks_of(hidden_pad), [&](int64_t e, int64_t b) {
+    const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
+    kern.nn(da.view(row0, r.count[e]), gate_up.expert(e), col0,
+            std::min(kNnCols, hidden_pad - col0), dxp_ptr + row0 * hidden_pad + col0, hidden_pad);
+  });
+
+  at::Tensor grad_x = at::empty({r.tokens, hidden}, f32);
+  combine(r, dxp_ptr, hidden_pad, hidden, grad_x.data_ptr<float>(),
+          [](int64_t, int64_t) { return 1.0f; });
+  return {grad_x, grad_w};
+}
+
+// ISAs this CPU runs, best first. AMX is listed only if a forked child really ran tile code.
+std::vector<std::string> available_isas() {
+  const CpuFeatures f = detect_cpu();
+  std::vector<std::string> isas;
+  if (f.amx && amx_runs()) isas.push_back("amx");
+  if (f.avx512) isas.push_back("avx512");
+  if (f.avx2) isas.push_back("avx2");
+  isas.push_back("portable");
+  return isas;
+}
+
+// Peak fp32 FMA rate of one thread: a loop of independent AVX-512 FMAs (2 flops per lane).
+DPO_TARGET_AVX512 double fma_peak_gflops_avx512(int64_t iterations) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  float sink = 0.0f;
+  for (int i = 0; i < 12; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  TORCH_CHECK(std::isfinite(sink), "FMA peak loop overflowed");
+  return double(iterations) * 12 * 16 * 2 / seconds / 1e9;
+}
+
+// Aggregate fp32 FMA peak over torch.get_num_threads() threads (each runs the loop above).
+double fma_peak_gflops(int64_t iterations) {
+  TORCH_CHECK(detect_cpu().avx512, "the FMA peak probe needs AVX-512");
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> rates(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) rates[i] = fma_peak_gflops_avx512(iterations);
+  });
+  double total = 0.0;
+  for (double rate : rates) total += rate;
+  return total;
+}
+
+}  // namespace
+}  // namespace dpo_moe
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CPU Mixture-of-Experts expert kernel (bf16 / int8 weights; AMX, AVX-512, AVX2, C++)";
+  m.def("moe_forward", &dpo_moe::moe_forward, "MoE forward; returns (y, saved gate/up outputs)");
+  m.def("moe_backward", &dpo_moe::moe_backward, "MoE backward; returns (grad_x, grad_weights)");
+  m.def("available_isas", &dpo_moe::available_isas, "ISAs this CPU runs, best first");
+  m.def("fma_peak_gflops", &dpo_moe::fma_peak_gflops, "measured fp32 AVX-512 FMA peak, GFLOP/s");
+}

@@ -1,0 +1,280 @@
+"""Tests of the CPU MoE expert kernel against a float64 PyTorch reference, on every ISA this CPU runs.
+
+The reference is the definition itself, evaluated in float64 with autograd:
+
+    y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
+    dL/dx and dL/dw for L = <y, dy>  (dL/dw[t, j] = <dy[t], expert_e(x[t])>)
+
+Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
+* bf16 weights on the fp32 paths (avx512, avx2, portable): the reference uses the same bf16-rounded
+  weights, so only fp32 rounding remains: 1e-5.
+* bf16 weights on AMX: activations (x, h, dy, dh) are rounded to bf16 (relative 2^-9 each): 2e-2.
+* int8 weights: the reference uses the dequantized weights scale[n] * q[n, :]; the kernel also
+  quantizes activations per token to int8 (relative error up to 1/254 per element): 3e-2.
+* bf16 inputs x: output and gradients are bf16 (relative 2^-9) on top of the above: 3e-2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dpo_llama.models import cpu_moe as moe
+
+ISAS = ["amx", "avx512", "avx2", "portable"]
+# (experts, hidden, intermediate, tokens, top_k): one token; sizes that are not multiples of the
+# 32/64 blocks; top-6; an expert with more rows than two AMX row tiles.
+SHAPES = {
+    "one_token_top1": (4, 64, 64, 1, 1),
+    "odd_sizes_top2": (5, 100, 70, 37, 2),
+    "top6": (8, 96, 160, 24, 6),
+    "busy_expert_top3": (6, 130, 90, 70, 3),
+}
+
+
+@pytest.fixture(scope="session")
+def extension():
+    """The compiled kernel, built once per session; skips every test if it cannot be built."""
+    try:
+        return moe.load_extension(verbose=False)
+    except RuntimeError as error:
+        pytest.skip(f"MoE CPU kernel unavailable (no compiler or build failed): {error}")
+
+
+@pytest.fixture
+def force_isa(extension, monkeypatch):
+    """Force one ISA through DPO_LLAMA_MOE_ISA; skip (with the reason) if this CPU cannot run it."""
+
+    def force(isa: str) -> None:
+        if isa not in moe.available_isas():
+            pytest.skip(
+                f"{isa} path compiled but not runnable here (CPUID / OS tile permission / tile probe); "
+                f"available: {moe.available_isas()}"
+            )
+        monkeypatch.setenv("DPO_LLAMA_MOE_ISA", isa)
+
+    return force
+
+
+def make_case(experts: int, hidden: int, inter: int, tokens: int, top_k: int, seed: int = 0):
+    """Weights rounded to bf16, tokens, routing with expert 0 in every token and the last expert unused."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(experts, inter, hidden, generator=gen) / hidden**0.5).bfloat16().float()
+    up = (torch.randn(experts, inter, hidden, generator=gen) / hidden**0.5).bfloat16().float()
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16().float()
+    x = torch.randn(tokens, hidden, generator=gen)
+    others = torch.stack([torch.randperm(experts - 2, generator=gen)[: top_k - 1] + 1 for _ in range(tokens)])
+    ids = torch.cat([torch.zeros(tokens, 1, dtype=torch.long), others], dim=1)
+    weights = torch.rand(tokens, top_k, generator=gen)
+    grad = torch.randn(tokens, hidden, generator=gen)
+    return (gate, up, down), x, ids, weights, grad
+
+
+def dequantize_int8(w: torch.Tensor) -> torch.Tensor:
+    """The weights int8 packing represents: per output channel scale = max|w| / 127, q = round(w / scale)."""
+    scale = w.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def reference(x, ids, weights, gate, up, down):
+    """Float64 MoE forward (differentiable in x and weights)."""
+    x, weights = x.double(), weights.double()
+    pair_expert = ids.flatten()
+    xs = x.repeat_interleave(ids.shape[1], dim=0)
+    g = torch.einsum("pih,ph->pi", gate.double()[pair_expert], xs)
+    u = torch.einsum("pih,ph->pi", up.double()[pair_expert], xs)
+    o = torch.einsum("phi,pi->ph", down.double()[pair_expert], torch.nn.functional.silu(g) * u)
+    return (o.view(*ids.shape, -1) * weights[..., None]).sum(dim=1)
+
+
+def reference_grads(x, ids, weights, grad, experts):
+    xr = x.double().requires_grad_()
+    wr = weights.double().requires_grad_()
+    y = reference(xr, ids, wr, *experts)
+    y.backward(grad.double())
+    return y.detach(), xr.grad, wr.grad
+
+
+def run_kernel(x, ids, weights, grad, packed):
+    xk = x.clone().requires_grad_()
+    wk = weights.clone().requires_grad_()
+    y = moe.cpu_moe(xk, ids, wk, packed)
+    y.backward(grad.to(y.dtype))
+    return y.detach(), xk.grad, wk.grad
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    error = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol} * max|ref| {scale:.3g}"
+
+
+def tolerance(isa: str, weight_dtype: str) -> float:
+    if weight_dtype == "int8":
+        return 3e-2
+    return 2e-2 if isa == "amx" else 1e-5
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_matches_float64_reference(force_isa, isa, weight_dtype, shape):
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES[shape])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    if weight_dtype == "int8":
+        experts = tuple(dequantize_int8(w) for w in experts)
+    want = reference_grads(x, ids, weights, grad, experts)
+    got = run_kernel(x, ids, weights, grad, packed)
+    tol = tolerance(isa, weight_dtype)
+    for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
+        assert g.dtype == torch.float32
+        assert_close(g, w, tol, f"{isa}/{weight_dtype}/{shape} {name}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_inputs_keep_dtype(force_isa, isa):
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    x = x.bfloat16()
+    want = reference_grads(x, ids, weights, grad, experts)
+    got = run_kernel(x, ids, weights, grad, packed)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
+        assert_close(g, w, 3e-2, f"{isa}/bf16 input {name}")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_gradients_match_finite_differences(force_isa, isa):
+    """Directional derivatives of L = <y, dy> by central differences, L(z + eps v) - L(z - eps v) = 2 eps <grad, v>.
+
+    The kernel's forward is evaluated in fp32, so eps = 1e-2 keeps the O(eps^2) truncation and the fp32
+    noise (about 1e-7 / eps relative) both near 1e-4; the routing weights enter linearly (exact).
+    """
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    _, grad_x, grad_w = run_kernel(x, ids, weights, grad, packed)
+    gen = torch.Generator().manual_seed(1)
+    vx, vw = torch.randn(x.shape, generator=gen), torch.randn(weights.shape, generator=gen)
+
+    def loss(x_, w_):
+        with torch.no_grad():
+            return (moe.cpu_moe(x_, ids, w_, packed).double() * grad.double()).sum().item()
+
+    eps = 1e-2
+    dx_numeric = (loss(x + eps * vx, weights) - loss(x - eps * vx, weights)) / (2 * eps)
+    dw_numeric = (loss(x, weights + eps * vw) - loss(x, weights - eps * vw)) / (2 * eps)
+    assert dx_numeric == pytest.approx((grad_x * vx).sum().item(), rel=2e-3)
+    assert dw_numeric == pytest.approx((grad_w * vw).sum().item(), rel=2e-3)
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_deterministic_across_runs_and_threads(force_isa, isa, weight_dtype):
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["busy_expert_top3"])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    first = run_kernel(x, ids, weights, grad, packed)
+    second = run_kernel(x, ids, weights, grad, packed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_kernel(x, ids, weights, grad, packed)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_no_grad_forward_equals_training_forward(extension):
+    experts, x, ids, weights, grad = make_case(*SHAPES["top6"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    with torch.no_grad():
+        inference = moe.cpu_moe(x, ids, weights, packed)
+    training = run_kernel(x, ids, weights, grad, packed)[0]
+    assert torch.equal(inference, training)
+
+
+def test_empty_batch(extension):
+    experts, x, ids, weights, _ = make_case(*SHAPES["top6"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    y = moe.cpu_moe(x[:0], ids[:0], weights[:0], packed)
+    assert y.shape == (0, x.shape[1])
+
+
+def test_packed_layout_sizes(extension):
+    """H = 100 -> 128 and I = 70 -> 128 after padding to 64; gate/up interleave -> 2I' = 256 rows."""
+    experts, *_ = make_case(*SHAPES["odd_sizes_top2"])
+    bf16 = moe.PackedExperts.from_weights(*experts)
+    assert bf16.gate_up.shape == (5, 256 // 32, 128 // 2, 32, 2) and bf16.gate_up.dtype == torch.bfloat16
+    assert bf16.down.shape == (5, 128 // 32, 128 // 2, 32, 2)
+    int8 = moe.PackedExperts.from_weights(*experts, weight_dtype="int8")
+    assert int8.gate_up.shape == (5, 256 // 32, 128 // 4, 32, 4) and int8.gate_up.dtype == torch.int8
+    assert int8.gate_up_scale.shape == (5, 256) and int8.down_colsum.shape == (5, 128)
+
+
+def test_bad_inputs_raise_value_error(extension):
+    experts, x, ids, weights, _ = make_case(*SHAPES["top6"])
+    with pytest.raises(ValueError, match="weight_dtype"):
+        moe.PackedExperts.from_weights(*experts, weight_dtype="fp8")
+    with pytest.raises(ValueError, match="down_proj"):
+        moe.PackedExperts.from_weights(experts[0], experts[1], experts[0])
+    packed = moe.PackedExperts.from_weights(*experts)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe.cpu_moe(x, ids + 8, weights, packed)
+    with pytest.raises(ValueError, match="x must be"):
+        moe.cpu_moe(x[:, :-1], ids, weights, packed)
+
+
+def test_forced_isa_validation(extension, monkeypatch):
+    monkeypatch.setenv("DPO_LLAMA_MOE_ISA", "sse9")
+    with pytest.raises(ValueError, match="DPO_LLAMA_MOE_ISA"):
+        moe.selected_isa()
+    monkeypatch.delenv("DPO_LLAMA_MOE_ISA")
+    assert moe.selected_isa() == moe.available_isas()[0]
+    assert moe.available_isas()[-1] == "portable"
+    missing = [isa for isa in ISAS if isa not in moe.available_isas()]
+    if missing:
+        monkeypatch.setenv("DPO_LLAMA_MOE_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="only runs"):
+            moe.selected_isa()
+
+
+def test_amx_runs_in_a_subprocess(extension):
+    """A real tile instruction path in a fresh process: a fault there cannot take the test run down."""
+    if "amx" not in moe.available_isas():
+        pytest.skip("AMX not runnable here (CPUID, XCR0 or arch_prctl, or the forked tile probe failed)")
+    script = textwrap.dedent(
+        """
+        import torch
+        from dpo_llama.models import cpu_moe as moe
+        moe.load_extension(verbose=False)
+        g, u, d = torch.randn(2, 64, 64), torch.randn(2, 64, 64), torch.randn(2, 64, 64)
+        y = moe.cpu_moe(torch.randn(3, 64), torch.tensor([[0], [1], [0]]), torch.ones(3, 1),
+                        moe.PackedExperts.from_weights(g, u, d))
+        assert torch.isfinite(y).all()
+        print("ok")
+        """
+    )
+    env = dict(os.environ, DPO_LLAMA_MOE_ISA="amx")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
+def test_cuda_inputs_round_trip(extension):
+    experts, x, ids, weights, grad = make_case(*SHAPES["top6"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    want = run_kernel(x, ids, weights, grad, packed)
+    got = run_kernel(x.cuda(), ids.cuda(), weights.cuda(), grad.cuda(), packed)
+    assert got[0].device.type == "cuda" and got[1].device.type == "cuda"
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
