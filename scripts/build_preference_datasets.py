@@ -30,9 +30,10 @@ import torch
 
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model, parse_dtype
-from dpo_llama.models.lora import find_adapter, load_model_with_lora, quantize_frozen_layers
+from dpo_llama.models.lora import find_adapter, load_lora, quantize_frozen_layers, read_lora_config
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils.finetune import prepare_model
 from dpo_llama.utils.dataset_io import length_stats, split_train_val, write_dataset
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
                                              is_unpaired_dataset, model_fingerprint, store_reference,
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
+    p.add_argument("--experts-backend", default="torch", choices=["torch", "cpu_kernel"],
+                   help="MoE models: routed experts in PyTorch or the C++ CPU kernel (use the policy's choice)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per reference batch")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per reference batch")
     p.add_argument("--output", default=demo.PREFERENCE_DATASET, help="output directory")
@@ -79,15 +82,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_reference(args, device: torch.device, dtype_name: str):
     """The reference model, built exactly as the DPO policy will be at step 0."""
-    dtype = parse_dtype(dtype_name)
+    lora_cfg, lora_dir = None, None
     if args.lora:
-        return load_model_with_lora(args.ref_model, None, device, dtype, find_adapter(args.lora)[0])
-    if args.quant_4bit == "none":
-        return load_model(args.ref_model, device, dtype)
-    quant = Quant4bitConfig(args.quant_4bit, args.quant_4bit_blocksize, args.quant_4bit_double,
-                            parse_dtype(args.quant_4bit_compute_dtype))
-    return load_model(args.ref_model, device, dtype,
-                      prepare=lambda m: quantize_frozen_layers(m, quant))
+        lora_dir = find_adapter(args.lora)[0]
+        lora_cfg, _ = read_lora_config(lora_dir)
+
+    def prepare(model):
+        if args.quant_4bit != "none" and lora_cfg is None:
+            quantize_frozen_layers(model, Quant4bitConfig(args.quant_4bit, args.quant_4bit_blocksize,
+                                                          args.quant_4bit_double,
+                                                          parse_dtype(args.quant_4bit_compute_dtype)))
+        prepare_model(model.requires_grad_(False), args.experts_backend, lora_cfg)
+
+    model = load_model(args.ref_model, device, parse_dtype(dtype_name), prepare=prepare)
+    if lora_dir is not None:
+        load_lora(model, lora_dir)
+    return model
 
 
 def tokenize_and_split(args, tokenizer):
@@ -109,6 +119,9 @@ def add_reference(args, train, validation, tokenizer) -> dict:
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     model = load_reference(args, device, dtype_name)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the reference model {args.ref_model} "
+                         f"only {model.args.vocab_size}: use the model's own tokenizer")
     fingerprint = model_fingerprint(model, args.ref_model, args.lora and find_adapter(args.lora)[0], dtype_name,
                                     tokenizer, args.template)
     sequences = all_sequences(train, args.max_seq_len) + all_sequences(validation, args.max_seq_len)

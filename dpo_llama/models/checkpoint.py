@@ -85,22 +85,23 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
                 yield key, f.get_tensor(key)
 
 
-def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Puts ``tensor`` at ``key`` in ``model``, letting the owning module intercept it via ``load_tensor``."""
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor, device: str | torch.device = "cpu") -> None:
+    """Puts ``tensor`` at ``key`` in ``model`` on ``device``, letting the owning module intercept it via
+    ``load_tensor`` (and choose another device through a ``load_device`` attribute)."""
     module_path, _, name = key.rpartition(".")
     try:
         module = model.get_submodule(module_path)
     except AttributeError:
         raise ValueError(f"unexpected key {key!r}: the model has no module {module_path!r}") from None
     if hasattr(module, "load_tensor"):
-        module.load_tensor(name, tensor)
+        module.load_tensor(name, tensor.to(getattr(module, "load_device", None) or device))
         return
     old = module._parameters.get(name)
     if old is None:
         raise ValueError(f"unexpected key {key!r}: {type(module).__name__} has no parameter {name!r}")
     if old.shape != tensor.shape:
         raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(old.shape)}")
-    module._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    module._parameters[name] = nn.Parameter(tensor.to(device), requires_grad=old.requires_grad)
 
 
 def missing_keys(model: nn.Module) -> list[str]:
@@ -132,7 +133,7 @@ def load_model(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu", 
     for key, tensor in iter_safetensors(weight_files(ckpt_dir)):
         if tensor.is_floating_point() and dtype is not None:
             tensor = tensor.to(dtype)
-        assign_tensor(model, key, tensor.to(device))
+        assign_tensor(model, key, tensor, device)
     missing = missing_keys(model)
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir} lacks {len(missing)} weights, e.g. {missing[:5]}")

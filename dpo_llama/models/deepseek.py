@@ -437,9 +437,9 @@ class DeepseekTransformer(nn.Module):
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
         if name == "cpu_kernel":
             load_cpu_kernel()
-        self.args.experts_backend = name
         for moe in self.moe_layers():
-            moe.experts.backend = name
+            moe.experts.set_backend(name)
+        self.args.experts_backend = name
 
     def attention_modules(self) -> list[nn.Module]:
         """The attention modules that hold a KV cache during generation."""

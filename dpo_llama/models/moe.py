@@ -18,9 +18,13 @@ differentiable in ``x`` and ``topk_weights``:
 
 * ``"torch"``: tokens are grouped by expert (argsort of the flat expert ids), each expert multiplies one
   contiguous slice, the weighted rows are ``index_add``-ed back to their tokens.
-* ``"cpu_kernel"``: the C++ kernel of ``dpo_llama.models.cpu_moe`` (experts packed once and cached). It
-  computes no expert-weight gradients, so the experts must be frozen. Selecting it when the kernel is
-  missing raises a ``RuntimeError``: no silent fallback to a backend with other speed and memory needs.
+* ``"cpu_kernel"``: the C++ kernel of ``dpo_llama.models.cpu_moe``. The experts are packed ONCE into the
+  kernel's blocked bf16 layout in CPU RAM — as their tensors stream in while loading, or when the backend is
+  selected on a loaded model — and the full-precision weights are then freed, so the experts are never
+  held twice nor on the GPU. With the rest of the model on CUDA, inputs and outputs cross through pinned
+  buffers (hybrid GPU + CPU training). It computes no expert-weight gradients, so the experts must be
+  frozen. Selecting it when the kernel is missing raises a ``RuntimeError``: no silent fallback to a
+  backend with other speed and memory needs.
 
 Experts can be frozen as 4-bit weights (``RoutedExperts.quantize_4bit``, ``dpo_llama.models.quant``), one
 ``Packed4bit`` per expert and matrix; the torch backend dequantizes one expert at a time, on the fly.
@@ -188,7 +192,7 @@ class RoutedExperts(nn.Module):
         self.backend = backend
         self.quant = None
         self.packed: dict[str, list] | None = None
-        self._kernel_cache: tuple[tuple, Any] | None = None
+        self.kernel_packed: Any = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -223,8 +227,14 @@ class RoutedExperts(nn.Module):
             if weight is not None and not weight.is_meta:
                 self.load_tensor(name, weight.detach())
 
+    @property
+    def load_device(self) -> str | None:
+        """Where checkpoint tensors should arrive (``load_model`` honours it): the CPU for the kernel backend."""
+        return "cpu" if self.backend == "cpu_kernel" else None
+
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Receives a checkpoint tensor (``load_model``); 4-bit experts are quantized on arrival."""
+        """Receives a checkpoint tensor (``load_model``); 4-bit experts are quantized on arrival, and for the
+        ``cpu_kernel`` backend the experts are packed once all three weights have arrived."""
         if name not in EXPERT_WEIGHTS:
             raise ValueError(f"unexpected tensor {name!r} for RoutedExperts")
         if tuple(tensor.shape) != self.shape_of(name):
@@ -232,11 +242,45 @@ class RoutedExperts(nn.Module):
                              f"expected {self.shape_of(name)}")
         if self.quant is None:
             setattr(self, name, nn.Parameter(tensor, requires_grad=getattr(self, name).requires_grad))
+            if self.backend == "cpu_kernel" and not any(getattr(self, n).is_meta for n in EXPERT_WEIGHTS):
+                self.pack_for_kernel()
             return
         from dpo_llama.models.quant import quantize_4bit  # bitsandbytes is only needed for 4-bit experts
         self.packed = self.packed or {}
         self.packed[name] = [quantize_4bit(weight, self.quant) for weight in tensor]
         setattr(self, name, None)
+
+    def set_backend(self, name: str) -> None:
+        """Selects ``"torch"`` or ``"cpu_kernel"``; the latter packs loaded weights now (see the module docstring).
+
+        Raises:
+            RuntimeError: the kernel is unavailable, the experts are 4-bit, or (back to ``"torch"``) their
+                full-precision weights were already freed by packing.
+        """
+        if name not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
+        if name == "cpu_kernel":
+            load_cpu_kernel()
+            if self.quant is not None:
+                raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; use experts_backend='torch'")
+        elif self.kernel_packed is not None:
+            raise RuntimeError("these experts were packed for 'cpu_kernel' and their full-precision weights freed; "
+                               "reload the model to use the 'torch' backend")
+        self.backend = name
+        if name == "cpu_kernel" and self.gate_proj is not None and not self.gate_proj.is_meta:
+            self.pack_for_kernel()
+
+    def pack_for_kernel(self) -> None:
+        """Packs the (frozen) experts into the kernel's CPU layout and frees the full-precision weights."""
+        weights = [getattr(self, name) for name in EXPERT_WEIGHTS]
+        if any(w.requires_grad for w in weights):
+            raise RuntimeError("experts backend 'cpu_kernel' computes no gradients for expert weights: freeze them "
+                               "(requires_grad_(False)) or use experts_backend='torch'")
+        cpu_moe = load_cpu_kernel()
+        self.kernel_packed = cpu_moe.PackedExperts.from_weights(*(w.detach().cpu() for w in weights),
+                                                                weight_dtype="bf16")
+        for name in EXPERT_WEIGHTS:
+            setattr(self, name, None)
 
     def _apply(self, fn, recurse=True):
         """``.to`` / ``.cuda`` also move 4-bit experts (never cast them)."""
@@ -268,16 +312,8 @@ class RoutedExperts(nn.Module):
         raise ValueError(f"unknown experts backend {self.backend!r}; choose from {EXPERT_BACKENDS}")
 
     def cpu_kernel_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """The ``"cpu_kernel"`` backend (frozen, full-precision experts only)."""
+        """The ``"cpu_kernel"`` backend: packs on first use if needed, then runs the kernel (CPU or hybrid)."""
         cpu_moe = load_cpu_kernel()
-        if self.quant is not None:
-            raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; use experts_backend='torch'")
-        weights = (self.gate_proj, self.up_proj, self.down_proj)
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            raise RuntimeError("experts backend 'cpu_kernel' computes no gradients for expert weights: freeze them "
-                               "(requires_grad_(False)) or use experts_backend='torch'")
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = None
-            self._kernel_cache = (key, cpu_moe.PackedExperts.from_weights(*weights, weight_dtype="bf16"))
-        return cpu_moe.cpu_moe(x, topk_ids, topk_weights, self._kernel_cache[1])
+        if self.kernel_packed is None:
+            self.set_backend("cpu_kernel")
+        return cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES
-from dpo_llama.models.lora import as_lora_config, load_lora, load_model_with_lora, read_lora_config, save_lora
+from dpo_llama.models.checkpoint import DTYPES, load_model
+from dpo_llama.models.lora import LoRAConfig, apply_lora, as_lora_config, load_lora, read_lora_config, save_lora
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils.trainer import set_seed
 
@@ -40,7 +40,8 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
     """The model to train: checkpoint + LoRA (+ 4-bit) per ``cfg``, optionally continuing a saved adapter.
 
     With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
-    the config's LoRA fields are then ignored and a note is printed. Fresh LoRA A matrices are drawn after
+    the config's LoRA fields are then ignored and a note is printed. With ``experts_backend="cpu_kernel"``
+    a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when ``device`` is CUDA). Fresh LoRA A matrices are drawn after
     seeding with ``cfg.seed``, so a run's starting point depends on its flags only.
     """
     set_seed(cfg.seed)
@@ -50,11 +51,23 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
         lora_cfg, _ = read_lora_config(lora_dir)
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)
-    model = load_model_with_lora(cfg.pretrain_ckpt_dir, lora_cfg, device, dtype, lora_dir)
+    model = load_model(cfg.pretrain_ckpt_dir, device, dtype,
+                       prepare=lambda m: prepare_model(m, cfg.experts_backend, lora_cfg))
+    if lora_dir is not None:
+        load_lora(model, lora_dir)
     model.activation_checkpointing = cfg.activation_checkpointing
-    if hasattr(model, "set_experts_backend"):
-        model.set_experts_backend(cfg.experts_backend)
     return model
+
+
+def prepare_model(model: nn.Module, experts_backend: str, lora_cfg: LoRAConfig | None = None) -> None:
+    """On the meta-device model, before weights stream in: LoRA / 4-bit layers, then the MoE experts backend
+    (with ``"cpu_kernel"`` the frozen experts are packed into CPU RAM as they load, never reaching the GPU)."""
+    if lora_cfg is not None:
+        apply_lora(model, lora_cfg)
+    if hasattr(model, "set_experts_backend"):
+        model.set_experts_backend(experts_backend)
+    elif experts_backend != "torch":
+        raise ValueError(f"experts_backend={experts_backend!r} needs a MoE model; this is a {model.args.model_type}")
 
 
 def adapter_callbacks(model: nn.Module, base_info: dict) -> tuple[Callable[[Path], None], Callable[[Path], None]]:

@@ -18,8 +18,8 @@ log-probs.
 
 Truncation to ``max_seq_len`` (prompt + the longer continuation): first the prompt is cut to its last
 ``max(min(max_prompt_len, max_seq_len - 1), max_seq_len - longest continuation)`` tokens (its first token is
-kept when it is BOS); then continuations are cut to their first ``max_seq_len - prompt`` tokens. A pair whose continuations are
-identical, or one with no scored token left, is dropped and counted.
+kept when it is BOS); then continuations are cut to their first ``max_seq_len - prompt`` tokens. A pair whose
+continuations are identical, or one with no scored token left, is dropped and counted.
 
 Reference log-probs are the summed log-probs of the scored tokens (float32; the token counts come from the
 masks), computed under ``torch.inference_mode`` in length-sorted batches and saved chunk by chunk, so an
@@ -307,15 +307,16 @@ def compute_reference_logps(model, sequences: Sequence[TokenSequence], pad_id: i
 
 
 def reference_fingerprint(weights_sha256: str, lora_sha256: str | None, quant: dict | None, dtype: str,
-                          tokenizer_fingerprint: str, template: str) -> dict:
+                          experts_backend: str | None, tokenizer_fingerprint: str, template: str) -> dict:
     """What the reference log-probs depend on, plus a digest of it all under ``"digest"``.
 
-    A policy may train on the dataset only if it starts from the same weights (and merged adapter), with the
-    same quantization and dtype, tokenizer and template: otherwise "policy = reference" at step 0 is false and
-    the DPO log-ratios are biased from the first step.
+    A policy may train on the dataset only if it starts from the same weights and adapter, with the same
+    quantization, dtype and MoE experts backend (the C++ kernel computes in bf16), tokenizer and template:
+    otherwise "policy = reference" at step 0 is false and the DPO log-ratios are biased from the first step.
     """
     parts = {"weights_sha256": weights_sha256, "lora_sha256": lora_sha256, "quant": quant, "dtype": dtype,
-             "tokenizer_fingerprint": tokenizer_fingerprint, "template": template}
+             "experts_backend": experts_backend, "tokenizer_fingerprint": tokenizer_fingerprint,
+             "template": template}
     return {**parts, "digest": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()}
 
 
@@ -330,4 +331,5 @@ def model_fingerprint(model, ckpt_dir: str | Path, lora_dir: str | Path | None, 
                       template: str) -> dict:
     """``reference_fingerprint`` of a loaded model: its checkpoint, adapter, actual 4-bit layout and dtype."""
     return reference_fingerprint(checkpoint_fingerprint(ckpt_dir), adapter_fingerprint(lora_dir) if lora_dir else None,
-                                 quantization_summary(model), dtype, tokenizer.fingerprint(), template)
+                                 quantization_summary(model), dtype, getattr(model.args, "experts_backend", None),
+                                 tokenizer.fingerprint(), template)

@@ -1,5 +1,6 @@
 """The MoE router, balancing losses and expert backends against naive per-token references."""
 
+import copy
 import sys
 
 import pytest
@@ -177,6 +178,16 @@ def cpu_kernel_or_skip():
     return cpu_moe
 
 
+def kernel_inputs(x, ids, weights):
+    """Fresh leaf copies of the routing inputs (each backend gets its own gradients)."""
+    return x.detach().clone().requires_grad_(), ids, weights.detach().clone().requires_grad_()
+
+
+def backward_of(out, x, weights):
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, weights.grad
+
+
 def test_cpu_kernel_backend_equals_torch_backend(monkeypatch):
     """Weights rounded to bf16 first, so the kernel's bf16 packing is exact; the portable ISA keeps fp32
     activations (AMX would round them to bf16), so both backends agree to fp32 rounding."""
@@ -187,27 +198,46 @@ def test_cpu_kernel_backend_equals_torch_backend(monkeypatch):
         for p in experts.parameters():
             p.copy_(p.bfloat16().float())
     experts.requires_grad_(False)
+    kernel_experts = copy.deepcopy(experts)
+    kernel_experts.set_backend("cpu_kernel")
     x, ids, weights = routing_inputs()
-    expected = grads(experts, experts, x, ids, weights)[:3]
-    experts.backend = "cpu_kernel"
-    got = grads(experts, experts, x, ids, weights)[:3]
+    inputs = kernel_inputs(x, ids, weights)
+    expected = backward_of(experts(*inputs), inputs[0], inputs[2])
+    inputs = kernel_inputs(x, ids, weights)
+    got = backward_of(kernel_experts(*inputs), inputs[0], inputs[2])
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_kernel_packs_once_and_repacks_after_a_weight_change():
+def test_cpu_kernel_packs_once_and_frees_the_full_precision_weights():
     cpu_kernel_or_skip()
     experts = make_experts().requires_grad_(False)
-    experts.backend = "cpu_kernel"
-    x, ids, weights = routing_inputs()
+    experts.set_backend("cpu_kernel")
+    packed = experts.kernel_packed
+    assert packed is not None and experts.gate_proj is None and list(experts.parameters()) == []
     with torch.no_grad():
-        first = experts(x, ids, weights)
-        packed = experts._kernel_cache[1]
-        experts(x, ids, weights)
-        assert experts._kernel_cache[1] is packed
-        experts.down_proj.mul_(2)
-        torch.testing.assert_close(experts(x, ids, weights), 2 * first, atol=1e-3, rtol=1e-3)
-    assert experts._kernel_cache[1] is not packed
+        experts(*routing_inputs())
+    assert experts.kernel_packed is packed
+    with pytest.raises(RuntimeError, match="reload the model"):
+        experts.set_backend("torch")
+
+
+def test_cpu_kernel_experts_are_packed_while_loading(tmp_path):
+    """With the backend chosen before the weights stream in, each layer's experts arrive on the CPU and are
+    packed as soon as all three matrices are there: no full-precision expert weight survives loading."""
+    cpu_kernel_or_skip()
+    from dpo_llama.models.checkpoint import load_model, save_model
+    from dpo_llama.models.deepseek import DeepseekTransformer
+    from dpo_llama.models.presets import get_preset
+
+    reference = DeepseekTransformer(get_preset("tiny-deepseek-v2")).eval()
+    save_model(reference, tmp_path)
+    model = load_model(tmp_path, prepare=lambda m: m.requires_grad_(False).set_experts_backend("cpu_kernel"))
+    for moe in model.moe_layers():
+        assert moe.experts.gate_proj is None and moe.experts.kernel_packed is not None
+    tokens = torch.randint(0, reference.args.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), atol=0.05, rtol=0.05)  # bf16 experts
 
 
 def test_cpu_kernel_refuses_trainable_experts():
