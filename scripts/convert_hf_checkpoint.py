@@ -1,6 +1,6 @@
 """Convert a Hugging Face checkpoint (config.json + safetensors) into a dpo_llama checkpoint.
 
-    python scripts/convert_hf_checkpoint.py --input ~/hf/Llama-3.1-8B-Instruct --output checkpoints/llama-3.1-8b-instruct
+    python scripts/convert_hf_checkpoint.py --input ~/hf/Llama-3.1-8B-Instruct --output ckpt/llama-3.1-8b-instruct
 
 Supports ``model_type`` "llama" (LLaMA-2/3/3.1/3.2, TinyLlama) and the DeepSeek MoE families ("deepseek",
 "deepseek_v2"). Tensors are streamed one at a time; the output is sharded like the input.

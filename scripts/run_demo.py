@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage and a small evaluation")
     parser.add_argument("--extra-loss", default="ipo", choices=["none", "ipo", "simpo", "robust", "hinge", "orpo"],
                         help="also train this loss on the same data and report it (default: ipo)")
-    parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to generate for (default: all)")
+    parser.add_argument("--eval-prompts", type=int, default=None,
+                        help="number of held-out prompts to answer (default: all)")
     return parser.parse_args(argv)
 
 

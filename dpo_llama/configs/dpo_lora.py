@@ -22,13 +22,13 @@ class DPOLoRAConfig(FinetuneConfig):
     train_data_dir: str = field(default=demo.PREFERENCE_DATASET,
                                 metadata={"help": "Dataset from scripts/build_preference_datasets.py."})
     init_lora_dir: str | None = field(
-        default=None, metadata={"help": "Continue this adapter (or the latest step of a run's ckpt_dir); it must be the "
-                                        "one the dataset's reference was built with (--lora there)."})
+        default=None, metadata={"help": "Continue this adapter (or the latest step of a run's ckpt_dir); it must "
+                                        "be the one the dataset's reference was built with (--lora there)."})
     loss_type: LossType = field(default="sigmoid", metadata={
         "help": "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo, hinge = SLiC, simpo and orpo "
                 "(reference-free), kto (unpaired data)."})
-    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the implicit reward β·log(π/π_ref)."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "ε of cDPO (sigmoid) and rDPO (robust): label noise."})
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the reward β·log(π/π_ref)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label-noise ε of cDPO (sigmoid) and rDPO (robust)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin γ."})
     sft_weight: float = field(default=0.0, metadata={"help": "Weight of the chosen responses' NLL (RPO); ORPO's λ=1."})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of desirable examples."})
@@ -38,7 +38,7 @@ class DPOLoRAConfig(FinetuneConfig):
     reference_check_tolerance: float = field(
         default=1e-2, metadata={"help": "Largest |policy - reference| summed log-prob accepted at step 0."})
     ckpt_dir: str = field(default=demo.DPO_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
-    log_dir: str = field(default=demo.LOG_DIR, metadata={"help": "TensorBoard root; this run logs to log_dir/run_name."})
+    log_dir: str = field(default=demo.LOG_DIR, metadata={"help": "TensorBoard root; logs go to log_dir/run_name."})
     run_name: str = field(default="demo-dpo", metadata={"help": "Name of this run's log sub-directory."})
     max_train_steps: int = field(default=200, metadata={"help": "Number of optimizer steps."})
     micro_batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward pass (2x sequences)."})
@@ -46,7 +46,7 @@ class DPOLoRAConfig(FinetuneConfig):
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
     val_interval: int = field(default=50, metadata={"help": "Validate every this many steps (0 = only at the end)."})
-    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every this many steps (0 = only at the end)."})
+    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     log_interval: int = field(default=25, metadata={"help": "Print a summary line every this many steps."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_attn_key: bool = field(default=True, metadata={"help": "LoRA on k_proj (MLA: kv_a_proj_with_mqa)."})

@@ -16,7 +16,7 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
     """Training (``TrainConfig``) + LoRA / 4-bit (``LoRAConfig``) + what to train on."""
 
     pretrain_ckpt_dir: str = field(default="", metadata={"help": "Starting weights: a dpo_llama checkpoint directory."})
-    train_data_dir: str = field(default="", metadata={"help": "Dataset directory (train.pkl, validation.pkl, meta.json)."})
+    train_data_dir: str = field(default="", metadata={"help": "Dataset dir (train.pkl, validation.pkl, meta.json)."})
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "Dtype of the frozen weights; auto = bf16 on CUDA, fp32 on CPU."})
     activation_checkpointing: bool = field(
@@ -24,7 +24,7 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
     experts_backend: Literal["torch", "cpu_kernel"] = field(
         default="torch", metadata={"help": "MoE models: routed experts in PyTorch, or in the C++ CPU kernel."})
     aux_loss_weight: float = field(
-        default=1.0, metadata={"help": "MoE models: weight of the router load-balancing loss (its alpha is in params)."})
+        default=1.0, metadata={"help": "MoE models: weight of the router balancing loss (its alpha is in params)."})
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)

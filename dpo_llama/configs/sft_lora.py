@@ -13,11 +13,11 @@ from dpo_llama.configs.finetune import FinetuneConfig
 class SFTLoRAConfig(FinetuneConfig):
     """Supervised fine-tuning with LoRA: loss on assistant tokens only, averaged over the step's target tokens."""
 
-    pretrain_ckpt_dir: str = field(default=str(demo.BASE_MODEL), metadata={"help": "Starting weights (checkpoint dir)."})
+    pretrain_ckpt_dir: str = field(default=str(demo.BASE_MODEL), metadata={"help": "Starting weights (checkpoint)."})
     train_data_dir: str = field(default=demo.SFT_DATASET,
                                 metadata={"help": "Dataset from scripts/build_finetune_datasets.py."})
     ckpt_dir: str = field(default=demo.SFT_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
-    log_dir: str = field(default=demo.LOG_DIR, metadata={"help": "TensorBoard root; this run logs to log_dir/run_name."})
+    log_dir: str = field(default=demo.LOG_DIR, metadata={"help": "TensorBoard root; logs go to log_dir/run_name."})
     run_name: str = field(default="demo-sft", metadata={"help": "Name of this run's log sub-directory."})
     max_train_steps: int = field(default=300, metadata={"help": "Number of optimizer steps."})
     micro_batch_size: int = field(default=16, metadata={"help": "Examples per forward/backward pass."})
@@ -25,7 +25,7 @@ class SFTLoRAConfig(FinetuneConfig):
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
     val_interval: int = field(default=100, metadata={"help": "Validate every this many steps (0 = only at the end)."})
-    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every this many steps (0 = only at the end)."})
+    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     log_interval: int = field(default=50, metadata={"help": "Print a summary line every this many steps."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_attn_key: bool = field(default=True, metadata={"help": "LoRA on k_proj (MLA: kv_a_proj_with_mqa)."})

@@ -150,7 +150,8 @@ def _pad_to(weights: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def _interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``[E, I, H]`` twice -> ``[E, 2I, H]`` with 32-row panels alternating gate, up, gate, up, ..."""
     experts, inter, hidden = gate.shape
-    panels = (gate.reshape(experts, inter // _PANEL, _PANEL, hidden), up.reshape(experts, inter // _PANEL, _PANEL, hidden))
+    panels = (gate.reshape(experts, inter // _PANEL, _PANEL, hidden),
+              up.reshape(experts, inter // _PANEL, _PANEL, hidden))
     return torch.stack(panels, dim=2).reshape(experts, 2 * inter, hidden)
 
 
@@ -234,7 +235,8 @@ class PackedExperts:
         if weight_dtype not in _WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype={weight_dtype!r}: expected one of {', '.join(_WEIGHT_DTYPES)}")
         if gate_proj.dim() != 3 or up_proj.shape != gate_proj.shape:
-            raise ValueError(f"gate_proj/up_proj must both be [E, I, H], got {tuple(gate_proj.shape)}, {tuple(up_proj.shape)}")
+            raise ValueError(f"gate_proj/up_proj must both be [E, I, H], got {tuple(gate_proj.shape)}, "
+                             f"{tuple(up_proj.shape)}")
         experts, inter, hidden = gate_proj.shape
         if tuple(down_proj.shape) != (experts, hidden, inter):
             raise ValueError(f"down_proj must be [E, H, I] = {(experts, hidden, inter)}, got {tuple(down_proj.shape)}")
@@ -262,7 +264,8 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     on_cuda = [t for t in tensors if t.is_cuda]
     if not on_cuda:
         return tensors
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+            for t in tensors]
     torch.cuda.current_stream(on_cuda[0].device).synchronize()
     return host
 
@@ -317,7 +320,8 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.is_floating_point():
-        raise ValueError(f"topk_ids must be an integer [T, k] tensor with T = {x.shape[0]}, got {tuple(topk_ids.shape)}")
+        raise ValueError(f"topk_ids must be an integer [T, k] tensor with T = {x.shape[0]}, "
+                         f"got {tuple(topk_ids.shape)}")
     if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
         raise ValueError(f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}")
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= packed.num_experts):

@@ -51,7 +51,8 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, t
     if not prompt_ids:
         raise ValueError("generate() needs a non-empty prompt")
     if len(prompt_ids) >= model.args.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room below max_seq_len={model.args.max_seq_len}")
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room below "
+                         f"max_seq_len={model.args.max_seq_len}")
     total = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
     device = next(model.parameters()).device
     was_training = model.training

@@ -262,7 +262,8 @@ class RoutedExperts(nn.Module):
         if name == "cpu_kernel":
             load_cpu_kernel()
             if self.quant is not None:
-                raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; use experts_backend='torch'")
+                raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; "
+                                   "use experts_backend='torch'")
         elif self.kernel_packed is not None:
             raise RuntimeError("these experts were packed for 'cpu_kernel' and their full-precision weights freed; "
                                "reload the model to use the 'torch' backend")
