@@ -1,4 +1,4 @@
-"""Test-wide settings: offline Hugging Face, deterministic torch, quiet progress bars."""
+"""Test-wide settings: offline Hugging Face, seeded and single-threaded torch, quiet progress bars."""
 
 import os
 
@@ -13,3 +13,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Runs each module's tests with one torch thread, then restores the previous count.
+
+    The test models are tiny: a second thread buys nothing, and when other processes keep the cores busy
+    OpenMP's waiting threads make each small matmul hundreds of times slower. Tests about threading set
+    their thread counts themselves.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -182,11 +182,12 @@ def test_deterministic_across_runs_and_threads(force_isa, isa, weight_dtype):
     force_isa(isa)
     experts, x, ids, weights, grad = make_case(*SHAPES["busy_expert_top3"])
     packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
-    first = run_kernel(x, ids, weights, grad, packed)
-    second = run_kernel(x, ids, weights, grad, packed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(2)
+        first = run_kernel(x, ids, weights, grad, packed)
+        second = run_kernel(x, ids, weights, grad, packed)
+        torch.set_num_threads(1)
         single = run_kernel(x, ids, weights, grad, packed)
     finally:
         torch.set_num_threads(threads)

@@ -1,0 +1,222 @@
+"""dpo_llama/run_dpo_lora.py driven only by command-line overrides: the step-0 check, the fingerprint gate,
+learning a preference, every loss type, data refusals and the whole SFT -> DPO -> merge chain.
+
+The preference data are synthetic (tests/pipeline_fixtures.py): chosen answers name colours, rejected ones
+name animals, so a tiny random LLaMA with LoRA learns to prefer the chosen answers of unseen prompts.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_llama.models.checkpoint import load_model
+from dpo_llama.models.lora import LoRAConfig, adapter_fingerprint, find_adapter, load_model_with_lora, save_lora
+from dpo_llama.run_dpo_lora import main as run_dpo
+from dpo_llama.run_sft_lora import main as run_sft
+from dpo_llama.utils.dataset_io import META_FILE
+from scripts.build_finetune_datasets import main as build_sft
+from scripts.build_preference_datasets import main as build_preference
+from scripts.convert_lora_checkpoint import main as merge_lora
+from tests.pipeline_fixtures import (SMALL_RUN, flags, kto_rows, preference_rows, read_history, series, sft_rows,
+                                     tiny_llama, write_jsonl)
+from tests.tokenizer_fixtures import make_sentencepiece
+
+LN2 = math.log(2)
+TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer, base checkpoint, pair / KTO files, and a paired dataset (18 train, 6 validation) whose
+    reference is the base model."""
+    root = tmp_path_factory.mktemp("dpo")
+    tokenizer = make_sentencepiece(root / "tok")
+    ws = {"root": root, "tokenizer": tokenizer, "base": tiny_llama(root / "base", tokenizer),
+          "pairs": write_jsonl(root / "pairs.jsonl", preference_rows(24)),
+          "kto": write_jsonl(root / "kto.jsonl", kto_rows(16))}
+    ws["data"] = build(ws, root / "data")
+    return ws
+
+
+def build(ws: dict, out: Path, *switches: str, **options) -> Path:
+    """Builds a preference dataset (pairs by default, reference = the base model) and returns its directory."""
+    argv = [*switches] + flags(**{"input": ws["pairs"], "ref_model": ws["base"], "template": "llama2",
+                                  "output": out, "val_ratio": 0.25, **options})
+    assert build_preference(argv) == 0
+    return out
+
+
+def dpo_argv(ws: dict, out: Path, **overrides) -> list[str]:
+    """Flags of a small DPO run on the workspace's dataset writing to ``out``; ``overrides`` win."""
+    return flags(**{**SMALL_RUN, "pretrain_ckpt_dir": ws["base"], "train_data_dir": ws["data"],
+                    "ckpt_dir": out / "ckpt", "log_dir": out / "logs", "run_name": "run", **overrides})
+
+
+def reference_check(out: Path) -> dict:
+    return json.loads((out / "logs" / "run" / "reference_check.json").read_text())
+
+
+def test_policy_starts_at_the_reference_ln2_and_zero_rewards(ws, tmp_path):
+    """The written check: policy log-probs equal the stored ones, sigmoid loss ln 2, zero rewards; the first
+    logged training step (computed before its update) agrees."""
+    assert run_dpo(dpo_argv(ws, tmp_path, max_train_steps=1)) == 0
+    check = reference_check(tmp_path)
+    assert check["max_abs_logp_diff"] < 1e-5 and check["mean_abs_reward"] < 1e-6
+    assert check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-6) and check["pairs"] == 4
+    first = read_history(tmp_path / "logs" / "run")[1]
+    assert first["train/loss"] == pytest.approx(LN2, abs=1e-6)
+    for name in ("chosen", "rejected", "margins", "accuracies"):
+        assert first[f"train/rewards/{name}"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_qlora_policy_passes_against_an_nf4_reference(ws, tmp_path):
+    """--quant-4bit nf4 in the builder quantizes what --quant-4bit true --quant-lora-4bit true quantizes in
+    training, identically: same fingerprint, log-probs equal at step 0."""
+    data = build(ws, tmp_path / "nf4", quant_4bit="nf4")
+    qlora = dict(quant_4bit=True, quant_lora_4bit=True, max_train_steps=1)
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, **qlora)) == 0
+    check = reference_check(tmp_path)
+    assert check["max_abs_logp_diff"] < 1e-4 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-5)
+
+
+def test_full_precision_reference_is_refused_for_a_qlora_policy(ws, tmp_path, capsys):
+    """The dataset's reference was not quantized: refused naming the quant part, unless
+    --allow-reference-mismatch, which trains with a warning and still measures the (now nonzero) gap."""
+    qlora = dict(quant_4bit=True, quant_lora_4bit=True, quant_4bit_compute_dtype="fp32", max_train_steps=1)
+    assert run_dpo(dpo_argv(ws, tmp_path / "refused", **qlora)) == 1
+    err = capsys.readouterr().err
+    assert "were not computed with this starting policy" in err
+    assert "quant: dataset has None, policy has {" in err and "--allow-reference-mismatch" in err
+    assert run_dpo(dpo_argv(ws, tmp_path / "allowed", allow_reference_mismatch=True, **qlora)) == 0
+    assert "warning: the dataset's reference log-probs" in capsys.readouterr().err
+    assert reference_check(tmp_path / "allowed")["max_abs_logp_diff"] > 1e-4
+
+
+def edit_meta(data: Path, out: Path, edit) -> Path:
+    """A copy of a dataset directory (hard links to the pickles) with an edited meta.json."""
+    out.mkdir()
+    for path in data.iterdir():
+        (out / path.name).hardlink_to(path)
+    (out / META_FILE).unlink()
+    meta = json.loads((data / META_FILE).read_text())
+    edit(meta)
+    (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def test_other_weights_dtype_or_template_are_refused(ws, tmp_path, capsys):
+    """Each fingerprinted part on its own: another checkpoint (same tokenizer), another dtype, and a dataset
+    that says it was rendered with another template than its reference saw."""
+    other = tiny_llama(tmp_path / "other", ws["tokenizer"], seed=1)
+    chatml = edit_meta(ws["data"], tmp_path / "chatml", lambda meta: meta.update(template="chatml"))
+    cases = {"weights_sha256: dataset has": dict(pretrain_ckpt_dir=other),
+             "dtype: dataset has 'fp32', policy has 'bf16'": dict(dtype="bf16"),
+             "template: dataset has 'llama2', policy has 'chatml'": dict(train_data_dir=chatml)}
+    for message, override in cases.items():
+        assert run_dpo(dpo_argv(ws, tmp_path / "run", **override)) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("dataset has") == 1
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_data_tokenized_with_another_tokenizer_is_refused(ws, tmp_path, capsys):
+    """--tokenizer other (same size, other pieces) in the builder: the policy checkpoint's tokenizer differs,
+    refused before the model is loaded."""
+    other = make_sentencepiece(tmp_path / "tok", vocab_size=380)
+    data = build(ws, tmp_path / "data", tokenizer=other)
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data)) == 1
+    assert "tokenized with another tokenizer" in capsys.readouterr().err
+
+
+def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tmp_path, capsys):
+    """The reference scored with --lora ADAPTER: the policy passes only with --init-lora-dir ADAPTER (then
+    it starts exactly at the reference); without it, the adapter part of the fingerprint differs."""
+    cfg = LoRAConfig(lora_r=2, lora_mlp_up=True)
+    model = load_model_with_lora(ws["base"], cfg)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.lora_B.normal_(std=0.1)
+    save_lora(model, tmp_path / "adapter", cfg, {"ckpt_dir": str(ws["base"])})
+    data = build(ws, tmp_path / "data", lora=tmp_path / "adapter")
+    recorded = json.loads((data / META_FILE).read_text())["reference"]
+    assert recorded["lora_sha256"] == adapter_fingerprint(tmp_path / "adapter")
+
+    assert run_dpo(dpo_argv(ws, tmp_path / "fresh", train_data_dir=data, max_train_steps=1)) == 1
+    assert "lora_sha256: dataset has" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "continued", train_data_dir=data, init_lora_dir=tmp_path / "adapter",
+                            max_train_steps=1)) == 0
+    assert reference_check(tmp_path / "continued")["max_abs_logp_diff"] < 1e-5
+
+
+def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path):
+    """40 pairs (30 train, 10 validation). Validation reward accuracy starts at 0 (all rewards are 0 at
+    step 0) and ends at or above 0.8 after 10 steps; the validation loss falls below ln 2."""
+    data = build(ws, tmp_path / "data", input=write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40, seed=1)))
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, max_train_steps=10, micro_batch_size=6,
+                            val_interval=5)) == 0
+    history = read_history(tmp_path / "logs" / "run")
+    accuracy, loss = series(history, "val/rewards/accuracies"), series(history, "val/loss")
+    assert len(accuracy) == 2 and accuracy[-1] >= 0.8
+    assert loss[-1] < LN2 - 0.1 and series(history, "val/rewards/margins")[-1] > 0
+    assert (tmp_path / "logs" / "run" / "reward_accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"])
+def test_every_loss_type_trains_with_finite_losses(ws, tmp_path, loss_type):
+    """Three steps of each loss (kto on unpaired data, robust with label noise ε = 0.1): finite train and
+    validation losses and the loss's metrics are logged."""
+    data = build(ws, tmp_path / "kto", input=ws["kto"]) if loss_type == "kto" else ws["data"]
+    extra = dict(label_smoothing=0.1) if loss_type == "robust" else {}
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, loss_type=loss_type, **extra)) == 0
+    history = read_history(tmp_path / "logs" / "run")
+    losses = series(history, "train/loss") + series(history, "val/loss")
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    expected = "train/kl" if loss_type == "kto" else "train/rewards/margins"
+    assert all(expected in history[step] for step in (1, 2, 3))
+
+
+def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
+    """--no-reference data: refused for sigmoid, trained on by simpo. Paired data for kto, KTO data for a
+    paired loss: refused."""
+    no_reference = build(ws, tmp_path / "noref", "--no-reference")
+    assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=no_reference)) == 1
+    assert "was built with --no-reference; loss_type 'sigmoid' needs reference log-probs" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=no_reference, loss_type="simpo")) == 0
+    assert not (tmp_path / "b" / "logs" / "run" / "reference_check.json").exists()
+
+    kto = build(ws, tmp_path / "kto", input=ws["kto"])
+    assert run_dpo(dpo_argv(ws, tmp_path / "c", loss_type="kto")) == 1
+    assert "holds paired data; loss_type 'kto' needs unpaired data" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "d", train_data_dir=kto)) == 1
+    assert "holds unpaired (KTO) data; loss_type 'sigmoid' needs paired data" in capsys.readouterr().err
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def test_sft_then_dpo_then_merge_from_flags_only(ws, tmp_path):
+    """The whole chain with flags only: SFT data -> SFT LoRA -> merge -> preference data scored by the merged
+    SFT model -> DPO LoRA on it (step-0 check passes) -> merge -> load_model reproduces the DPO LoRA model."""
+    sft_data = tmp_path / "sft-data"
+    assert build_sft(flags(input=write_jsonl(tmp_path / "sft.jsonl", sft_rows(8)), tokenizer=ws["tokenizer"],
+                           template="llama2", output=sft_data)) == 0
+    assert run_sft(flags(**{**SMALL_RUN, "pretrain_ckpt_dir": ws["base"], "train_data_dir": sft_data,
+                            "ckpt_dir": tmp_path / "sft", "log_dir": tmp_path / "logs", "run_name": "sft"})) == 0
+    sft_model = tmp_path / "sft-merged"
+    assert merge_lora(flags(base=ws["base"], lora=tmp_path / "sft", output=sft_model)) == 0
+
+    data = build(ws, tmp_path / "pref", ref_model=sft_model)
+    assert run_dpo(dpo_argv(ws, tmp_path, pretrain_ckpt_dir=sft_model, train_data_dir=data)) == 0
+    assert reference_check(tmp_path)["max_abs_logp_diff"] < 1e-5
+    dpo_model = tmp_path / "dpo-merged"
+    assert merge_lora(flags(base=sft_model, lora=tmp_path / "ckpt", output=dpo_model)) == 0
+
+    trained = load_model_with_lora(sft_model, None, lora_dir=find_adapter(tmp_path / "ckpt")[0])
+    merged = logits(load_model(dpo_model))
+    torch.testing.assert_close(merged, logits(trained), atol=1e-5, rtol=0)
+    assert (merged - logits(load_model(sft_model))).abs().max() > 1e-3

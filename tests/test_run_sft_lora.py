@@ -1,0 +1,217 @@
+"""dpo_llama/run_sft_lora.py driven only by command-line overrides, on a tiny LLaMA with a real tokenizer.
+
+The data are built by scripts/build_finetune_datasets.py from OpenAI-style ``messages`` rows; the model is a
+random 2-layer, dim-64 LLaMA, so the assistant answers are learnable within a few dozen LoRA steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dpo_llama.models.checkpoint import load_model
+from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, find_adapter, load_model_with_lora
+from dpo_llama.run_sft_lora import main as run_sft
+from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE
+from dpo_llama.utils.safe_pickle import load_pickle
+from dpo_llama.utils.trainer import STATE_FILE, Trainer
+from scripts.build_finetune_datasets import main as build_sft
+from scripts.convert_lora_checkpoint import main as merge_lora
+from tests.pipeline_fixtures import SMALL_RUN, flags, read_history, series, sft_rows, tiny_llama, write_jsonl
+from tests.tokenizer_fixtures import make_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer, a tiny base checkpoint and an SFT dataset of 12 conversations (9 train, 3 validation)."""
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer = make_sentencepiece(root / "tok")
+    base = tiny_llama(root / "base", tokenizer)
+    rows = write_jsonl(root / "sft.jsonl", sft_rows(12))
+    assert build_sft(flags(input=rows, tokenizer=tokenizer, template="llama2", output=root / "data",
+                           val_ratio=0.25)) == 0
+    return {"root": root, "tokenizer": tokenizer, "base": base, "rows": rows, "data": root / "data"}
+
+
+def sft_argv(ws: dict, out: Path, **overrides) -> list[str]:
+    """Flags of a small run on the workspace data writing to ``out``; ``overrides`` win."""
+    return flags(**{**SMALL_RUN, "pretrain_ckpt_dir": ws["base"], "train_data_dir": ws["data"],
+                    "ckpt_dir": out / "ckpt", "log_dir": out / "logs", "run_name": "run", **overrides})
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def test_loss_falls_and_every_log_is_written(workspace, tmp_path):
+    """25 full-batch steps: the train loss (all 9 examples each step) and the validation loss fall by over a nat
+    (from about ln(vocab) = 6); TensorBoard
+    holds train/ and val/ scalars, metrics.jsonl every step, the PNG plots and the final adapter exist."""
+    out = tmp_path / "run"
+    assert run_sft(sft_argv(workspace, out, max_train_steps=25, micro_batch_size=9, val_interval=5)) == 0
+    history = read_history(out / "logs" / "run")
+    train_loss, val_loss = series(history, "train/loss"), series(history, "val/loss")
+    assert len(train_loss) == 25 and len(val_loss) == 5
+    assert np.mean(train_loss[-3:]) < np.mean(train_loss[:3]) - 1.0
+    assert val_loss[-1] < val_loss[0] - 1.0
+    assert series(history, "val/perplexity")[-1] == pytest.approx(np.exp(val_loss[-1]))
+
+    run_dir = out / "logs" / "run"
+    assert (run_dir / "loss.png").stat().st_size > 0 and (run_dir / "validation_perplexity.png").stat().st_size > 0
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/perplexity"} <= set(tags)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(train_loss)
+    assert json.loads((run_dir / "config.json").read_text())["max_train_steps"] == 25
+    final = out / "ckpt" / "step-000025"
+    assert {ADAPTER_FILE, LORA_CONFIG_FILE, STATE_FILE} <= {p.name for p in final.iterdir()}
+
+
+def test_accumulating_four_single_examples_equals_a_batch_of_four(workspace, tmp_path):
+    """Four examples with different numbers of target tokens. micro-batch 4 x 1 and micro-batch 1 x 4 see the
+    same examples each step and average over the same N target tokens, so the losses, the gradient norms and
+    the trained adapters agree (to float rounding). adam_eps = 1 makes AdamW's update ≈ lr·g, linear in the
+    gradient (with a tiny eps the first update is ≈ lr·sign(g), which hides the gradient's scale and
+    amplifies rounding noise in near-zero components)."""
+    data = tmp_path / "four"
+    rows = write_jsonl(tmp_path / "four.jsonl", sft_rows(4, seed=5))
+    assert build_sft(flags(input=rows, tokenizer=workspace["tokenizer"], template="llama2", output=data,
+                           val_ratio=0.0)) == 0
+    targets = [int(e["mask"][1:].sum()) for e in load_pickle(data / TRAIN_FILE)]
+    assert len(set(targets)) > 1
+
+    runs = {"batch": dict(micro_batch_size=4, gradient_accumulation_steps=1),
+            "accumulated": dict(micro_batch_size=1, gradient_accumulation_steps=4)}
+    for name, shape in runs.items():
+        assert run_sft(sft_argv(workspace, tmp_path / name, train_data_dir=data, max_train_steps=2, adam_eps=1.0,
+                                learning_rate=0.5, **shape)) == 0
+    batch, accumulated = (read_history(tmp_path / name / "logs" / "run") for name in runs)
+    for tag in ("train/loss", "train/grad_norm"):
+        assert series(accumulated, tag) == pytest.approx(series(batch, tag), rel=1e-5)
+    adapters = [load_file(str(tmp_path / name / "ckpt" / "step-000002" / ADAPTER_FILE)) for name in runs]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-6, rtol=1e-5)
+
+
+def test_the_seed_flag_alone_decides_the_adapter_init(workspace, tmp_path):
+    """Fresh LoRA A matrices are drawn after seeding with --seed: whatever ran before in the process, the
+    same flags give the same adapter, and another seed another one."""
+    adapters = {}
+    for name, seed in (("first", 1), ("again", 1), ("other", 2)):
+        torch.rand(100)  # whatever an earlier stage did with the global RNG
+        assert run_sft(sft_argv(workspace, tmp_path / name, max_train_steps=1, seed=seed)) == 0
+        adapters[name] = load_file(str(tmp_path / name / "ckpt" / "step-000001" / ADAPTER_FILE))
+    key = "layers.0.self_attn.q_proj.lora_A"
+    assert torch.equal(adapters["first"][key], adapters["again"][key])
+    assert not torch.equal(adapters["first"][key], adapters["other"][key])
+
+
+TRAIN_TAGS = ("train/loss", "train/lr", "train/grad_norm")
+
+
+def assert_same_history(resumed: dict, uninterrupted: dict) -> None:
+    assert sorted(resumed) == sorted(uninterrupted)
+    for tag in (*TRAIN_TAGS, "val/loss"):
+        assert series(resumed, tag) == pytest.approx(series(uninterrupted, tag), rel=1e-6)
+
+
+def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatch):
+    """Warmup + cosine over 8 steps, checkpoints every 3. A run killed (Ctrl-C) right after its step-3
+    checkpoint, restarted with the same flags plus --resume true, logs exactly the uninterrupted history."""
+    run = dict(max_train_steps=8, warmup_steps=2, ckpt_interval=3, val_interval=4, micro_batch_size=3)
+    assert run_sft(sft_argv(workspace, tmp_path / "whole", **run)) == 0
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, history):
+        path = save(self, history)
+        raise KeyboardInterrupt(f"killed after {path.name}")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt, match="step-000003"):
+        run_sft(sft_argv(workspace, tmp_path / "killed", **run))
+    monkeypatch.undo()
+    assert run_sft(sft_argv(workspace, tmp_path / "killed", resume=True, **run)) == 0
+    assert_same_history(read_history(tmp_path / "killed" / "logs" / "run"),
+                        read_history(tmp_path / "whole" / "logs" / "run"))
+
+
+def test_finished_run_extended_with_resume_continues_the_same_sequence(workspace, tmp_path):
+    """Constant learning rate (no warmup, min_lr_ratio 1): 4 steps, then --max-train-steps 7 --resume true,
+    equals one 7-step run. (With a cosine schedule the two runs would differ by design: the schedule
+    depends on max_train_steps.)"""
+    constant = dict(min_lr_ratio=1.0, ckpt_interval=2, micro_batch_size=3)
+    assert run_sft(sft_argv(workspace, tmp_path / "whole", max_train_steps=7, **constant)) == 0
+    assert run_sft(sft_argv(workspace, tmp_path / "parts", max_train_steps=4, **constant)) == 0
+    assert run_sft(sft_argv(workspace, tmp_path / "parts", max_train_steps=7, resume=True, **constant)) == 0
+    parts, whole = (read_history(tmp_path / name / "logs" / "run") for name in ("parts", "whole"))
+    assert sorted(parts) == list(range(1, 8))
+    for tag in TRAIN_TAGS:
+        assert series(parts, tag) == pytest.approx(series(whole, tag), rel=1e-6)
+
+
+def test_dataset_of_another_tokenizer_or_stage_is_refused(workspace, tmp_path, capsys):
+    """Data tokenized with a different tokenizer.model, or a preference dataset, never reaches training."""
+    other = make_sentencepiece(tmp_path / "other", vocab_size=450)
+    assert build_sft(flags(input=workspace["rows"], tokenizer=other, template="llama2",
+                           output=tmp_path / "other-data")) == 0
+    assert run_sft(sft_argv(workspace, tmp_path / "a", train_data_dir=tmp_path / "other-data")) == 1
+    err = capsys.readouterr().err
+    assert "tokenized with another tokenizer" in err and "rebuild the dataset" in err
+    assert not (tmp_path / "a" / "ckpt").exists()
+
+    meta = json.loads((tmp_path / "other-data" / META_FILE).read_text())
+    (tmp_path / "other-data" / META_FILE).write_text(json.dumps({**meta, "kind": "preference"}))
+    assert run_sft(sft_argv(workspace, tmp_path / "b", train_data_dir=tmp_path / "other-data")) == 1
+    assert "holds a 'preference' dataset, but this stage needs 'sft'" in capsys.readouterr().err
+
+
+def merged_matches_adapter(base: Path, ckpt_dir: Path, merged: Path, atol: float) -> None:
+    """load_model(merged) computes what the trained LoRA model (as training loaded it) computes, and the
+    adapter is not a no-op."""
+    adapter_dir, _ = find_adapter(ckpt_dir)
+    lora_model = load_model_with_lora(base, None, lora_dir=adapter_dir)
+    merged_logits = logits(load_model(merged))
+    torch.testing.assert_close(merged_logits, logits(lora_model), atol=atol, rtol=0)
+    assert (merged_logits - logits(load_model(base))).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_command_line_build_train_merge(workspace, tmp_path):
+    """The three scripts as separate processes (one torch thread each), configured only by flags."""
+    def run_script(script: str, argv: list[str]) -> None:
+        result = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+
+    run_script("scripts/build_finetune_datasets.py",
+               flags(input=workspace["rows"], tokenizer=workspace["tokenizer"], template="llama2", output="data"))
+    run_script("dpo_llama/run_sft_lora.py", flags(**{**SMALL_RUN, "pretrain_ckpt_dir": workspace["base"],
+                                                     "train_data_dir": "data", "ckpt_dir": "ckpt",
+                                                     "log_dir": "logs", "run_name": "cli"}))
+    run_script("scripts/convert_lora_checkpoint.py", flags(base=workspace["base"], lora="ckpt", output="merged"))
+    merged_matches_adapter(workspace["base"], tmp_path / "ckpt", tmp_path / "merged", atol=1e-5)
+
+
+def test_qlora_train_then_merge_matches_the_4bit_model(workspace, tmp_path):
+    """QLoRA (every frozen linear 4-bit, fp32 compute): the merged checkpoint holds Ŵ + s·B A, the weights the
+    4-bit model computed with, so it reproduces the trained model's logits."""
+    qlora = dict(quant_4bit=True, quant_lora_4bit=True, quant_4bit_compute_dtype="fp32")
+    assert run_sft(sft_argv(workspace, tmp_path, **qlora)) == 0
+    lora_config = json.loads((tmp_path / "ckpt" / "step-000003" / LORA_CONFIG_FILE).read_text())["lora"]
+    assert lora_config["quant_4bit"] and lora_config["quant_lora_4bit"]
+    assert merge_lora(flags(base=workspace["base"], lora=tmp_path / "ckpt", output=tmp_path / "merged")) == 0
+    merged_matches_adapter(workspace["base"], tmp_path / "ckpt", tmp_path / "merged", atol=1e-4)
