@@ -501,8 +501,9 @@ class Trainer:
         self.load_trainable(latest)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-            group["lr"] = lr  # this run's schedule, even if max_train_steps changed since the checkpoint
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)  # this run's schedule, even if it changed
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
