@@ -21,15 +21,14 @@ from pathlib import Path
 
 from dpo_llama.configs.dpo_lora import DPOLoRAConfig
 from dpo_llama.models.lora import find_adapter
-from dpo_llama.utils.cli import parse_config
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, kto_loss, num_units,
                                  paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, load_policy, resolve_dtype,
-                                      trainable_summary)
+                                      run_main, trainable_summary)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
-from dpo_llama.utils.trainer import NonFiniteLossError, latest_checkpoint, resolve_device, to_device, train
+from dpo_llama.utils.trainer import latest_checkpoint, resolve_device, to_device, train
 
 
 def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
@@ -101,15 +100,7 @@ def run(cfg: DPOLoRAConfig):
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(DPOLoRAConfig, argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
-          f"logs and plots in {cfg.log_dir}/{cfg.run_name}")
-    return 0
+    return run_main(DPOLoRAConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import sys
 from functools import partial
 
 from dpo_llama.configs.sft_lora import SFTLoRAConfig
-from dpo_llama.utils.cli import parse_config
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
-from dpo_llama.utils.finetune import adapter_callbacks, check_tokenizer, load_policy, trainable_summary
+from dpo_llama.utils.finetune import adapter_callbacks, check_tokenizer, load_policy, run_main, trainable_summary
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
-from dpo_llama.utils.trainer import NonFiniteLossError, resolve_device, train
+from dpo_llama.utils.trainer import resolve_device, train
 
 PLOTS = (("loss", ("train/loss", "val/loss")), ("validation perplexity", ("val/perplexity",)))
 
@@ -42,15 +41,7 @@ def run(cfg: SFTLoRAConfig):
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(SFTLoRAConfig, argv, description=__doc__)
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
-          f"logs and plots in {cfg.log_dir}/{cfg.run_name}")
-    return 0
+    return run_main(SFTLoRAConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -38,22 +38,12 @@ class DPOLoRAConfig(FinetuneConfig):
     reference_check_tolerance: float = field(
         default=1e-2, metadata={"help": "Largest |policy - reference| summed log-prob accepted at step 0."})
     ckpt_dir: str = field(default=demo.DPO_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
-    log_dir: str = field(default=demo.LOG_DIR, metadata={"help": "TensorBoard root; logs go to log_dir/run_name."})
     run_name: str = field(default="demo-dpo", metadata={"help": "Name of this run's log sub-directory."})
     max_train_steps: int = field(default=200, metadata={"help": "Number of optimizer steps."})
     micro_batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward pass (2x sequences)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
-    warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
     val_interval: int = field(default=50, metadata={"help": "Validate every this many steps (0 = only at the end)."})
-    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     log_interval: int = field(default=25, metadata={"help": "Print a summary line every this many steps."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_attn_key: bool = field(default=True, metadata={"help": "LoRA on k_proj (MLA: kv_a_proj_with_mqa)."})
-    lora_attn_proj: bool = field(default=True, metadata={"help": "LoRA on o_proj."})
-    lora_mlp_gate: bool = field(default=True, metadata={"help": "LoRA on the dense MLP gate_proj."})
-    lora_mlp_up: bool = field(default=True, metadata={"help": "LoRA on the dense MLP up_proj."})
-    lora_mlp_down: bool = field(default=True, metadata={"help": "LoRA on the dense MLP down_proj."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,7 +13,10 @@ from dpo_llama.models.lora import LoRAConfig
 
 @dataclass
 class FinetuneConfig(TrainConfig, LoRAConfig):
-    """Training (``TrainConfig``) + LoRA / 4-bit (``LoRAConfig``) + what to train on."""
+    """Training (``TrainConfig``) + LoRA / 4-bit (``LoRAConfig``) + what to train on.
+
+    The defaults put rank-16 adapters on every linear layer of attention and MLP (QLoRA's recommendation).
+    """
 
     pretrain_ckpt_dir: str = field(default="", metadata={"help": "Starting weights: a dpo_llama checkpoint directory."})
     train_data_dir: str = field(default="", metadata={"help": "Dataset dir (train.pkl, validation.pkl, meta.json)."})
@@ -25,6 +28,15 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
         default="torch", metadata={"help": "MoE models: routed experts in PyTorch, or in the C++ CPU kernel."})
     aux_loss_weight: float = field(
         default=1.0, metadata={"help": "MoE models: weight of the router balancing loss (its alpha is in params)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    warmup_steps: int = field(default=20, metadata={"help": "Steps of linear warmup from 0 to learning_rate."})
+    ckpt_interval: int = field(default=100, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_attn_key: bool = field(default=True, metadata={"help": "LoRA on k_proj (MLA: kv_a_proj_with_mqa)."})
+    lora_attn_proj: bool = field(default=True, metadata={"help": "LoRA on o_proj."})
+    lora_mlp_gate: bool = field(default=True, metadata={"help": "LoRA on the dense MLP gate_proj."})
+    lora_mlp_up: bool = field(default=True, metadata={"help": "LoRA on the dense MLP up_proj."})
+    lora_mlp_down: bool = field(default=True, metadata={"help": "LoRA on the dense MLP down_proj."})
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)

@@ -43,9 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from dpo_llama.models.llama import (Attention, FeedForward, KVCache, RMSNorm, apply_rope, causal_attention,
+from dpo_llama.models.llama import (Attention, DecoderLM, FeedForward, KVCache, RMSNorm, apply_rope, causal_attention,
                                     rope_frequencies, rope_tables)
 from dpo_llama.models.moe import (EXPERT_BACKENDS, TOPK_METHODS, RoutedExperts, batch_aux_loss, load_cpu_kernel,
                                   routing_weights, select_experts, sequence_aux_loss)
@@ -355,24 +354,12 @@ class DeepseekBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
-class DeepseekTransformer(nn.Module):
-    """A decoder-only DeepSeek MoE model, with the same interface as ``llama.Transformer``.
-
-    Attributes:
-        activation_checkpointing: When True and training, every block's activations are recomputed in the
-            backward pass instead of being stored (``torch.utils.checkpoint``, non-reentrant).
-    """
+class DeepseekTransformer(DecoderLM):
+    """A decoder-only DeepSeek MoE model, with the same interface as ``llama.Transformer`` plus ``aux_loss``."""
 
     def __init__(self, args: DeepseekArgs):
-        super().__init__()
-        self.args = args
-        self.activation_checkpointing = False
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DeepseekBlock(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        super().__init__(args, [DeepseekBlock(args, i) for i in range(args.n_layers)])
         self.last_aux_losses: list[torch.Tensor] = []
-        self.init_rope()
 
     def init_rope(self, device=None) -> None:
         """(Re)builds the rotary cos/sin tables (YaRN-scaled for DeepSeek-V2), e.g. after loading on meta."""
@@ -389,16 +376,10 @@ class DeepseekTransformer(nn.Module):
 
     def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Runs every block over ``h``, collecting the MoE balancing losses into ``last_aux_losses``."""
-        end = start_pos + h.shape[1]
-        if end > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence end {end} exceeds max_seq_len={self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        cos, sin = self.rope_slice(start_pos, h.shape[1])
         self.last_aux_losses = []
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h, aux = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
-            else:
-                h, aux = layer(h, cos, sin, start_pos)
+            h, aux = self.run_block(layer, h, cos, sin, start_pos)
             if aux is not None:
                 self.last_aux_losses.append(aux)
         return h
@@ -412,20 +393,6 @@ class DeepseekTransformer(nn.Module):
         if not self.last_aux_losses:
             return torch.zeros((), device=self.embed_tokens.weight.device)
         return torch.stack(self.last_aux_losses).sum()
-
-    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Returns the final hidden states ``[B, T, dim]`` (after the last RMSNorm), without the output head."""
-        return self.norm(self.run_layers(self.embed_tokens(tokens), start_pos))
-
-    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Applies the output head to any hidden states ``[..., dim]`` -> ``[..., vocab]``."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
-
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Returns float32 logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``."""
-        return self.output_logits(self.forward_hidden(tokens, start_pos)).float()
 
     def moe_layers(self) -> list[DeepseekMoE]:
         """The MoE feed-forward modules (e.g. to freeze or quantize their experts)."""
@@ -441,23 +408,13 @@ class DeepseekTransformer(nn.Module):
             moe.experts.set_backend(name)
         self.args.experts_backend = name
 
-    def attention_modules(self) -> list[nn.Module]:
-        """The attention modules that hold a KV cache during generation."""
-        return [layer.self_attn for layer in self.layers]
-
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocates a generation cache in every attention layer: full keys/values for multi-head attention,
         the compressed latent and shared rotary key for MLA (see ``LatentCache``)."""
-        a, param = self.args, self.embed_tokens.weight
-        dtype = param.dtype if param.is_floating_point() else torch.float32
+        a, dtype, device = self.args, self.cache_dtype(), self.embed_tokens.weight.device
         for attn in self.attention_modules():
             if a.model_type == "deepseek":
-                attn.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, param.device)
+                attn.kv_cache = KVCache(batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
             else:
                 attn.kv_cache = LatentCache(batch_size, max_seq_len, a.kv_lora_rank, a.qk_rope_head_dim, dtype,
-                                            param.device)
-
-    def clear_cache(self) -> None:
-        """Frees the generation caches."""
-        for attn in self.attention_modules():
-            attn.kv_cache = None
+                                            device)

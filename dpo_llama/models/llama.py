@@ -247,43 +247,48 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Transformer(nn.Module):
-    """A decoder-only LLaMA model.
+class DecoderLM(nn.Module):
+    """What every dpo_llama model shares: token embeddings, a stack of blocks, the final RMSNorm, the head.
+
+    Subclasses build their blocks and rotary tables (``init_rope``) and run the stack (``run_layers``);
+    this class gives them one interface: ``forward_hidden``, ``output_logits``, ``forward`` and the
+    generation-cache hooks used by ``generation.generate``.
 
     Attributes:
         activation_checkpointing: When True and training, every block's activations are recomputed in the
             backward pass instead of being stored (``torch.utils.checkpoint``, non-reentrant).
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args, blocks: list[nn.Module]):
         super().__init__()
         self.args = args
         self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.init_rope()
 
     def init_rope(self, device=None) -> None:
-        """(Re)builds the rotary cos/sin tables, e.g. after the model was materialised from the meta device."""
-        inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
-        cos, sin = rope_tables(inv_freq, self.args.max_seq_len, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        """(Re)builds the ``rope_cos`` / ``rope_sin`` buffers, e.g. after loading from the meta device."""
+        raise NotImplementedError
 
     def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Runs every block over ``h`` with rotary tables for positions ``start_pos..``."""
-        end = start_pos + h.shape[1]
+        """Runs the blocks over the embeddings ``h`` of positions ``start_pos..``."""
+        raise NotImplementedError
+
+    def rope_slice(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of positions ``start_pos .. start_pos + length - 1``."""
+        end = start_pos + length
         if end > self.rope_cos.shape[0]:
             raise ValueError(f"sequence end {end} exceeds max_seq_len={self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, start_pos)
-        return h
+        return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+
+    def run_block(self, block: nn.Module, *inputs):
+        """Calls one block, through activation checkpointing when it is on and gradients are needed."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Returns the final hidden states ``[B, T, dim]`` (after the last RMSNorm), without the output head."""
@@ -300,17 +305,40 @@ class Transformer(nn.Module):
         return self.output_logits(self.forward_hidden(tokens, start_pos)).float()
 
     def attention_modules(self) -> list[nn.Module]:
-        """The attention modules that hold a KV cache during generation."""
+        """The attention modules that hold a cache during generation."""
         return [layer.self_attn for layer in self.layers]
+
+    def cache_dtype(self) -> torch.dtype:
+        """Dtype of generation caches: the embeddings' (float32 if they are not floating point)."""
+        weight = self.embed_tokens.weight
+        return weight.dtype if weight.is_floating_point() else torch.float32
+
+    def clear_cache(self) -> None:
+        """Frees the generation caches."""
+        for attn in self.attention_modules():
+            attn.kv_cache = None
+
+
+class Transformer(DecoderLM):
+    """A decoder-only LLaMA model (see the module docstring)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, [TransformerBlock(args) for _ in range(args.n_layers)])
+
+    def init_rope(self, device=None) -> None:
+        inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
+        cos, sin = rope_tables(inv_freq, self.args.max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
+        cos, sin = self.rope_slice(start_pos, h.shape[1])
+        for layer in self.layers:
+            h = self.run_block(layer, h, cos, sin, start_pos)
+        return h
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocates a KV cache in every attention layer (see ``generation.generate``)."""
-        param = self.embed_tokens.weight
         for attn in self.attention_modules():
             attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
-                                    param.dtype if param.is_floating_point() else torch.float32, param.device)
-
-    def clear_cache(self) -> None:
-        """Frees the KV caches."""
-        for attn in self.attention_modules():
-            attn.kv_cache = None
+                                    self.cache_dtype(), self.embed_tokens.weight.device)

@@ -12,6 +12,8 @@ from torch import nn
 from dpo_llama.models.checkpoint import DTYPES, load_model
 from dpo_llama.models.lora import LoRAConfig, apply_lora, as_lora_config, load_lora, read_lora_config, save_lora
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
+from dpo_llama.utils.cli import parse_config
+from dpo_llama.utils.trainer import NonFiniteLossError
 from dpo_llama.utils.trainer import set_seed
 
 
@@ -41,8 +43,9 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
 
     With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
     the config's LoRA fields are then ignored and a note is printed. With ``experts_backend="cpu_kernel"``
-    a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when ``device`` is CUDA). Fresh LoRA A matrices are drawn after
-    seeding with ``cfg.seed``, so a run's starting point depends on its flags only.
+    a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when ``device`` is CUDA). Fresh
+    LoRA A matrices are drawn after seeding with ``cfg.seed``, so a run's starting point depends on its
+    flags only.
     """
     set_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -81,3 +84,20 @@ def trainable_summary(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def run_main(config_cls: type, run: Callable, argv: list[str] | None, description: str) -> int:
+    """Body of a run script's ``main``: parse flags into ``config_cls``, ``run(cfg)``, report; exit status 0/1.
+
+    Expected failures (bad paths or data, a refused reference, a checkpoint folder in use, a NaN loss) print
+    one ``error:`` line instead of a traceback.
+    """
+    cfg = parse_config(config_cls, argv, description=description)
+    try:
+        result = run(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
+          f"logs and plots in {cfg.log_dir}/{cfg.run_name}")
+    return 0

@@ -266,7 +266,8 @@ def test_amx_runs_in_a_subprocess(extension):
         """
     )
     env = dict(os.environ, DPO_LLAMA_MOE_ISA="amx")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 

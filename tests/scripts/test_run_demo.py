@@ -1,0 +1,33 @@
+"""The README's first command in reduced form: the whole demo chain with a few steps per stage.
+
+It runs ``scripts/run_demo.py --quick`` exactly as a user would (a subprocess in a scratch working directory,
+so the demo's ./datasets, ./checkpoints and ./logs land there) and checks that every stage left its output
+and that the report ends with the machine-readable DEMO line. CI thus catches a broken default anywhere in
+the chain: assets, builders, trainers, merge, evaluation.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_LINE = re.compile(r"^DEMO sft_pref_acc=([\d.]+) dpo_pref_acc=([\d.]+) sft_reward=([\d.]+) dpo_reward=([\d.]+)$")
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_demo.py"), "--quick"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    match = DEMO_LINE.match(last)
+    assert match, last
+    assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
+    for path in ("datasets/demo/sft/train.pkl", "datasets/demo/preference/meta.json",
+                 "checkpoints/demo/sft-merged/model.safetensors", "checkpoints/demo/dpo-merged/params.json",
+                 "logs/demo-sft/loss.png", "logs/demo-dpo/reward_accuracy.png", "logs/demo-dpo/reference_check.json"):
+        assert (tmp_path / path).is_file(), path
+    assert list((tmp_path / "logs" / "demo-dpo").glob("events.out.tfevents.*"))
