@@ -104,10 +104,11 @@ def held_out_data(tokenizer, eval_prompts: int | None):
 
 
 def report(results: dict[str, tuple[float, float]], durations: dict[str, float]) -> None:
+    width = max(len(name) for name in results) + 2
     print("\n=== report (held-out data)")
-    print(f"{'model':<14}{'preference accuracy':>22}{'generation reward':>20}")
+    print(f"{'model':<{width}}{'preference accuracy':>21}{'generation reward':>19}")
     for name, (pref, gen) in results.items():
-        print(f"{name:<14}{pref:>22.3f}{gen:>20.3f}")
+        print(f"{name:<{width}}{pref:>21.3f}{gen:>19.3f}")
     print("\nstage durations: " + ", ".join(f"{title.split(' (')[0]} {sec:.0f}s" for title, sec in durations.items()))
     runs = ", ".join(str(p) for p in sorted(Path(demo.LOG_DIR).glob("demo-*")))
     print(f"tensorboard logs and PNG plots: {runs}  (view: tensorboard --logdir {demo.LOG_DIR})")
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     if args.extra_loss != "none":
         adapter = find_adapter(EXTRA_CKPT)[0]
         extra = load_model_with_lora(demo.SFT_MERGED, lora_dir=adapter)
-        results[f"{args.extra_loss.upper()} ({EXTRA_RUN})"] = evaluate(extra, tokenizer, pairs, problems,
+        results[args.extra_loss.upper()] = evaluate(extra, tokenizer, pairs, problems,
                                                                        args.extra_loss)
     report(results, durations)
     print(f"total {time.time() - start:.0f}s")

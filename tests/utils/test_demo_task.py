@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -67,26 +68,35 @@ def test_problem_text_and_carry():
 
 
 def test_mistakes_hand_written():
-    """47 + 38 = 85, forgetting the carry gives 4 + 3 = 7 tens: 75. 42 + 35 = 77, a spurious carry gives 87."""
-    assert demo_task.mistake(Problem(47, 38), "forgot_carry") == 75
-    assert demo_task.mistake(Problem(47, 38), "extra_carry") is None
-    assert demo_task.mistake(Problem(42, 35), "extra_carry") == 87
-    assert demo_task.mistake(Problem(42, 35), "forgot_carry") is None
-    assert demo_task.rejected_answer(Problem(47, 38)) == 75
-    assert demo_task.rejected_answer(Problem(42, 35)) == 87
+    """47 + 38 = 85: forgetting the carry gives 4 + 3 = 7 tens, 75; a spurious one 95. 42 + 35 = 77: 67 / 87."""
+    assert demo_task.mistake(Problem(47, 38), "ten_less") == 75
+    assert demo_task.mistake(Problem(47, 38), "ten_more") == 95
+    assert demo_task.mistake(Problem(42, 35), "ten_less") == 67
+    assert demo_task.mistake(Problem(42, 35), "ten_more") == 87
     with pytest.raises(ValueError, match="unknown mistake kind"):
         demo_task.mistake(Problem(47, 38), "typo")
 
 
 def test_mistakes_are_always_wrong_and_plausible():
-    """On every problem the rejected sum is wrong, ten off, non-negative, and scores reward 0."""
+    """On every problem each mistake is wrong, ten off, non-negative, and scores reward 0 (the truth scores 1)."""
     problems = demo_task.all_problems()
     assert len(problems) == 90 * 90
     for problem in problems:
-        wrong = demo_task.rejected_answer(problem)
-        assert abs(wrong - problem.answer) == 10 and wrong >= 0
-        assert demo_task.reward(problem, problem.equation(wrong)) == 0.0
         assert demo_task.reward(problem, problem.equation()) == 1.0
+        for kind in demo_task.MISTAKE_KINDS:
+            wrong = demo_task.mistake(problem, kind)
+            assert abs(wrong - problem.answer) == 10 and wrong >= 0
+            assert demo_task.reward(problem, problem.equation(wrong)) == 0.0
+
+
+def test_rejected_answers_bracket_the_truth():
+    """The checker's rejected sum is ten off, below or above the truth about equally often."""
+    rng = random.Random(0)
+    problems = demo_task.all_problems()
+    rejected = [demo_task.rejected_answer(p, rng) for p in problems]
+    assert all(abs(r - p.answer) == 10 for p, r in zip(problems, rejected))
+    below = sum(r < p.answer for p, r in zip(problems, rejected)) / len(problems)
+    assert 0.45 < below < 0.55
 
 
 def test_sloppy_annotator_only_forgets_carries():
@@ -94,7 +104,7 @@ def test_sloppy_annotator_only_forgets_carries():
     problems = demo_task.all_problems()
     answers = [demo_task.sloppy_answer(p, 0.8, rng) for p in problems]
     for problem, answer in zip(problems, answers):
-        assert answer in (problem.answer, demo_task.mistake(problem, "forgot_carry"))
+        assert answer in (problem.answer, problem.answer - 10)
         if not problem.needs_carry:
             assert answer == problem.answer
     carries = [a != p.answer for p, a in zip(problems, answers) if p.needs_carry]
@@ -127,7 +137,7 @@ def test_rows_have_the_standard_shapes():
     problem = Problem(47, 38)
     assert demo_task.sft_row(problem, 75) == {"messages": [
         {"role": "user", "content": "What is 47 + 38?"}, {"role": "assistant", "content": "47 + 38 = 75"}]}
-    assert demo_task.preference_row(problem) == {
+    assert demo_task.preference_row(problem, 75) == {
         "prompt": [{"role": "user", "content": "What is 47 + 38?"}],
         "chosen": [{"role": "assistant", "content": "47 + 38 = 85"}],
         "rejected": [{"role": "assistant", "content": "47 + 38 = 75"}]}
@@ -136,11 +146,15 @@ def test_rows_have_the_standard_shapes():
 
 
 def test_pretraining_lines_state_correct_sums():
+    """Every line states the right sum (the reward parser reads it) and names the operands first, no chat markers."""
     rng = random.Random(0)
-    for problem in demo_task.all_problems()[:200]:
-        line = demo_task.pretraining_line(problem, rng)
+    lines = [(problem, demo_task.pretraining_line(problem, rng)) for problem in demo_task.all_problems()[:300]]
+    for problem, line in lines:
         assert demo_task.reward(problem, line) == 1.0
+        assert re.findall(r"\d+", line)[:2] == [str(problem.a), str(problem.b)]
         assert "[INST]" not in line
+    fillers_seen = {f for f in demo_task.PRETRAIN_FILLERS if f and any(f in line for _, line in lines)}
+    assert len(fillers_seen) >= 3
 
 
 def test_jsonl_round_trip_and_errors(tmp_path):
@@ -234,7 +248,8 @@ def test_committed_eval_prompts_are_held_out():
     assert not (eval_questions | test_questions) & train_questions
     assert not eval_questions & test_questions
     held_out = {demo_task.parse_problem(q) for q in eval_questions | test_questions}
-    pretrain = {demo_task.parse_problem(line) for line in (demo.ASSETS / "pretrain.txt").read_text().splitlines()}
+    lines = (demo.ASSETS / "pretrain.txt").read_text().splitlines()
+    pretrain = {Problem(*map(int, re.findall(r"\d+", line)[:2])) for line in lines}
     assert not held_out & pretrain
     problems = demo_task.load_eval_problems(demo.EVAL_DATA)
     assert len(problems) == len(eval_questions)
