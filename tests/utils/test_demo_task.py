@@ -171,9 +171,11 @@ def test_jsonl_round_trip_and_errors(tmp_path):
                                                       "answer": 4}])
     with pytest.raises(ValueError, match="answer 4 but 1 \\+ 2 = 3"):
         demo_task.load_eval_problems(tmp_path / "wrong.jsonl")
-    demo_task.write_jsonl(tmp_path / "keys.jsonl", [{"question": "What is 1 + 2?"}])
-    with pytest.raises(ValueError, match="row 0"):
-        demo_task.load_eval_problems(tmp_path / "keys.jsonl")
+    for bad_row in ({"question": "What is 1 + 2?"}, {"prompt": ["What is 1 + 2?"], "answer": 3},
+                    {"prompt": [{"role": "user", "content": "Hi"}], "answer": 3}):
+        demo_task.write_jsonl(tmp_path / "bad_row.jsonl", [bad_row])
+        with pytest.raises(ValueError, match="bad_row.jsonl row 0"):
+            demo_task.load_eval_problems(tmp_path / "bad_row.jsonl")
 
 
 def tiny_asset_args(out_dir, seed=0):
