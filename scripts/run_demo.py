@@ -15,6 +15,7 @@ machine-readable: ``DEMO sft_pref_acc=<x> dpo_pref_acc=<x> sft_reward=<x> dpo_re
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import find_adapter, load_model_with_lora
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.demo_task import load_eval_problems, reward, user_prompt
-from dpo_llama.utils.evaluation import generation_reward, preference_accuracy
+from dpo_llama.utils.evaluation import generation_rewards, preference_accuracy
 from dpo_llama.utils.preference_data import tokenize_records
 from dpo_llama.utils.preference_formats import load_preference_records
 
@@ -69,7 +70,7 @@ def run_stage(title: str, script: str, args: list[str]) -> float:
 def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
     """All training stages; returns their durations."""
     quick = args.quick
-    sft_merge = ["--base", str(demo.BASE_MODEL), "--lora", demo.SFT_CKPT, "--output", demo.SFT_MERGED]
+    sft_merge = ["--base", os.path.relpath(demo.BASE_MODEL), "--lora", demo.SFT_CKPT, "--output", demo.SFT_MERGED]
     dpo_merge = ["--base", demo.SFT_MERGED, "--lora", demo.DPO_CKPT, "--output", demo.DPO_MERGED]
     stages = [
         ("build the SFT dataset", "scripts/build_finetune_datasets.py", []),
@@ -87,13 +88,14 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
     return {title: run_stage(title, script, stage_args) for title, script, stage_args in stages}
 
 
-def evaluate(model, tokenizer, pairs, problems, label: str) -> tuple[float, float]:
-    """(held-out preference accuracy, generation reward) of one model."""
+def evaluate(model, tokenizer, pairs, problems, label: str) -> tuple[float, float, float]:
+    """(held-out preference accuracy, generation reward, generation reward on sums that need a carry)."""
     pref = preference_accuracy(model, pairs, tokenizer.pad_id)
     prompts = [user_prompt(problem) for problem in problems]
-    gen = generation_reward(model, tokenizer, demo.TEMPLATE, prompts, lambda i, text: reward(problems[i], text),
-                            desc=f"greedy answers ({label})")
-    return pref, gen
+    rewards = generation_rewards(model, tokenizer, demo.TEMPLATE, prompts, lambda i, text: reward(problems[i], text),
+                                 desc=f"greedy answers ({label})")
+    carry = [r for r, problem in zip(rewards, problems) if problem.needs_carry]
+    return pref, sum(rewards) / len(rewards), sum(carry) / max(len(carry), 1)
 
 
 def held_out_data(tokenizer, eval_prompts: int | None):
@@ -106,9 +108,9 @@ def held_out_data(tokenizer, eval_prompts: int | None):
 def report(results: dict[str, tuple[float, float]], durations: dict[str, float]) -> None:
     width = max(len(name) for name in results) + 2
     print("\n=== report (held-out data)")
-    print(f"{'model':<{width}}{'preference accuracy':>21}{'generation reward':>19}")
-    for name, (pref, gen) in results.items():
-        print(f"{name:<{width}}{pref:>21.3f}{gen:>19.3f}")
+    print(f"{'model':<{width}}{'preference accuracy':>21}{'generation reward':>19}{'  (sums with a carry)':>22}")
+    for name, (pref, gen, carry) in results.items():
+        print(f"{name:<{width}}{pref:>21.3f}{gen:>19.3f}{carry:>22.3f}")
     print("\nstage durations: " + ", ".join(f"{title.split(' (')[0]} {sec:.0f}s" for title, sec in durations.items()))
     runs = ", ".join(str(p) for p in sorted(Path(demo.LOG_DIR).glob("demo-*")))
     print(f"tensorboard logs and PNG plots: {runs}  (view: tensorboard --logdir {demo.LOG_DIR})")
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                                                                        args.extra_loss)
     report(results, durations)
     print(f"total {time.time() - start:.0f}s")
-    (sft_pref, sft_gen), (dpo_pref, dpo_gen) = results["SFT"], results["DPO"]
+    (sft_pref, sft_gen, _), (dpo_pref, dpo_gen, _) = results["SFT"], results["DPO"]
     print(f"DEMO sft_pref_acc={sft_pref:.3f} dpo_pref_acc={dpo_pref:.3f} sft_reward={sft_gen:.3f} "
           f"dpo_reward={dpo_gen:.3f}")
     return 0

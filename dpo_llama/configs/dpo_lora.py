@@ -39,9 +39,9 @@ class DPOLoRAConfig(FinetuneConfig):
         default=1e-2, metadata={"help": "Largest |policy - reference| summed log-prob accepted at step 0."})
     ckpt_dir: str = field(default=demo.DPO_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
     run_name: str = field(default="demo-dpo", metadata={"help": "Name of this run's log sub-directory."})
-    max_train_steps: int = field(default=200, metadata={"help": "Number of optimizer steps."})
+    max_train_steps: int = field(default=300, metadata={"help": "Number of optimizer steps."})
     micro_batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward pass (2x sequences)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     val_interval: int = field(default=50, metadata={"help": "Validate every this many steps (0 = only at the end)."})
     log_interval: int = field(default=25, metadata={"help": "Print a summary line every this many steps."})
 

@@ -4,8 +4,8 @@
   log-probability than the rejected one, ``log π(y_w | x) > log π(y_l | x)``. Unlike the implicit-reward
   accuracy logged during DPO training (``β log π/π_ref``), it needs no reference model, so an SFT model and
   a DPO model are measured the same way.
-* Generation reward = mean of ``reward(prompt, greedy answer)`` over held-out prompts: what a user of the
-  model actually gets.
+* Generation reward = ``reward(prompt, greedy answer)`` on held-out prompts (report the mean): what a user of
+  the model actually gets.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ def preference_accuracy(model, examples: Sequence[dict], pad_id: int, batch_size
     return wins / len(examples)
 
 
-def generation_reward(model, tokenizer: Tokenizer, template: str, prompts: Sequence[list[dict]],
-                      reward: Callable[[int, str], float], max_new_tokens: int = 32, desc: str = "generating") -> float:
-    """Mean ``reward(i, text)`` of the greedy answers to ``prompts`` (message lists ending with a user turn)."""
+def generation_rewards(model, tokenizer: Tokenizer, template: str, prompts: Sequence[list[dict]],
+                       reward: Callable[[int, str], float], max_new_tokens: int = 32,
+                       desc: str = "generating") -> list[float]:
+    """``reward(i, text)`` of the greedy answer to each of ``prompts`` (message lists ending with a user turn)."""
     stops = stop_ids(tokenizer, template)
-    total = 0.0
+    rewards = []
     for i, messages in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
         prompt_ids, _ = render_conversation(messages, tokenizer, template, add_generation_prompt=True)
         answer = generate(model, prompt_ids, max_new_tokens, stop_ids=stops)
-        total += reward(i, tokenizer.decode(answer))
-    return total / len(prompts)
+        rewards.append(reward(i, tokenizer.decode(answer)))
+    return rewards

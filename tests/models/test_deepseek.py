@@ -11,14 +11,12 @@
   names, rotate-half q/k, two shards splitting one layer's experts) after conversion.
 """
 
-import json
 import math
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from dpo_llama.models.checkpoint import load_model, read_params, save_model
 from dpo_llama.models.convert_hf import unpermute_rotary
@@ -30,13 +28,11 @@ from dpo_llama.models.moe import sequence_aux_loss
 from dpo_llama.models.presets import get_preset
 from dpo_llama.utils.logprobs import sequence_logps
 from scripts.convert_hf_checkpoint import main as convert_hf
+from tests.model_fixtures import (deepseek_moe_config, make_hf_deepseek_v2, random_deepseek_state,
+                                  write_hf_deepseek)
 
 # ----------------------------------------------------------------------------- DeepSeek-V2 against HF
 
-TINY_HF_V2 = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                  num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=2,
-                  num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16,
-                  qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=128, norm_topk_prob=False)
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
 V2_VARIANTS = {
     # q compression, YaRN with mscale != mscale_all_dim (cos/sin and softmax both rescaled), group-limited routing
@@ -46,26 +42,6 @@ V2_VARIANTS = {
     "plain_q_yarn": dict(q_lora_rank=None, rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
     "plain_q_no_scaling_tied": dict(q_lora_rank=None, rope_scaling=None, tie_word_embeddings=True, n_shared_experts=1),
 }
-
-
-def randomize_(model: torch.nn.Module) -> None:
-    """O(1) logits instead of HF's tiny 0.02-std init: norms ``1 + 0.2 N(0,1)``, weights ``N(0, 1/fan_in)``."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-
-
-def make_hf_deepseek_v2(out_dir, save_original_format: bool = True, **overrides):
-    """Saves a random-weight ``DeepseekV2ForCausalLM`` with ``save_pretrained``; returns it (eval mode)."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
-    model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**TINY_HF_V2, **overrides})).eval()
-    randomize_(model)
-    model.save_pretrained(out_dir, save_original_format=save_original_format)
-    return model
 
 
 @pytest.fixture(scope="module", params=list(V2_VARIANTS))
@@ -172,69 +148,6 @@ def ref_logits(sd, cfg, tokens):
 
 
 # ----------------------------------------------------------------------------- DeepSeek-MoE ("deepseek")
-
-def deepseek_moe_config(**overrides) -> dict:
-    """deepseek-moe-16b-base's config.json with tiny sizes (same keys and layout)."""
-    config = {
-        "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                     "AutoModel": "modeling_deepseek.DeepseekModel",
-                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
-        "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 80,
-        "max_position_embeddings": 64, "model_type": "deepseek", "moe_intermediate_size": 16, "moe_layer_freq": 1,
-        "n_routed_experts": 8, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 4,
-        "num_experts_per_tok": 3, "num_hidden_layers": 3, "num_key_value_heads": 4, "pretraining_tp": 1,
-        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
-        "vocab_size": 120,
-    }
-    return {**config, **overrides}
-
-
-def random_deepseek_state(cfg) -> dict[str, torch.Tensor]:
-    """HF-layout weights (real key names, rotate-half q/k) for a ``deepseek`` config."""
-    h, inter, moe_inter = cfg["hidden_size"], cfg["intermediate_size"], cfg["moe_intermediate_size"]
-
-    def w(rows, cols):
-        return torch.randn(rows, cols) / math.sqrt(cols)
-
-    def norm(size):
-        return 1 + 0.2 * torch.randn(size)
-
-    def mlp(prefix, width):
-        return {f"{prefix}gate_proj.weight": w(width, h), f"{prefix}up_proj.weight": w(width, h),
-                f"{prefix}down_proj.weight": w(h, width)}
-
-    sd = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h), "model.norm.weight": norm(h),
-          "lm_head.weight": w(cfg["vocab_size"], h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        sd.update({p + "input_layernorm.weight": norm(h), p + "post_attention_layernorm.weight": norm(h)})
-        sd.update({f"{p}self_attn.{n}_proj.weight": w(h, h) for n in "qkvo"})
-        if layer < cfg["first_k_dense_replace"]:
-            sd.update(mlp(p + "mlp.", inter))
-            continue
-        sd[p + "mlp.gate.weight"] = torch.randn(cfg["n_routed_experts"], h)
-        for expert in range(cfg["n_routed_experts"]):
-            sd.update(mlp(f"{p}mlp.experts.{expert}.", moe_inter))
-        sd.update(mlp(p + "mlp.shared_experts.", cfg["n_shared_experts"] * moe_inter))
-    return sd
-
-
-def write_hf_deepseek(out_dir, cfg, sd) -> None:
-    """config.json + two safetensors shards and their index; the cut falls inside layer 1's experts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    keys = sorted(sd)
-    cut = keys.index("model.layers.1.mlp.experts.3.down_proj.weight")
-    shards = {"model-00001-of-00002.safetensors": keys[:cut], "model-00002-of-00002.safetensors": keys[cut:]}
-    for name, shard_keys in shards.items():
-        save_file({k: sd[k].bfloat16() for k in shard_keys}, str(out_dir / name), metadata={"format": "pt"})
-    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-
 
 def test_mha_attention_matches_per_token_reference():
     """LLaMA's Attention with q/k rows un-permuted (interleaved RoPE) equals rotate-half on the HF rows."""

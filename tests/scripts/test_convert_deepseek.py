@@ -16,8 +16,7 @@ from dpo_llama.models.checkpoint import iter_safetensors, load_model, weight_fil
 from dpo_llama.models.convert_deepseek import deepseek_args_from_hf, deepseek_tensors_from_hf
 from dpo_llama.models.presets import get_preset
 from scripts.convert_hf_checkpoint import main as convert_hf
-from tests.models.test_deepseek import (deepseek_moe_config, make_hf_deepseek_v2, random_deepseek_state,
-                                        write_hf_deepseek)
+from tests.model_fixtures import deepseek_moe_config, make_hf_deepseek_v2, random_deepseek_state, write_hf_deepseek
 
 # deepseek-ai/DeepSeek-V2-Lite config.json (original layout, as published) ...
 V2_LITE_HUB = {
