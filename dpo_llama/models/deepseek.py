@@ -37,6 +37,7 @@ always takes ``mscale(s, mscale) / mscale(s, mscale_all_dim)``); and it computes
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -399,11 +400,19 @@ class DeepseekTransformer(DecoderLM):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
 
     def set_experts_backend(self, name: str) -> None:
-        """Selects how routed experts are computed: ``"torch"`` or ``"cpu_kernel"`` (raises if unavailable)."""
+        """Selects how routed experts are computed: ``"torch"`` or ``"cpu_kernel"``.
+
+        When the C++ kernel cannot be built or loaded here (no compiler, say), ``"cpu_kernel"`` falls back to
+        ``"torch"`` with a ``RuntimeWarning`` that gives the reason; ``args.experts_backend`` records what runs.
+        """
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
         if name == "cpu_kernel":
-            load_cpu_kernel()
+            try:
+                load_cpu_kernel()
+            except RuntimeError as err:
+                warnings.warn(f"{err}. Falling back to experts_backend='torch'.", RuntimeWarning, stacklevel=2)
+                name = "torch"
         for moe in self.moe_layers():
             moe.experts.set_backend(name)
         self.args.experts_backend = name

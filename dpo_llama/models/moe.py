@@ -23,8 +23,9 @@ differentiable in ``x`` and ``topk_weights``:
   selected on a loaded model — and the full-precision weights are then freed, so the experts are never
   held twice nor on the GPU. With the rest of the model on CUDA, inputs and outputs cross through pinned
   buffers (hybrid GPU + CPU training). It computes no expert-weight gradients, so the experts must be
-  frozen. Selecting it when the kernel is missing raises a ``RuntimeError``: no silent fallback to a
-  backend with other speed and memory needs.
+  frozen. ``RoutedExperts.set_backend("cpu_kernel")`` raises a ``RuntimeError`` when the kernel is missing;
+  the model-level ``DeepseekTransformer.set_experts_backend`` turns that into a ``RuntimeWarning`` giving the
+  reason and falls back to ``"torch"`` (never silently).
 
 Experts can be frozen as 4-bit weights (``RoutedExperts.quantize_4bit``, ``dpo_llama.models.quant``), one
 ``Packed4bit`` per expert and matrix; the torch backend dequantizes one expert at a time, on the fly.

@@ -355,7 +355,7 @@ def test_set_experts_backend(monkeypatch):
     with pytest.raises(ValueError, match="unknown experts backend"):
         model.set_experts_backend("cuda")
     monkeypatch.setitem(sys.modules, "dpo_llama.models.cpu_moe", None)
-    with pytest.raises(RuntimeError, match="cpu_kernel"):
+    with pytest.warns(RuntimeWarning, match="needs dpo_llama.models.cpu_moe.*Falling back to experts_backend='torch'"):
         model.set_experts_backend("cpu_kernel")
     assert model.args.experts_backend == "torch"
     assert all(moe.experts.backend == "torch" for moe in model.moe_layers())
