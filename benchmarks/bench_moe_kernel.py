@@ -7,6 +7,8 @@ Compared, each at every ``--qlen`` and in the same run (the machine is shared an
 figure is also given as a ratio against baselines measured in that run):
 
 * ours-bf16 / ours-int8: ``cpu_moe`` with the best ISA this CPU runs (``selected_isa()``),
+* ours-bf16-T: ours-bf16 packed with ``transposed_copy=True`` (the backward runs forward products on
+  transposed weight copies: twice the weight memory; the forward is the same code as ours-bf16),
 * torch-loop: a plain PyTorch per-expert loop (gather rows, three matmuls, ``index_add_``), autograd
   for the backward,
 * kt-bf16: kt-kernel's AMX BF16 MoE (``AMXBF16_MOE`` forward; ``AMXBF16_SFT_MOE_SkipLoRA``, its
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dpo_llama.models.cpu_moe import PackedExperts, available_isas, cpu_moe, load_extension, selected_isa
 
 EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2048, 1408
-METHODS = ("ours-bf16", "ours-int8", "torch-loop", "kt-bf16")
+METHODS = ("ours-bf16", "ours-bf16-T", "ours-int8", "torch-loop", "kt-bf16")
 
 
 def make_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,6 +201,7 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
     with torch.no_grad():
         fwd = {
             "ours-bf16": lambda: cpu_moe(x, ids, weights, setups["bf16"]),
+            "ours-bf16-T": lambda: cpu_moe(x, ids, weights, setups["bf16-T"]),
             "ours-int8": lambda: cpu_moe(x, ids, weights, setups["int8"]),
             "torch-loop": lambda: torch_loop(x, ids, weights, gate, up, down),
         }
@@ -207,6 +210,7 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
         fwd_times = {name: median_seconds(fn, repeats) for name, fn in fwd.items()}
     fwd_bwd = {
         "ours-bf16": ours_fwd_bwd(x, ids, weights, grad, setups["bf16"]),
+        "ours-bf16-T": ours_fwd_bwd(x, ids, weights, grad, setups["bf16-T"]),
         "ours-int8": ours_fwd_bwd(x, ids, weights, grad, setups["int8"]),
         "torch-loop": torch_fwd_bwd(x, ids, weights, grad, gate, up, down),
     }
@@ -243,7 +247,12 @@ def main() -> None:
     load_extension()
     print(f"threads={args.threads} isa={selected_isa()} available={available_isas()} E={EXPERTS} k={TOP_K} H={HIDDEN} I={INTER}")
     weights = make_weights()
-    setups = {"weights": weights, "bf16": PackedExperts.from_weights(*weights, "bf16"), "int8": PackedExperts.from_weights(*weights, "int8")}
+    setups = {
+        "weights": weights,
+        "bf16": PackedExperts.from_weights(*weights, "bf16"),
+        "bf16-T": PackedExperts.from_weights(*weights, "bf16", transposed_copy=True),
+        "int8": PackedExperts.from_weights(*weights, "int8"),
+    }
     try:
         setups["kt"] = KtKernel(*weights, max_len=max(args.qlen), threads=args.threads)
     except (ImportError, AttributeError, OSError) as error:

@@ -39,11 +39,15 @@ DPO_TARGET_AMX inline void configure_tiles() {
 
 // Tile loads do not train the hardware prefetchers well: the first pass over a panel prefetches
 // the weights kPrefetchAhead bytes ahead (the next panel follows contiguously in memory).
-constexpr int64_t kPrefetchAhead = 8 * 16 * kRowBytes;
+// The prefetches go to L2 only (hint T2), where the tile loads of the other row tiles find the
+// panel anyway: measured on a Sapphire-Rapids-class VM, L2 prefetches 32 KB ahead streamed the
+// weights about a fifth faster than L1 prefetches (hint T0) 16 KB ahead, which compete with the
+// tile loads for the core's few L1 miss buffers.
+constexpr int64_t kPrefetchAhead = 16 * 16 * kRowBytes;
 
 DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) {
   for (int64_t line = 0; line < 16 * kRowBytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T2);
 }
 
 DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }

@@ -6,21 +6,29 @@
 //   1. counting sort of the (token, slot) pairs by expert; each expert gets a block of rows padded
 //      to a multiple of 16 (AMX tile height),
 //   2. gather the token rows into that order, converted to the format the kernels consume,
-//   3. tasks (expert, 32-column panel of I): fused gate + up product, epilogue h = silu(g) * u,
-//   4. tasks (expert, 32-column panel of H): down product into o (one row per pair),
+//   3. tasks (expert, 4 gate/up panel pairs = 128 columns of I): fused gate + up product, epilogue
+//      h = silu(g) * u after each pair,
+//   4. tasks (expert, 8 panels = 256 columns of H): down product into o (one row per pair),
 //   5. y[t] = sum_j w[t,j] o[row(t,j)] in fp32, slots in order (deterministic, no atomics).
 // Backward (v = W_down^T dy, dL/dw = <dy, o> = <v, h>):
 //   1. gather dy rows per pair; tasks (expert, 128 columns of I): v = dy W_down (transposed product),
 //   2. per pair: dL/dw = <v, h>, dh = w v, dg = dh u silu'(g), du = dh silu(g),
 //   3. tasks (expert, 128 columns of H): dx_pair = [dg | du] W_gate_up (transposed product),
 //   4. dx[t] = sum_j dx_pair[row(t,j)].
+// The transposed products of steps 1 and 3 run on the forward packing (see the ISA headers), or, if
+// the caller packed them, on transposed copies of the weights as forward products (faster, twice
+// the weight memory).
 // The forward saves the gate/up outputs (fp32, 2 I floats per pair) for step 2 of the backward.
 
 #include <torch/extension.h>
 
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <mutex>
+#include <optional>
+
+#include <sys/mman.h>
 
 #include "moe_common.h"
 #include "moe_gemm_amx.h"
@@ -151,43 +159,89 @@ Routing route(const at::Tensor& ids, int64_t experts) {
   return r;
 }
 
-// ---------------------------------------------------------------- workspace
+// ---------------------------------------------------------------- memory
 
-// Temporary buffers reused across calls. Fresh multi-megabyte allocations go back to the OS when
-// freed and are page-faulted in again on every call, which costs more than the products themselves
-// at small batches. Each slot keeps the largest size seen so far (a few hundred MB at 2048 tokens
-// for DeepSeek-V2-Lite shapes) for the life of the process; a call that finds the arena in use
-// (another thread) allocates fresh buffers instead.
-enum Slot { kInput, kHidden, kHiddenF32, kDownOut, kGradIn, kGradV, kGradAct, kGradOut, kSlots };
-
-class Workspace {
+// Every call allocates buffers of many megabytes: the per-pair operands and products (a few hundred
+// MB at 2048 tokens for DeepSeek-V2-Lite shapes), the saved gate/up products (140 MB there), y and
+// grad_x. Fresh memory costs a page fault per 4 KB page plus the kernel zeroing it, about as much as
+// the products themselves, so every buffer of 2 MB or more comes from a cache instead (like
+// PyTorch's CUDA caching allocator): a freed tensor's block goes back to the cache and is handed out
+// again, and the cache keeps its blocks for the life of the process. Blocks are 2 MB aligned and
+// backed by transparent huge pages.
+// Sizes are rounded up to a size class (below), and a request takes a free block of its class or
+// maps a new one, so the cache holds per class the most blocks that were alive at the same time
+// (one call's buffers plus the gate/up products saved by the forwards awaiting their backward).
+class BlockCache {
  public:
-  Workspace() : lock_(mutex(), std::try_to_lock) {}
+  // The process-wide cache. Never destroyed: tensors may be freed after static destructors ran.
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache;
+    return *cache;
+  }
 
-  at::Tensor take(Slot slot, at::IntArrayRef shape, at::ScalarType dtype) {
-    if (!lock_.owns_lock()) return at::empty(shape, at::TensorOptions().dtype(dtype));
+  at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype) {
     int64_t numel = 1;
     for (int64_t d : shape) numel *= d;
-    const int64_t bytes = std::max<int64_t>(numel * int64_t(c10::elementSize(dtype)), 1);
-    at::Tensor& buffer = slots()[slot];
-    if (!buffer.defined() || buffer.numel() < bytes) {
-      buffer = at::Tensor();  // free the old buffer before allocating the larger one
-      buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    }
-    return buffer.narrow(0, 0, numel * int64_t(c10::elementSize(dtype))).view(dtype).view(shape);
+    const int64_t bytes = numel * int64_t(c10::elementSize(dtype));
+    const auto options = at::TensorOptions().dtype(dtype);
+    if (bytes < kHugePage) return at::empty(shape, options);
+    int64_t block_bytes = 0;
+    uint8_t* block = take(bytes, &block_bytes);
+    return at::from_blob(
+        block, shape, [this, block, block_bytes](void*) { give_back(block, block_bytes); },
+        options);
   }
 
  private:
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
+  static constexpr int64_t kHugePage = int64_t(1) << 21;
+
+  // Size classes: whole 2 MB pages, rounded up to a multiple of step = 2^j where 16 step > pages
+  // >= 8 step (exact below 16 pages, at most 1/8 more above), so that the varying row counts of
+  // calls with about the same number of tokens share blocks.
+  static int64_t size_class(int64_t bytes) {
+    const int64_t pages = (bytes + kHugePage - 1) / kHugePage;
+    int64_t step = 1;
+    while (16 * step <= pages) step *= 2;
+    return round_up(pages, step) * kHugePage;
   }
-  static std::vector<at::Tensor>& slots() {
-    static std::vector<at::Tensor> s(kSlots);
-    return s;
+
+  uint8_t* take(int64_t bytes, int64_t* block_bytes) {
+    *block_bytes = size_class(bytes);
+    std::lock_guard<std::mutex> guard(mutex_);
+    const auto fit = free_.find(*block_bytes);
+    if (fit == free_.end()) return map_block(*block_bytes);
+    uint8_t* block = fit->second;
+    free_.erase(fit);
+    return block;
   }
-  std::unique_lock<std::mutex> lock_;
+
+  void give_back(uint8_t* block, int64_t bytes) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    free_.emplace(bytes, block);
+  }
+
+  // Maps `bytes` (a multiple of 2 MB) at a 2 MB boundary: maps 2 MB more, then unmaps the
+  // unaligned head and the tail.
+  static uint8_t* map_block(int64_t bytes) {
+    const size_t length = size_t(bytes + kHugePage);
+    void* mapped = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(mapped != MAP_FAILED, "could not allocate ", bytes, " bytes for the MoE kernel");
+    uint8_t* base = static_cast<uint8_t*>(mapped);
+    uint8_t* block = reinterpret_cast<uint8_t*>(
+        round_up(int64_t(reinterpret_cast<uintptr_t>(base)), kHugePage));
+    if (block > base) munmap(base, size_t(block - base));
+    if (block + bytes < base + length) munmap(block + bytes, size_t(base + length - block - bytes));
+    madvise(block, size_t(bytes), MADV_HUGEPAGE);
+    return block;
+  }
+
+  std::mutex mutex_;
+  std::multimap<int64_t, uint8_t*> free_;  // block size in bytes -> block
 };
+
+at::Tensor empty_cached(at::IntArrayRef shape, at::ScalarType dtype) {
+  return BlockCache::instance().empty(shape, dtype);
+}
 
 // ---------------------------------------------------------------- activation buffers
 
@@ -197,11 +251,11 @@ struct ActBuffer {
   int64_t ld;
   at::Tensor values, scale;
 
-  ActBuffer(Workspace& ws, Slot slot, ActFormat f, int64_t rows, int64_t cols)
+  ActBuffer(ActFormat f, int64_t rows, int64_t cols)
       : format(f), ld(cols) {
     const auto dtype = f == ActFormat::f32 ? at::kFloat : f == ActFormat::bf16 ? at::kBFloat16
                                                                                : at::kByte;
-    values = ws.take(slot, {rows, cols}, dtype);
+    values = empty_cached({rows, cols}, dtype);
     if (f == ActFormat::u8) scale = at::empty({rows}, at::TensorOptions().dtype(at::kFloat));
   }
 
@@ -250,12 +304,43 @@ int64_t expert_of_row(const Routing& r, const at::Tensor& ids, int64_t row) {
 constexpr int64_t kNnCols = 128;
 int64_t blocks_of(int64_t cols) { return (cols + kNnCols - 1) / kNnCols; }
 
+// Panels per forward-product task. An expert's panels are contiguous in memory, so a task reads one
+// run of 8 panels (1 MB of bf16 gate/up weights) that the prefetches follow from panel to panel;
+// one panel per task would hand consecutive panels to different threads.
+constexpr int64_t kNtPanels = 8;
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Runs body(e, block) for every active expert e and block in [0, blocks).
 template <class Body>
 void for_expert_blocks(const Kernels& kern, const Routing& r, int64_t blocks, const Body& body) {
   run_tasks(
       int64_t(r.active.size()) * blocks,
       [&](int64_t task) { body(r.active[task / blocks], task % blocks); }, kern.release);
+}
+
+// out[rows of e] = a W_e^T for every active expert e (forward product, out has w.n columns).
+// Task (e, b): panels [b kNtPanels, (b + 1) kNtPanels) of W_e.
+void product_nt(const Kernels& kern, const Routing& r, const ActBuffer& a, const PackedExperts& w,
+                float* out) {
+  const int64_t panels = w.n / kPanel;
+  for_expert_blocks(kern, r, ceil_div(panels, kNtPanels), [&](int64_t e, int64_t b) {
+    const int64_t row0 = r.row_begin[e], p0 = b * kNtPanels;
+    kern.nt(a.view(row0, r.count[e]), w.expert(e), p0, std::min(panels, p0 + kNtPanels),
+            out + row0 * w.n + p0 * kPanel, w.n);
+  });
+}
+
+// out[rows of e] = a W_e for every active expert e (transposed product, out has w.k columns).
+// With the optional transposed copy w_t (W^T packed like a forward weight) this is the forward
+// product on w_t; otherwise task (e, b) rewrites columns [b kNnCols, (b + 1) kNnCols) of W_e.
+void product_nn(const Kernels& kern, const Routing& r, const ActBuffer& a, const PackedExperts& w,
+                const std::optional<PackedExperts>& w_t, float* out) {
+  if (w_t) return product_nt(kern, r, a, *w_t, out);
+  for_expert_blocks(kern, r, blocks_of(w.k), [&](int64_t e, int64_t b) {
+    const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
+    kern.nn(a.view(row0, r.count[e]), w.expert(e), col0, std::min(kNnCols, w.k - col0),
+            out + row0 * w.k + col0, w.k);
+  });
 }
 
 // out[t] = sum_j coef(t, j) * rows[row(t, j)][0..n), summed in slot order.
@@ -296,6 +381,20 @@ Kernels prepare(const std::string& isa_name, const PackedExperts& gate_up,
   return kernels_for(isa, gate_up.type);
 }
 
+// The optional transposed copy of `w` (an empty tensor when absent): W^T packed like a forward
+// weight, so that the backward's products a W run as forward products. bf16 only (for bf16
+// weights the forward and transposed kernels of every ISA take the same activation format).
+std::optional<PackedExperts> transposed_copy(const at::Tensor& packed_t, const PackedExperts& w) {
+  if (packed_t.numel() == 0) return std::nullopt;
+  const at::Tensor none;
+  PackedExperts w_t(packed_t, none, none);
+  TORCH_CHECK(w.type == WeightType::bf16 && w_t.type == WeightType::bf16,
+              "transposed weight copies are supported for bf16 weights only");
+  TORCH_CHECK(w_t.data.size(0) == w.data.size(0) && w_t.n == w.k && w_t.k == w.n,
+              "a transposed weight copy does not match its weights");
+  return w_t;
+}
+
 // Gate/up task epilogue for rows [0, rows) of one expert and panel p: h = silu(g) * u written to
 // the down product's operand (fp32 side buffer for u8, which needs whole rows to quantize).
 void store_hidden(const Kernels& kern, const float* gu, int64_t ld_gu, int64_t rows, int64_t p,
@@ -324,10 +423,9 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   const int64_t hidden = x.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   TORCH_CHECK(hidden <= hidden_pad, "x has more columns than the packed weights");
   const Routing r = route(ids, w13.size(0));
-  Workspace ws;
 
   const float* xs = x.data_ptr<float>();
-  ActBuffer xa(ws, kInput, kern.nt_format, r.rows, hidden_pad);
+  ActBuffer xa(kern.nt_format, r.rows, hidden_pad);
   fill_rows(kern, xa, r, [&](int64_t row, int64_t* n, const float**) -> const float* {
     const int64_t pair = r.pair_of_row[row];
     *n = hidden;
@@ -335,27 +433,24 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   });
 
   // Gate/up products, kept (2 I floats per row) only when the backward needs them.
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor gu = save_for_backward ? at::empty({r.rows, 2 * inter}, f32) : at::Tensor();
-  ActBuffer ha(ws, kHidden, kern.nt_format, r.rows, inter);
-  at::Tensor h_f32 = kern.nt_format == ActFormat::u8 ? ws.take(kHiddenF32, {r.rows, inter}, at::kFloat)
+  at::Tensor gu = save_for_backward ? empty_cached({r.rows, 2 * inter}, at::kFloat) : at::Tensor();
+  ActBuffer ha(kern.nt_format, r.rows, inter);
+  at::Tensor h_f32 = kern.nt_format == ActFormat::u8 ? empty_cached({r.rows, inter}, at::kFloat)
                                                      : at::Tensor();
   float* h_f32_ptr = h_f32.defined() ? h_f32.data_ptr<float>() : nullptr;
-  for_expert_blocks(kern, r, inter / kPanel, [&](int64_t e, int64_t p) {
+  // Task (e, b): gate/up panel pairs [b kNtPanels / 2, (b + 1) kNtPanels / 2) of expert e, i.e.
+  // columns p of h for each pair p, with the SiLU epilogue right after each pair's product.
+  const int64_t pairs = inter / kPanel, pairs_per_task = kNtPanels / 2;
+  for_expert_blocks(kern, r, ceil_div(pairs, pairs_per_task), [&](int64_t e, int64_t b) {
     const int64_t row0 = r.row_begin[e], rows = r.count[e];
-    std::vector<float> local;
-    float* c;
-    int64_t ldc;
-    if (save_for_backward) {
-      c = gu.data_ptr<float>() + row0 * 2 * inter + p * 2 * kPanel;
-      ldc = 2 * inter;
-    } else {
-      local.resize(round_up(rows, kRowAlign) * 2 * kPanel);
-      c = local.data();
-      ldc = 2 * kPanel;
+    std::vector<float> local(save_for_backward ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
+    for (int64_t p = b * pairs_per_task; p < std::min(pairs, (b + 1) * pairs_per_task); ++p) {
+      float* c = save_for_backward ? gu.data_ptr<float>() + row0 * 2 * inter + p * 2 * kPanel
+                                   : local.data();
+      const int64_t ldc = save_for_backward ? 2 * inter : 2 * kPanel;
+      kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
+      store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, row0);
     }
-    kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
-    store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, row0);
   });
   if (ha.format == ActFormat::u8)
     fill_rows(kern, ha, r, [&](int64_t row, int64_t* n, const float**) -> const float* {
@@ -367,15 +462,11 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
       if (r.pair_of_row[row] < 0) kern.store_row(ha.format, nullptr, 0, nullptr, ha.ld, ha.row(row), nullptr);
     });
 
-  at::Tensor o = ws.take(kDownOut, {r.rows, hidden_pad}, at::kFloat);
+  at::Tensor o = empty_cached({r.rows, hidden_pad}, at::kFloat);
   float* o_ptr = o.data_ptr<float>();
-  for_expert_blocks(kern, r, hidden_pad / kPanel, [&](int64_t e, int64_t p) {
-    const int64_t row0 = r.row_begin[e];
-    kern.nt(ha.view(row0, r.count[e]), down.expert(e), p, p + 1,
-            o_ptr + row0 * hidden_pad + p * kPanel, hidden_pad);
-  });
+  product_nt(kern, r, ha, down, o_ptr);
 
-  at::Tensor y = at::empty({r.tokens, hidden}, f32);
+  at::Tensor y = empty_cached({r.tokens, hidden}, at::kFloat);
   const float* w = weights.data_ptr<float>();
   combine(r, o_ptr, hidden_pad, hidden, y.data_ptr<float>(),
           [&](int64_t t, int64_t j) { return w[t * r.top_k + j]; });
@@ -387,20 +478,22 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
                                      const at::Tensor& w13, const at::Tensor& s13,
                                      const at::Tensor& c13, const at::Tensor& w2,
                                      const at::Tensor& s2, const at::Tensor& c2,
+                                     const at::Tensor& w13_t, const at::Tensor& w2_t,
                                      const std::string& isa_name) {
   check_inputs(grad_y, ids, weights);
   const PackedExperts gate_up(w13, s13, c13), down(w2, s2, c2);
   const Kernels kern = prepare(isa_name, gate_up, down);
+  const std::optional<PackedExperts> gate_up_t = transposed_copy(w13_t, gate_up);
+  const std::optional<PackedExperts> down_t = transposed_copy(w2_t, down);
   const bool int8 = gate_up.type == WeightType::int8;
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   const Routing r = route(ids, w13.size(0));
   TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter,
               "saved gate/up activations do not match the routing");
-  Workspace ws;
 
   // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
   const float* dy = grad_y.data_ptr<float>();
-  ActBuffer dya(ws, kGradIn, kern.nn_format, r.rows, hidden_pad);
+  ActBuffer dya(kern.nn_format, r.rows, hidden_pad);
   fill_rows(kern, dya, r, [&](int64_t row, int64_t* n, const float** col_scale) -> const float* {
     const int64_t pair = r.pair_of_row[row];
     if (pair < 0) return nullptr;
@@ -408,22 +501,17 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
     if (int8) *col_scale = down.expert(expert_of_row(r, ids, row)).scale;
     return dy + (pair / r.top_k) * hidden;
   });
-  at::Tensor v = ws.take(kGradV, {r.rows, inter}, at::kFloat);
+  at::Tensor v = empty_cached({r.rows, inter}, at::kFloat);
   float* v_ptr = v.data_ptr<float>();
-  for_expert_blocks(kern, r, blocks_of(inter), [&](int64_t e, int64_t b) {
-    const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
-    kern.nn(dya.view(row0, r.count[e]), down.expert(e), col0, std::min(kNnCols, inter - col0),
-            v_ptr + row0 * inter + col0, inter);
-  });
+  product_nn(kern, r, dya, down, down_t, v_ptr);
 
   // Per row: routing-weight gradient and [dg | du] (interleaved per panel like gu), written as
   // the operand of the next product (times the int8 channel scales of W_gate_up).
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor grad_w = at::empty({r.tokens, r.top_k}, f32);
+  at::Tensor grad_w = at::empty({r.tokens, r.top_k}, at::TensorOptions().dtype(at::kFloat));
   const float* w = weights.data_ptr<float>();
   const float* gu_ptr = gu.data_ptr<float>();
   float* gw_ptr = grad_w.data_ptr<float>();
-  ActBuffer da(ws, kGradAct, kern.nn_format, r.rows, 2 * inter);
+  ActBuffer da(kern.nn_format, r.rows, 2 * inter);
   constexpr int64_t kChunk = 16;
   run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
     std::vector<float> d(2 * inter);
@@ -441,15 +529,11 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
     }
   });
 
-  at::Tensor dxp = ws.take(kGradOut, {r.rows, hidden_pad}, at::kFloat);
+  at::Tensor dxp = empty_cached({r.rows, hidden_pad}, at::kFloat);
   float* dxp_ptr = dxp.data_ptr<float>();
-  for_expert_blocks(kern, r, blocks_of(hidden_pad), [&](int64_t e, int64_t b) {
-    const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
-    kern.nn(da.view(row0, r.count[e]), gate_up.expert(e), col0,
-            std::min(kNnCols, hidden_pad - col0), dxp_ptr + row0 * hidden_pad + col0, hidden_pad);
-  });
+  product_nn(kern, r, da, gate_up, gate_up_t, dxp_ptr);
 
-  at::Tensor grad_x = at::empty({r.tokens, hidden}, f32);
+  at::Tensor grad_x = empty_cached({r.tokens, hidden}, at::kFloat);
   combine(r, dxp_ptr, hidden_pad, hidden, grad_x.data_ptr<float>(),
           [](int64_t, int64_t) { return 1.0f; });
   return {grad_x, grad_w};

@@ -31,8 +31,12 @@ instead of recomputing them (which would cost two thirds of a forward). The expe
 ``dL/dw`` is not saved: ``<dy, W_down h> = <W_down^T dy, h>`` reuses the ``W_down^T dy`` product that
 the input gradient needs anyway. The transposed products run on the same packed weights (AMX rewrites
 one strip of up to 128 columns at a time into a per-thread scratch buffer, int8 widened to bf16), so no
-second copy of the weights is kept. Temporary buffers are reused across calls by the C++ side (a few
-hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, held for the life of the process).
+second copy of the weights is kept by default; ``from_weights(..., transposed_copy=True)`` (bf16 only)
+packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
+memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x) come from a cache of
+huge-page blocks on the C++ side that reuses freed blocks across calls (a few hundred MB at 2048 tokens
+for DeepSeek-V2-Lite shapes, plus the saved outputs awaiting their backward; held for the life of the
+process): fresh memory would cost a page fault per 4 KB.
 
 Example::
 
@@ -43,6 +47,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -55,7 +60,6 @@ import torch.nn.functional as F
 __all__ = ["PackedExperts", "available_isas", "cpu_moe", "kernel_available", "load_extension", "selected_isa"]
 
 _CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-_EXTENSION_NAME = "dpo_llama_moe_kernel"
 _ISA_ENV = "DPO_LLAMA_MOE_ISA"
 _ISAS = ("amx", "avx512", "avx2", "portable")
 _WEIGHT_DTYPES = ("bf16", "int8")
@@ -83,10 +87,23 @@ def load_extension(verbose: bool = True) -> ModuleType:
     return _compile()
 
 
+@functools.cache
+def _extension_name() -> str:
+    """``dpo_llama_moe_kernel_<hash>``, the hash over every source and header file and the flags.
+
+    torch's build cache hashes only the ``.cpp`` sources, so an edited header would otherwise load a stale build.
+    """
+    digest = hashlib.sha256(repr((_CFLAGS, _LDFLAGS)).encode())
+    for path in sorted(_CSRC_DIR.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return f"dpo_llama_moe_kernel_{digest.hexdigest()[:12]}"
+
+
 def _is_built() -> bool:
     from torch.utils import cpp_extension
 
-    return any(Path(cpp_extension._get_build_directory(_EXTENSION_NAME, verbose=False)).glob("*.so"))
+    return any(Path(cpp_extension._get_build_directory(_extension_name(), verbose=False)).glob("*.so"))
 
 
 @functools.cache
@@ -95,7 +112,7 @@ def _compile() -> ModuleType:
 
     try:
         return cpp_extension.load(
-            name=_EXTENSION_NAME,
+            name=_extension_name(),
             sources=[str(_CSRC_DIR / "moe_kernel.cpp")],
             extra_include_paths=[str(_CSRC_DIR)],
             extra_cflags=list(_CFLAGS),  # fresh lists: torch appends to them
@@ -204,6 +221,9 @@ class PackedExperts:
         hidden_size: H.
         intermediate_size: I.
         weight_dtype: ``"bf16"`` or ``"int8"``.
+        gate_up_t: optional transposed copy of ``gate_up`` for the backward, ``[E, H'/32, 2I'/2, 32, 2]``
+            (empty unless packed with ``transposed_copy=True``).
+        down_t: optional transposed copy of ``down``, ``[E, I'/32, H'/2, 32, 2]`` (empty unless requested).
     """
 
     gate_up: torch.Tensor
@@ -216,10 +236,17 @@ class PackedExperts:
     hidden_size: int
     intermediate_size: int
     weight_dtype: str
+    gate_up_t: torch.Tensor
+    down_t: torch.Tensor
 
     @classmethod
     def from_weights(
-        cls, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, weight_dtype: str = "bf16"
+        cls,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        weight_dtype: str = "bf16",
+        transposed_copy: bool = False,
     ) -> PackedExperts:
         """Pack stacked expert weights (any float dtype, any device; copied to CPU).
 
@@ -228,12 +255,18 @@ class PackedExperts:
             up_proj: ``[E, I, H]``.
             down_proj: ``[E, H, I]``.
             weight_dtype: ``"bf16"`` (weights rounded to bfloat16) or ``"int8"`` (per-channel symmetric).
+            transposed_copy: Also pack ``W^T`` of every projection (bf16 only), so that the backward's
+                products ``dy W_down`` and ``[dg | du] W_gate_up`` run as forward products instead of
+                rewriting the packed weights on the fly: a faster backward for twice the weight memory
+                (another 1.1 GB per DeepSeek-V2-Lite layer).
 
         Raises:
-            ValueError: Unknown ``weight_dtype`` or inconsistent shapes.
+            ValueError: Unknown ``weight_dtype``, ``transposed_copy`` with int8, or inconsistent shapes.
         """
         if weight_dtype not in _WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype={weight_dtype!r}: expected one of {', '.join(_WEIGHT_DTYPES)}")
+        if transposed_copy and weight_dtype != "bf16":
+            raise ValueError(f"transposed_copy needs weight_dtype='bf16', got {weight_dtype!r}")
         if gate_proj.dim() != 3 or up_proj.shape != gate_proj.shape:
             raise ValueError(f"gate_proj/up_proj must both be [E, I, H], got {tuple(gate_proj.shape)}, "
                              f"{tuple(up_proj.shape)}")
@@ -243,17 +276,27 @@ class PackedExperts:
         if not (gate_proj.is_floating_point() and up_proj.is_floating_point() and down_proj.is_floating_point()):
             raise ValueError("expert weights must be floating point")
         hidden_pad, inter_pad = -(-hidden // _PAD) * _PAD, -(-inter // _PAD) * _PAD
+        empty = torch.empty(0, dtype=torch.bfloat16)
         with torch.no_grad():
             gate = _pad_to(gate_proj.detach().cpu(), inter_pad, hidden_pad)
             up = _pad_to(up_proj.detach().cpu(), inter_pad, hidden_pad)
-            gate_up = _pack(_interleave_gate_up(gate, up), weight_dtype)
+            gate_up_rows = _interleave_gate_up(gate, up)
             del gate, up
-            down = _pack(_pad_to(down_proj.detach().cpu(), hidden_pad, inter_pad), weight_dtype)
-        return cls(*gate_up, *down, experts, hidden, inter, weight_dtype)
+            gate_up = _pack(gate_up_rows, weight_dtype)
+            gate_up_t = _pack(gate_up_rows.transpose(1, 2), "bf16")[0] if transposed_copy else empty
+            del gate_up_rows
+            down_rows = _pad_to(down_proj.detach().cpu(), hidden_pad, inter_pad)
+            down = _pack(down_rows, weight_dtype)
+            down_t = _pack(down_rows.transpose(1, 2), "bf16")[0] if transposed_copy else empty
+        return cls(*gate_up, *down, experts, hidden, inter, weight_dtype, gate_up_t, down_t)
 
     def kernel_args(self) -> tuple[torch.Tensor, ...]:
         """The six tensors in the order the C++ functions take them."""
         return (self.gate_up, self.gate_up_scale, self.gate_up_colsum, self.down, self.down_scale, self.down_colsum)
+
+    def transposed_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transposed copies ``(gate_up_t, down_t)`` for the C++ backward (empty tensors if not packed)."""
+        return (self.gate_up_t, self.down_t)
 
 
 # ----------------------------------------------------------------------------------- autograd
@@ -307,7 +350,13 @@ class _CpuMoeFunction(torch.autograd.Function):
         ids, weights32, gate_up_out = ctx.saved_tensors
         (grad_host,) = _to_host([grad_y])
         grad_x, grad_w = load_extension().moe_backward(
-            grad_host.float().contiguous(), ids, weights32, gate_up_out, *ctx.packed.kernel_args(), ctx.isa
+            grad_host.float().contiguous(),
+            ids,
+            weights32,
+            gate_up_out,
+            *ctx.packed.kernel_args(),
+            *ctx.packed.transposed_args(),
+            ctx.isa,
         )
         grad_x = _to_device(grad_x.to(ctx.x_dtype), ctx.device) if ctx.needs_input_grad[0] else None
         grad_w = _to_device(grad_w.to(ctx.weights_dtype), ctx.device) if ctx.needs_input_grad[2] else None

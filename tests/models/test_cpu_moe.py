@@ -138,6 +138,19 @@ def test_matches_float64_reference(force_isa, isa, weight_dtype, shape):
         assert_close(g, w, tol, f"{isa}/{weight_dtype}/{shape} {name}")
 
 
+@pytest.mark.parametrize("shape", ["odd_sizes_top2", "busy_expert_top3"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_transposed_copy_matches_float64_reference(force_isa, isa, shape):
+    """The backward on transposed weight copies (forward products on W^T) computes the same gradients."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES[shape])
+    packed = moe.PackedExperts.from_weights(*experts, transposed_copy=True)
+    want = reference_grads(x, ids, weights, grad, experts)
+    got = run_kernel(x, ids, weights, grad, packed)
+    for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
+        assert_close(g, w, tolerance(isa, "bf16"), f"{isa}/transposed copy/{shape} {name}")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_bf16_inputs_keep_dtype(force_isa, isa):
     force_isa(isa)
@@ -220,12 +233,30 @@ def test_packed_layout_sizes(extension):
     int8 = moe.PackedExperts.from_weights(*experts, weight_dtype="int8")
     assert int8.gate_up.shape == (5, 256 // 32, 128 // 4, 32, 4) and int8.gate_up.dtype == torch.int8
     assert int8.gate_up_scale.shape == (5, 256) and int8.down_colsum.shape == (5, 128)
+    assert bf16.gate_up_t.numel() == 0 and bf16.down_t.numel() == 0
+    both = moe.PackedExperts.from_weights(*experts, transposed_copy=True)
+    assert both.gate_up_t.shape == (5, 128 // 32, 256 // 2, 32, 2) and both.gate_up_t.dtype == torch.bfloat16
+    assert both.down_t.shape == (5, 128 // 32, 128 // 2, 32, 2)
+
+
+def test_transposed_copy_values(extension):
+    """gate_up_t packs the transpose of the interleaved gate/up rows: entry [e, p, k/2, n, k%2] = W^T[e, 32p + n, k]."""
+    experts, *_ = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts, transposed_copy=True)
+    gate, up, down = (w.bfloat16() for w in experts)
+    # W_gate_up^T[h, j]: column j = 64 q + c is gate row 32 q + c (c < 32) or up row 32 q + c - 32.
+    assert packed.gate_up_t[1, 0, 0, 3, 0] == gate[1, 0, 3]  # h = 3, j = 0: gate row 0
+    assert packed.gate_up_t[1, 0, 16, 3, 0] == up[1, 0, 3]  # j = 32: up row 0
+    assert packed.gate_up_t[1, 0, 32, 3, 1] == gate[1, 33, 3]  # j = 65: gate row 33
+    assert packed.down_t[2, 1, 5, 4, 1] == down[2, 11, 36]  # W_down^T[i = 36, h = 11]
 
 
 def test_bad_inputs_raise_value_error(extension):
     experts, x, ids, weights, _ = make_case(*SHAPES["top6"])
     with pytest.raises(ValueError, match="weight_dtype"):
         moe.PackedExperts.from_weights(*experts, weight_dtype="fp8")
+    with pytest.raises(ValueError, match="transposed_copy"):
+        moe.PackedExperts.from_weights(*experts, weight_dtype="int8", transposed_copy=True)
     with pytest.raises(ValueError, match="down_proj"):
         moe.PackedExperts.from_weights(experts[0], experts[1], experts[0])
     packed = moe.PackedExperts.from_weights(*experts)
