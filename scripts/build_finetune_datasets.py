@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         records, report = load_sft_records(args.input, args.format, args.max_samples)
-        with tqdm(total=len(records), desc="tokenizing", unit="conv") as progress:
+        with tqdm(total=len(records), desc="tokenizing", unit="conv", disable=None) as progress:
             examples = tokenize_conversations(records, tokenizer, args.template, args.max_seq_len, report, progress)
         if not examples:
             raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")

@@ -113,7 +113,7 @@ def pretrain(model: Transformer, docs: list[list[int]], pad_id: int, args: argpa
     generator = torch.Generator().manual_seed(args.seed)
     order: list[int] = []
     model.train()
-    progress = tqdm(range(1, args.pretrain_steps + 1), desc="pretraining", unit="step")
+    progress = tqdm(range(1, args.pretrain_steps + 1), desc="pretraining", unit="step", disable=None)
     for step in progress:
         if len(order) < args.batch_size:
             order += torch.randperm(len(docs), generator=generator).tolist()
@@ -143,7 +143,7 @@ def pad_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def plain_text_accuracy(model: Transformer, tokenizer: Tokenizer, problems: list[demo_task.Problem]) -> float:
     """Share of ``problems`` whose greedy continuation of ``"a + b ="`` is the correct sum."""
     correct = 0.0
-    for problem in tqdm(problems, desc="checking the base model", unit="sum"):
+    for problem in tqdm(problems, desc="checking the base model", unit="sum", disable=None):
         prompt = tokenizer.encode(f"{problem.a} + {problem.b} =", bos=True)
         answer = tokenizer.decode(generate(model, prompt, 6, stop_ids=[tokenizer.eos_id]))
         correct += demo_task.reward(problem, "= " + answer)

@@ -43,7 +43,7 @@ def generation_rewards(model, tokenizer: Tokenizer, template: str, prompts: Sequ
     """``reward(i, text)`` of the greedy answer to each of ``prompts`` (message lists ending with a user turn)."""
     stops = stop_ids(tokenizer, template)
     rewards = []
-    for i, messages in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
+    for i, messages in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=None)):
         prompt_ids, _ = render_conversation(messages, tokenizer, template, add_generation_prompt=True)
         answer = generate(model, prompt_ids, max_new_tokens, stop_ids=stops)
         rewards.append(reward(i, tokenizer.decode(answer)))

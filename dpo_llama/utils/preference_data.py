@@ -147,7 +147,7 @@ def tokenize_records(records: Sequence, tokenizer: Tokenizer, template: str, max
     """Tokenizes pairs or unpaired examples, moving unusable records to ``report``'s skipped counts."""
     tokenize = tokenize_unpaired if records and isinstance(records[0], UnpairedExample) else tokenize_pair
     examples = []
-    for record in tqdm(records, desc="tokenizing", unit="ex"):
+    for record in tqdm(records, desc="tokenizing", unit="ex", disable=None):
         try:
             examples.append(tokenize(record, tokenizer, template, max_seq_len, max_prompt_len, score_all))
         except ValueError as err:
@@ -290,7 +290,7 @@ def compute_reference_logps(model, sequences: Sequence[TokenSequence], pad_id: i
     chunk_number = cache.load(logps, done)
     todo = [batch for batch in batches if not done[batch].all()]
     pending_idx, pending_val = [], []
-    with tqdm(total=len(sequences), initial=int(done.sum()), desc="reference log-probs", unit="seq") as bar:
+    with tqdm(total=len(sequences), initial=int(done.sum()), desc="reference log-probs", unit="seq", disable=None) as bar:
         for n, batch in enumerate(todo, 1):
             values = batch_logps(model, [sequences[i] for i in batch], pad_id, device)
             logps[batch] = values
