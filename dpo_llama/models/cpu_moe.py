@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import importlib.util
 import os
 import subprocess
 from dataclasses import dataclass
@@ -71,7 +73,11 @@ _LDFLAGS = ("-fopenmp",)
 
 
 def load_extension(verbose: bool = True) -> ModuleType:
-    """Build (first use, cached under ``TORCH_EXTENSIONS_DIR``) and import the C++ kernel.
+    """Import the C++ kernel: the ahead-of-time build if ``pip install`` made one, else build it now.
+
+    ``DPO_LLAMA_BUILD_EXT=1 pip install --no-build-isolation -e .`` compiles it at install time (``setup.py``);
+    otherwise it is compiled on first use and cached under ``TORCH_EXTENSIONS_DIR``. Both builds are named
+    after a hash of the sources (``_extension_name``), so a build of other sources is never loaded.
 
     Args:
         verbose: Print a one-line notice when the kernel has to be compiled.
@@ -100,9 +106,27 @@ def _extension_name() -> str:
     return f"dpo_llama_moe_kernel_{digest.hexdigest()[:12]}"
 
 
+def _prebuilt_module() -> str:
+    """Where ``setup.py`` puts the ahead-of-time build: ``dpo_llama.<extension name>``."""
+    return f"dpo_llama.{_extension_name()}"
+
+
+def build_spec() -> dict:
+    """What both builds compile: the extension name, sources, include directories and flags (``setup.py`` uses it)."""
+    return {
+        "name": _extension_name(),
+        "sources": [str(_CSRC_DIR / "moe_kernel.cpp")],
+        "include_dirs": [str(_CSRC_DIR)],
+        "cflags": list(_CFLAGS),  # fresh lists: torch appends to them
+        "ldflags": list(_LDFLAGS),
+    }
+
+
 def _is_built() -> bool:
     from torch.utils import cpp_extension
 
+    if importlib.util.find_spec(_prebuilt_module()) is not None:
+        return True
     return any(Path(cpp_extension._get_build_directory(_extension_name(), verbose=False)).glob("*.so"))
 
 
@@ -110,13 +134,16 @@ def _is_built() -> bool:
 def _compile() -> ModuleType:
     from torch.utils import cpp_extension
 
+    if importlib.util.find_spec(_prebuilt_module()) is not None:
+        return importlib.import_module(_prebuilt_module())
+    spec = build_spec()
     try:
         return cpp_extension.load(
-            name=_extension_name(),
-            sources=[str(_CSRC_DIR / "moe_kernel.cpp")],
-            extra_include_paths=[str(_CSRC_DIR)],
-            extra_cflags=list(_CFLAGS),  # fresh lists: torch appends to them
-            extra_ldflags=list(_LDFLAGS),
+            name=spec["name"],
+            sources=spec["sources"],
+            extra_include_paths=spec["include_dirs"],
+            extra_cflags=spec["cflags"],
+            extra_ldflags=spec["ldflags"],
             verbose=False,
         )
     except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as error:
