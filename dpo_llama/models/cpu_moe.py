@@ -46,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import importlib
@@ -199,11 +200,31 @@ def _interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.stack(panels, dim=2).reshape(experts, 2 * inter, hidden)
 
 
+def _empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` whose memory is advised to transparent huge pages before its first write.
+
+    Every kernel call streams all packed weights from DRAM, with prefetches that walk the page tables:
+    2 MB pages instead of 4 KB ones made that stream about a tenth faster. A large fresh allocation is
+    not touched yet, so its 2 MB-aligned interior gets huge pages as it is filled (no copy later). Where
+    ``madvise`` is missing or refused (not Linux, huge pages disabled) the memory keeps small pages.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    huge, madv_hugepage = 1 << 21, 14
+    begin = -(-out.data_ptr() // huge) * huge
+    end = (out.data_ptr() + out.numel() * out.element_size()) // huge * huge
+    if end > begin:
+        try:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), madv_hugepage)
+        except (OSError, AttributeError):
+            pass
+    return out
+
+
 def _to_panels(weights: torch.Tensor, group: int) -> torch.Tensor:
     """``[E, N, K]`` -> ``[E, N/32, K/group, 32, group]``: panels of 32 rows, ``group`` inputs adjacent."""
     experts, rows, cols = weights.shape
-    blocked = weights.reshape(experts, rows // _PANEL, _PANEL, cols // group, group)
-    return blocked.permute(0, 1, 3, 2, 4).contiguous()
+    blocked = weights.reshape(experts, rows // _PANEL, _PANEL, cols // group, group).permute(0, 1, 3, 2, 4)
+    return _empty_on_huge_pages(tuple(blocked.shape), blocked.dtype).copy_(blocked)
 
 
 def _quantize_int8(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
