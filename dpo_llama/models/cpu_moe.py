@@ -46,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -53,6 +54,7 @@ import importlib
 import importlib.util
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -209,14 +211,13 @@ def _empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
     ``madvise`` is missing or refused (not Linux, huge pages disabled) the memory keeps small pages.
     """
     out = torch.empty(shape, dtype=dtype)
-    huge, madv_hugepage = 1 << 21, 14
+    huge, madv_hugepage = 1 << 21, 14  # MADV_HUGEPAGE in Linux's <sys/mman.h>
     begin = -(-out.data_ptr() // huge) * huge
     end = (out.data_ptr() + out.numel() * out.element_size()) // huge * huge
-    if end > begin:
-        try:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), madv_hugepage)
-        except (OSError, AttributeError):
-            pass
+    if end > begin and sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), madv_hugepage)
     return out
 
 

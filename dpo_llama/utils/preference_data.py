@@ -290,7 +290,8 @@ def compute_reference_logps(model, sequences: Sequence[TokenSequence], pad_id: i
     chunk_number = cache.load(logps, done)
     todo = [batch for batch in batches if not done[batch].all()]
     pending_idx, pending_val = [], []
-    with tqdm(total=len(sequences), initial=int(done.sum()), desc="reference log-probs", unit="seq", disable=None) as bar:
+    progress = tqdm(total=len(sequences), initial=int(done.sum()), desc="reference log-probs", unit="seq", disable=None)
+    with progress as bar:
         for n, batch in enumerate(todo, 1):
             values = batch_logps(model, [sequences[i] for i in batch], pad_id, device)
             logps[batch] = values
