@@ -1,4 +1,4 @@
-"""Builders of tiny random checkpoints in the real on-disk formats (HF LLaMA and DeepSeek, Meta), shared by the tests."""
+"""Builders of tiny random checkpoints in the real on-disk formats (HF LLaMA and DeepSeek, Meta), for the tests."""
 
 from __future__ import annotations
 
