@@ -165,8 +165,12 @@ class DeepseekArgs:
         return layer_id >= self.first_k_dense_replace and layer_id % self.moe_layer_freq == 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns a JSON-serialisable dict (the content of ``params.json``)."""
-        return asdict(self)
+        """Returns a JSON-serialisable dict (the content of ``params.json``), without the run-time
+        ``experts_backend``: the same weights must give the same checkpoint, and its fingerprint, whichever
+        backend computed them."""
+        params = asdict(self)
+        del params["experts_backend"]
+        return params
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "DeepseekArgs":

@@ -361,6 +361,18 @@ def test_set_experts_backend(monkeypatch):
     assert all(moe.experts.backend == "torch" for moe in model.moe_layers())
 
 
+def test_params_json_leaves_out_the_experts_backend(tmp_path):
+    """The backend is a run-time choice: the same weights give the same params.json whichever one ran."""
+    model = tiny_model("tiny-deepseek-v2")
+    save_model(model, tmp_path / "torch")
+    model.args.experts_backend = "cpu_kernel"
+    save_model(model, tmp_path / "kernel")
+    assert (tmp_path / "torch" / "params.json").read_text() == (tmp_path / "kernel" / "params.json").read_text()
+    assert "experts_backend" not in (tmp_path / "torch" / "params.json").read_text()
+    assert read_params(tmp_path / "torch").experts_backend == "torch"
+    assert DeepseekArgs.from_dict({**model.args.to_dict(), "experts_backend": "cpu_kernel"}).experts_backend == "cpu_kernel"
+
+
 def test_cpu_kernel_backend_runs_the_model():
     cpu_moe = pytest.importorskip("dpo_llama.models.cpu_moe")
     if not cpu_moe.kernel_available():
