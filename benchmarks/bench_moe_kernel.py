@@ -69,7 +69,8 @@ def make_batch(qlen: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, to
     return x, ids, weights, grad
 
 
-def torch_loop(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def torch_loop(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+               down: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch MoE: per expert, gather its rows, SwiGLU, scatter-add the weighted output."""
     flat = ids.flatten()
     order = flat.argsort(stable=True)
@@ -123,7 +124,8 @@ class KtKernel:
         y = torch.empty_like(x)
         qlen = torch.tensor([x.shape[0]], dtype=torch.int32)
         weights32 = weights.float().contiguous()
-        self._run(self.moe.forward_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(), y.data_ptr(), False))
+        self._run(self.moe.forward_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(),
+                                        y.data_ptr(), False))
         return y
 
     def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
@@ -131,8 +133,10 @@ class KtKernel:
         grad_w = torch.zeros(weights.shape, dtype=torch.float32)
         qlen = torch.tensor([x.shape[0]], dtype=torch.int64)
         weights32 = weights.float().contiguous()
-        self._run(self.sft.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(), y.data_ptr(), True))
-        self._run(self.sft.backward_task(grad.data_ptr(), grad_x.data_ptr(), 0, 0, 0, 0, 0, 0, grad_w.data_ptr(), 0, 0, 0))
+        self._run(self.sft.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(),
+                                            x.data_ptr(), y.data_ptr(), True))
+        self._run(self.sft.backward_task(grad.data_ptr(), grad_x.data_ptr(), 0, 0, 0, 0, 0, 0, grad_w.data_ptr(),
+                                         0, 0, 0))
         return y, grad_x, grad_w
 
 
@@ -175,7 +179,8 @@ def fma_peak_gflops() -> tuple[float, str]:
     return 2 * 2048**3 / seconds / 1e9, "fp32 torch matmul 2048^3 (proxy)"
 
 
-def ours_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor, packed: PackedExperts) -> Callable[[], object]:
+def ours_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor,
+                 packed: PackedExperts) -> Callable[[], object]:
     def run() -> None:
         xg = x.detach().requires_grad_()
         wg = weights.detach().requires_grad_()
@@ -184,7 +189,8 @@ def ours_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad
     return run
 
 
-def torch_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor, *experts: torch.Tensor) -> Callable[[], object]:
+def torch_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor,
+                  *experts: torch.Tensor) -> Callable[[], object]:
     def run() -> None:
         xg = x.detach().requires_grad_()
         wg = weights.detach().requires_grad_()
@@ -227,13 +233,15 @@ def print_table(qlen: int, results: dict[str, tuple[float, float]]) -> None:
     torch_fwd, kt_fwd = results["torch-loop"][0], results["kt-bf16"][0]
     kt_total = results["kt-bf16"][1]
     print(f"\nqlen={qlen}")
-    print("| method | fwd ms | fwd GFLOP/s | fwd tok/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd tok/s | fwd vs torch | fwd vs kt | fwd+bwd vs kt |")
+    print("| method | fwd ms | fwd GFLOP/s | fwd tok/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd tok/s "
+          "| fwd vs torch | fwd vs kt | fwd+bwd vs kt |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in METHODS:
         fwd, total = results[name]
         print(
             f"| {name} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | {total * 1e3:.1f} | "
-            f"{total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | {kt_fwd / fwd:.2f} | {kt_total / total:.2f} |"
+            f"{total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | {kt_fwd / fwd:.2f} | "
+            f"{kt_total / total:.2f} |"
         )
 
 
@@ -245,7 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_extension()
-    print(f"threads={args.threads} isa={selected_isa()} available={available_isas()} E={EXPERTS} k={TOP_K} H={HIDDEN} I={INTER}")
+    print(f"threads={args.threads} isa={selected_isa()} available={available_isas()} "
+          f"E={EXPERTS} k={TOP_K} H={HIDDEN} I={INTER}")
     weights = make_weights()
     setups = {
         "weights": weights,

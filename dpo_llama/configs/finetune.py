@@ -26,6 +26,9 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
         default=False, metadata={"help": "Recompute each block's activations in the backward pass (saves memory)."})
     experts_backend: Literal["torch", "cpu_kernel"] = field(
         default="torch", metadata={"help": "MoE models: routed experts in PyTorch, or in the C++ CPU kernel."})
+    experts_transposed_copy: bool = field(default=False, metadata={
+        "help": "With experts_backend=cpu_kernel: keep transposed copies of the experts too (a faster backward "
+                "through them, at twice their CPU memory)."})
     aux_loss_weight: float = field(
         default=1.0, metadata={"help": "MoE models: weight of the router balancing loss (its alpha is in params)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})

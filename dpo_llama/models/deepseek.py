@@ -403,11 +403,13 @@ class DeepseekTransformer(DecoderLM):
         """The MoE feed-forward modules (e.g. to freeze or quantize their experts)."""
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
 
-    def set_experts_backend(self, name: str) -> None:
+    def set_experts_backend(self, name: str, transposed_copy: bool = False) -> None:
         """Selects how routed experts are computed: ``"torch"`` or ``"cpu_kernel"``.
 
         When the C++ kernel cannot be built or loaded here (no compiler, say), ``"cpu_kernel"`` falls back to
         ``"torch"`` with a ``RuntimeWarning`` that gives the reason; ``args.experts_backend`` records what runs.
+        ``transposed_copy`` (``"cpu_kernel"`` only) keeps transposed copies of the packed experts: the backward
+        through the experts runs about 1.2x faster for twice their CPU memory.
         """
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
@@ -418,7 +420,7 @@ class DeepseekTransformer(DecoderLM):
                 warnings.warn(f"{err}. Falling back to experts_backend='torch'.", RuntimeWarning, stacklevel=2)
                 name = "torch"
         for moe in self.moe_layers():
-            moe.experts.set_backend(name)
+            moe.experts.set_backend(name, transposed_copy and name == "cpu_kernel")
         self.args.experts_backend = name
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:

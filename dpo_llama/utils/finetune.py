@@ -54,21 +54,25 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
         lora_cfg, _ = read_lora_config(lora_dir)
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)
-    model = load_model(cfg.pretrain_ckpt_dir, device, dtype,
-                       prepare=lambda m: prepare_model(m, cfg.experts_backend, lora_cfg))
+    def prepare(m: nn.Module) -> None:
+        prepare_model(m, cfg.experts_backend, lora_cfg, cfg.experts_transposed_copy)
+
+    model = load_model(cfg.pretrain_ckpt_dir, device, dtype, prepare=prepare)
     if lora_dir is not None:
         load_lora(model, lora_dir)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
 
-def prepare_model(model: nn.Module, experts_backend: str, lora_cfg: LoRAConfig | None = None) -> None:
+def prepare_model(model: nn.Module, experts_backend: str, lora_cfg: LoRAConfig | None = None,
+                  transposed_copy: bool = False) -> None:
     """On the meta-device model, before weights stream in: LoRA / 4-bit layers, then the MoE experts backend
-    (with ``"cpu_kernel"`` the frozen experts are packed into CPU RAM as they load, never reaching the GPU)."""
+    (with ``"cpu_kernel"`` the frozen experts are packed into CPU RAM as they load, never reaching the GPU;
+    ``transposed_copy`` packs transposed copies too, for a faster backward)."""
     if lora_cfg is not None:
         apply_lora(model, lora_cfg)
     if hasattr(model, "set_experts_backend"):
-        model.set_experts_backend(experts_backend)
+        model.set_experts_backend(experts_backend, transposed_copy)
     elif experts_backend != "torch":
         raise ValueError(f"experts_backend={experts_backend!r} needs a MoE model; this is a {model.args.model_type}")
 

@@ -209,6 +209,21 @@ def test_cpu_kernel_backend_equals_torch_backend(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_kernel_transposed_copies_give_the_same_gradients():
+    cpu_kernel_or_skip()
+    experts = make_experts().requires_grad_(False)
+    with_copies = copy.deepcopy(experts)
+    experts.set_backend("cpu_kernel")
+    with_copies.set_backend("cpu_kernel", transposed_copy=True)
+    assert experts.kernel_packed.gate_up_t.numel() == 0 and with_copies.kernel_packed.gate_up_t.numel() > 0
+    routing, results = routing_inputs(), []
+    for module in (experts, with_copies):
+        inputs = kernel_inputs(*routing)
+        results.append(backward_of(module(*inputs), inputs[0], inputs[2]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_kernel_packs_once_and_frees_the_full_precision_weights():
     cpu_kernel_or_skip()
     experts = make_experts().requires_grad_(False)
