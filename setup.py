@@ -24,12 +24,11 @@ def kernel_extension() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     # Load cpu_moe.py by path: importing the package would need its runtime dependencies, not installed yet.
-    path = Path(__file__).resolve().parent / "dpo_llama" / "models" / "cpu_moe.py"
-    module_spec = importlib.util.spec_from_file_location("_dpo_llama_cpu_moe", path)
+    root = Path(__file__).resolve().parent
+    module_spec = importlib.util.spec_from_file_location("_dpo_llama_cpu_moe", root / "dpo_llama/models/cpu_moe.py")
     cpu_moe = sys.modules[module_spec.name] = importlib.util.module_from_spec(module_spec)  # dataclasses look it up
     module_spec.loader.exec_module(cpu_moe)
     spec = cpu_moe.build_spec()
-    root = Path(__file__).resolve().parent
     extension = CppExtension(
         name=f"dpo_llama.{spec['name']}",
         sources=[str(Path(source).relative_to(root)) for source in spec["sources"]],
