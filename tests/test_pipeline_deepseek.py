@@ -111,3 +111,9 @@ def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed):
     assert check["max_abs_logp_diff"] < 1e-4 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-5)
     loss = series(read_history(tmp_path / "dpo" / "logs" / "run"), "train/loss")
     assert np.mean(loss[-2:]) < loss[0] - 0.1
+
+
+def test_transposed_copies_need_the_cpu_kernel_backend():
+    from dpo_llama.configs.sft_lora import SFTLoRAConfig
+    with pytest.raises(ValueError, match="experts_transposed_copy needs experts_backend=cpu_kernel"):
+        SFTLoRAConfig(pretrain_ckpt_dir="base", train_data_dir="data", experts_transposed_copy=True)

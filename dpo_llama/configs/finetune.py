@@ -46,3 +46,5 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
         LoRAConfig.__post_init__(self)
         if not self.pretrain_ckpt_dir or not self.train_data_dir:
             raise ValueError("pretrain_ckpt_dir and train_data_dir must be set")
+        if self.experts_transposed_copy and self.experts_backend != "cpu_kernel":
+            raise ValueError("experts_transposed_copy needs experts_backend=cpu_kernel")
