@@ -6,7 +6,8 @@ One MoE layer: E = 64 experts, top-k = 6, hidden H = 2048, expert intermediate I
 Compared, each at every ``--qlen`` and in the same run (the machine is shared and noisy, so every
 figure is also given as a ratio against baselines measured in that run):
 
-* ours-bf16 / ours-int8: ``cpu_moe`` with the best ISA this CPU runs (``selected_isa()``),
+* ours-bf16 / ours-int8: ``cpu_moe`` with the best ISA this CPU runs (``selected_isa()``; on ``avx512``
+  the header also names the bf16 forward kernel, ``avx512_bf16_kernel()``, with its selection timings),
 * ours-bf16-T: ours-bf16 packed with ``transposed_copy=True`` (the backward runs forward products on
   transposed weight copies: twice the weight memory; the forward is the same code as ours-bf16),
 * torch-loop: a plain PyTorch per-expert loop (gather rows, three matmuls, ``index_add_``), autograd
@@ -44,7 +45,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_llama.models.cpu_moe import PackedExperts, available_isas, cpu_moe, load_extension, selected_isa
+from dpo_llama.models.cpu_moe import (
+    PackedExperts,
+    available_isas,
+    avx512_bf16_kernel,
+    cpu_moe,
+    load_extension,
+    selected_isa,
+)
 
 EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2048, 1408
 METHODS = ("ours-bf16", "ours-bf16-T", "ours-int8", "torch-loop", "kt-bf16")
@@ -179,6 +187,15 @@ def fma_peak_gflops() -> tuple[float, str]:
     return 2 * 2048**3 / seconds / 1e9, "fp32 torch matmul 2048^3 (proxy)"
 
 
+def avx512_bf16_summary() -> str:
+    """The avx512 bf16 forward kernel in use and the selection micro-benchmark's timings (empty without AVX-512)."""
+    if "avx512" not in available_isas():
+        return ""
+    timings = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in
+                        sorted(load_extension().avx512_bf16_timings().items()))
+    return f" avx512_bf16={avx512_bf16_kernel()} (micro-benchmark: {timings})"
+
+
 def ours_fwd_bwd(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor,
                  packed: PackedExperts) -> Callable[[], object]:
     def run() -> None:
@@ -253,7 +270,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_extension()
-    print(f"threads={args.threads} isa={selected_isa()} available={available_isas()} "
+    print(f"threads={args.threads} isa={selected_isa()}{avx512_bf16_summary()} available={available_isas()} "
           f"E={EXPERTS} k={TOP_K} H={HIDDEN} I={INTER}")
     weights = make_weights()
     setups = {

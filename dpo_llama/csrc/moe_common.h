@@ -28,6 +28,9 @@
 #define DPO_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define DPO_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")))
+#define DPO_TARGET_AVX512_BF16                                                     \
+  __attribute__((target("avx512bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni," \
+                        "avx2,fma")))
 #define DPO_TARGET_AMX                                                               \
   __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512dq," \
                         "avx512vl,avx512vnni,avx2,fma")))
@@ -90,6 +93,9 @@ struct Kernels {
   ActFormat nn_format;
   GemmNt nt;
   GemmNn nn;
+  // The forward product on nn_format operands: the backward's products on transposed weight copies
+  // (the same as nt wherever nt_format == nn_format).
+  GemmNt nt_on_nn_format;
   SiluMulRow silu_mul;
   SwigluBackwardRow swiglu_backward;
   StoreRow store_row;
@@ -100,8 +106,9 @@ struct Kernels {
 
 struct CpuFeatures {
   bool avx2 = false;
-  bool avx512 = false;  // F + BW + DQ + VL + VNNI, with OS support for zmm state
-  bool amx = false;     // AMX-TILE + BF16 + INT8 in CPUID and tile state enabled in XCR0
+  bool avx512 = false;       // F + BW + DQ + VL + VNNI, with OS support for zmm state
+  bool avx512_bf16 = false;  // avx512 plus AVX512_BF16 (vdpbf16ps)
+  bool amx = false;          // AMX-TILE + BF16 + INT8 in CPUID and tile state enabled in XCR0
 };
 
 inline uint64_t read_xcr0() {
@@ -127,6 +134,9 @@ inline CpuFeatures detect_cpu() {
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && vnni;
   const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
   f.amx = f.avx512 && tile_state && amx_bf16 && amx_tile && amx_int8;
+  // Subleaf 1 exists if subleaf 0 reports a maximum subleaf >= 1 (in EAX).
+  if (a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+    f.avx512_bf16 = f.avx512 && ((a >> 5) & 1);
   return f;
 }
 

@@ -24,6 +24,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -48,36 +49,6 @@ Isa parse_isa(const std::string& name) {
   TORCH_CHECK(false, "unknown MoE kernel ISA '", name, "' (expected amx|avx512|avx2|portable)");
 }
 
-Kernels kernels_for(Isa isa, WeightType type) {
-  const bool bf16 = type == WeightType::bf16;
-  switch (isa) {
-    case Isa::amx:
-      if (bf16)
-        return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_amx, gemm_nn_bf16_amx,
-                silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
-      return {ActFormat::u8, ActFormat::bf16, gemm_nt_int8_amx, gemm_nn_int8_amx,
-              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
-    case Isa::avx512:
-      if (bf16)
-        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx512, gemm_nn_bf16_avx512,
-                silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
-      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx512, gemm_nn_int8_avx512,
-              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
-    case Isa::avx2:
-      if (bf16)
-        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx2, gemm_nn_bf16_avx2, silu_mul_avx2,
-                swiglu_backward_avx2, store_row_avx2, nullptr};
-      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx2, gemm_nn_int8_avx2, silu_mul_avx2,
-              swiglu_backward_avx2, store_row_avx2, nullptr};
-    default:
-      if (bf16)
-        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_portable, gemm_nn_bf16_portable,
-                silu_mul_portable, swiglu_backward_portable, store_row_portable, nullptr};
-      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_portable, gemm_nn_int8_portable,
-              silu_mul_portable, swiglu_backward_portable, store_row_portable, nullptr};
-  }
-}
-
 bool isa_supported(Isa isa) {
   const CpuFeatures f = detect_cpu();
   switch (isa) {
@@ -85,6 +56,126 @@ bool isa_supported(Isa isa) {
     case Isa::avx512: return f.avx512;
     case Isa::avx2: return f.avx2;
     default: return true;
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 bf16 forward kernel
+
+// The avx512 path has two forward products for bf16 weights: fp32 FMA on weights widened on the
+// fly (fp32 activations) and vdpbf16ps (activations rounded to bf16, needs AVX512_BF16). Which one
+// is faster depends on the CPU, so the first use measures both.
+enum class Bf16Nt { fma, dpbf16 };
+
+constexpr const char* kBf16NtEnv = "DPO_LLAMA_MOE_AVX512_BF16";
+
+const char* bf16_nt_name(Bf16Nt kernel) { return kernel == Bf16Nt::fma ? "fma" : "dpbf16"; }
+
+// Best of 5 timings, in seconds, of each kernel on one thread for a synthetic product: 64 rows x
+// 2048 inputs x 8 panels (256 outputs), a few ms in all. The 1 MB of weights stays in L2 cache, so
+// this compares the arithmetic, which decides at large batches (small ones are bound by DRAM
+// bandwidth either way). The kernels alternate, so that clock changes affect both alike.
+// Returns {"fma": s} without AVX512_BF16, {"fma": s, "dpbf16": s} with it.
+std::map<std::string, double> time_bf16_nt_kernels() {
+  constexpr int64_t kRows = 64, kInputs = 2048, kPanels = 8, kRepeats = 5;
+  // Row strides of an odd number of cache lines, like the kernel's buffers (see row_stride).
+  constexpr int64_t kLdF32 = kInputs + 16, kLdBf16 = kInputs + 32;
+  const CpuFeatures features = detect_cpu();
+  TORCH_CHECK(features.avx512, "timing the AVX-512 bf16 kernels needs AVX-512");
+  std::vector<uint16_t> weights(kPanels * kPanel * kInputs), a_bf16(kRows * kLdBf16, 0);
+  std::vector<float> a_f32(kRows * kLdF32, 0.0f), c(kRows * kPanels * kPanel);
+  // Small multiples of 1/64, exact in bf16, so that both kernels see the same values.
+  const auto value = [](int64_t i) { return float(i % 13 - 6) / 64.0f; };
+  for (int64_t i = 0; i < int64_t(weights.size()); ++i) weights[i] = generic::f32_to_bf16(value(i));
+  for (int64_t m = 0; m < kRows; ++m)
+    for (int64_t k = 0; k < kInputs; ++k) {
+      a_f32[m * kLdF32 + k] = value(m * 7 + k);
+      a_bf16[m * kLdBf16 + k] = generic::f32_to_bf16(value(m * 7 + k));
+    }
+  const PackedView w{reinterpret_cast<const uint8_t*>(weights.data()), kPanels * kPanel, kInputs,
+                     nullptr, nullptr, WeightType::bf16};
+  Act a32, a16;
+  a32.f32 = a_f32.data();
+  a16.bf16 = a_bf16.data();
+  a32.rows = a16.rows = kRows;
+  a32.ld = kLdF32;
+  a16.ld = kLdBf16;
+  const auto seconds = [&](GemmNt nt, const Act& a) {
+    const auto start = std::chrono::steady_clock::now();
+    nt(a, w, 0, kPanels, c.data(), kPanels * kPanel);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::map<std::string, double> best{{"fma", INFINITY}};
+  if (features.avx512_bf16) best["dpbf16"] = INFINITY;
+  for (int64_t rep = 0; rep < kRepeats; ++rep) {
+    best["fma"] = std::min(best["fma"], seconds(gemm_nt_bf16_avx512, a32));
+    if (features.avx512_bf16)
+      best["dpbf16"] = std::min(best["dpbf16"], seconds(gemm_nt_bf16_dpbf16_avx512, a16));
+  }
+  return best;
+}
+
+// The timings above, measured on first use and kept for the life of the process.
+const std::map<std::string, double>& bf16_nt_timings() {
+  static const std::map<std::string, double> timings = time_bf16_nt_kernels();
+  return timings;
+}
+
+// The avx512 bf16 forward kernel: $DPO_LLAMA_MOE_AVX512_BF16 (fma|dpbf16) if set, read at every
+// call, else the faster one in bf16_nt_timings(). fma wherever AVX512_BF16 is missing.
+Bf16Nt avx512_bf16_nt() {
+  const bool dpbf16_runs = detect_cpu().avx512_bf16;
+  const char* env = std::getenv(kBf16NtEnv);
+  const std::string forced = env == nullptr ? "" : env;
+  if (forced == "fma") return Bf16Nt::fma;
+  if (forced == "dpbf16") {
+    TORCH_CHECK(dpbf16_runs, kBf16NtEnv, "=dpbf16, but this CPU has no AVX512_BF16 (vdpbf16ps)");
+    return Bf16Nt::dpbf16;
+  }
+  TORCH_CHECK_VALUE(forced.empty(), kBf16NtEnv, "='", forced,
+                    "': expected fma or dpbf16 (or unset: the faster one on this CPU)");
+  if (!dpbf16_runs) return Bf16Nt::fma;
+  const auto& timings = bf16_nt_timings();
+  return timings.at("dpbf16") < timings.at("fma") ? Bf16Nt::dpbf16 : Bf16Nt::fma;
+}
+
+// ---------------------------------------------------------------- kernel tables
+
+Kernels kernels_for(Isa isa, WeightType type) {
+  const bool bf16 = type == WeightType::bf16;
+  // Transposed weight copies exist for bf16 only, so the int8 tables have no nt_on_nn_format.
+  switch (isa) {
+    case Isa::amx:
+      if (bf16)
+        return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_amx, gemm_nn_bf16_amx,
+                gemm_nt_bf16_amx, silu_mul_avx512, swiglu_backward_avx512, store_row_avx512,
+                release_tiles_amx};
+      return {ActFormat::u8, ActFormat::bf16, gemm_nt_int8_amx, gemm_nn_int8_amx, nullptr,
+              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
+    case Isa::avx512:
+      // vdpbf16ps takes bf16 activations in the forward only; the backward keeps fp32 operands.
+      if (bf16 && avx512_bf16_nt() == Bf16Nt::dpbf16)
+        return {ActFormat::bf16, ActFormat::f32, gemm_nt_bf16_dpbf16_avx512, gemm_nn_bf16_avx512,
+                gemm_nt_bf16_avx512, silu_mul_avx512, swiglu_backward_avx512, store_row_avx512,
+                nullptr};
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx512, gemm_nn_bf16_avx512,
+                gemm_nt_bf16_avx512, silu_mul_avx512, swiglu_backward_avx512, store_row_avx512,
+                nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx512, gemm_nn_int8_avx512, nullptr,
+              silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
+    case Isa::avx2:
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx2, gemm_nn_bf16_avx2,
+                gemm_nt_bf16_avx2, silu_mul_avx2, swiglu_backward_avx2, store_row_avx2, nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_avx2, gemm_nn_int8_avx2, nullptr,
+              silu_mul_avx2, swiglu_backward_avx2, store_row_avx2, nullptr};
+    default:
+      if (bf16)
+        return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_portable, gemm_nn_bf16_portable,
+                gemm_nt_bf16_portable, silu_mul_portable, swiglu_backward_portable,
+                store_row_portable, nullptr};
+      return {ActFormat::u8, ActFormat::f32, gemm_nt_int8_portable, gemm_nn_int8_portable,
+              nullptr, silu_mul_portable, swiglu_backward_portable, store_row_portable, nullptr};
   }
 }
 
@@ -332,12 +423,13 @@ void for_expert_blocks(const Kernels& kern, const Routing& r, int64_t blocks, co
 
 // out[rows of e] = a W_e^T for every active expert e (forward product, w.n columns, row stride ldc).
 // Task (e, b): panels [b kNtPanels, (b + 1) kNtPanels) of W_e.
-void product_nt(const Kernels& kern, const Routing& r, const ActBuffer& a, const PackedExperts& w,
-                float* out, int64_t ldc) {
+// `nt` is kern.nt or, on nn_format operands, kern.nt_on_nn_format.
+void product_nt(const Kernels& kern, GemmNt nt, const Routing& r, const ActBuffer& a,
+                const PackedExperts& w, float* out, int64_t ldc) {
   const int64_t panels = w.n / kPanel;
   for_expert_blocks(kern, r, ceil_div(panels, kNtPanels), [&](int64_t e, int64_t b) {
     const int64_t row0 = r.row_begin[e], p0 = b * kNtPanels;
-    kern.nt(a.view(row0, r.count[e]), w.expert(e), p0, std::min(panels, p0 + kNtPanels),
+    nt(a.view(row0, r.count[e]), w.expert(e), p0, std::min(panels, p0 + kNtPanels),
             out + row0 * ldc + p0 * kPanel, ldc);
   });
 }
@@ -348,7 +440,7 @@ void product_nt(const Kernels& kern, const Routing& r, const ActBuffer& a, const
 // product on w_t; otherwise task (e, b) rewrites columns [b kNnCols, (b + 1) kNnCols) of W_e.
 void product_nn(const Kernels& kern, const Routing& r, const ActBuffer& a, const PackedExperts& w,
                 const std::optional<PackedExperts>& w_t, float* out, int64_t ldc) {
-  if (w_t) return product_nt(kern, r, a, *w_t, out, ldc);
+  if (w_t) return product_nt(kern, kern.nt_on_nn_format, r, a, *w_t, out, ldc);
   for_expert_blocks(kern, r, blocks_of(w.k), [&](int64_t e, int64_t b) {
     const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
     kern.nn(a.view(row0, r.count[e]), w.expert(e), col0, std::min(kNnCols, w.k - col0),
@@ -395,8 +487,8 @@ Kernels prepare(const std::string& isa_name, const PackedExperts& gate_up,
 }
 
 // The optional transposed copy of `w` (an empty tensor when absent): W^T packed like a forward
-// weight, so that the backward's products a W run as forward products. bf16 only (for bf16
-// weights the forward and transposed kernels of every ISA take the same activation format).
+// weight, so that the backward's products a W run as forward products (kern.nt_on_nn_format).
+// bf16 only.
 std::optional<PackedExperts> transposed_copy(const at::Tensor& packed_t, const PackedExperts& w) {
   if (packed_t.numel() == 0) return std::nullopt;
   const at::Tensor none;
@@ -478,7 +570,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   const int64_t ld_o = row_stride(hidden_pad, 4);
   at::Tensor o = empty_cached({r.rows, ld_o}, at::kFloat);
   float* o_ptr = o.data_ptr<float>();
-  product_nt(kern, r, ha, down, o_ptr, ld_o);
+  product_nt(kern, kern.nt, r, ha, down, o_ptr, ld_o);
 
   at::Tensor y = empty_cached({r.tokens, hidden}, at::kFloat);
   const float* w = weights.data_ptr<float>();
@@ -602,5 +694,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_forward", &dpo_moe::moe_forward, "MoE forward; returns (y, saved gate/up outputs)");
   m.def("moe_backward", &dpo_moe::moe_backward, "MoE backward; returns (grad_x, grad_weights)");
   m.def("available_isas", &dpo_moe::available_isas, "ISAs this CPU runs, best first");
+  m.def("avx512_bf16_kernel",
+        [] { return std::string(dpo_moe::bf16_nt_name(dpo_moe::avx512_bf16_nt())); },
+        "the avx512 forward kernel for bf16 weights now: fma or dpbf16");
+  m.def("avx512_bf16_timings", &dpo_moe::bf16_nt_timings,
+        "seconds of each avx512 bf16 forward kernel on the selection micro-benchmark");
   m.def("fma_peak_gflops", &dpo_moe::fma_peak_gflops, "measured fp32 AVX-512 FMA peak, GFLOP/s");
 }

@@ -15,8 +15,12 @@ use with generic flags; the instruction set is picked at run time (``available_i
 
 * ``amx``: Intel AMX tiles (bf16 TDPBF16PS, int8 TDPBUSD), checked by running a tile instruction in a
   forked child first;
-* ``avx512``: fp32 FMA on bf16 weights widened on the fly (on the development machine this beat
-  ``vdpbf16ps``); VNNI for the int8 forward, fp32 FMA on widened int8 weights for its backward;
+* ``avx512``: two forward products for bf16 weights, fp32 FMA on weights widened on the fly (fp32
+  activations) and ``vdpbf16ps`` (activations rounded to bf16 as on AMX; CPUs with AVX512_BF16). The
+  first use times both on a small product (a few ms, once per process) and keeps the faster one
+  (``avx512_bf16_kernel()``); ``DPO_LLAMA_MOE_AVX512_BF16=fma|dpbf16`` forces one. The backward runs
+  fp32 FMA on widened bf16 weights either way; VNNI for the int8 forward, fp32 FMA on widened int8
+  weights for its backward;
 * ``avx2`` and ``portable``: the same plain C++ compiled for AVX2+FMA or for the build's baseline.
 
 ``DPO_LLAMA_MOE_ISA=amx|avx512|avx2|portable`` forces one (an error if this CPU cannot run it).
@@ -62,7 +66,15 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedExperts", "available_isas", "cpu_moe", "kernel_available", "load_extension", "selected_isa"]
+__all__ = [
+    "PackedExperts",
+    "available_isas",
+    "avx512_bf16_kernel",
+    "cpu_moe",
+    "kernel_available",
+    "load_extension",
+    "selected_isa",
+]
 
 _CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 _ISA_ENV = "DPO_LLAMA_MOE_ISA"
@@ -184,6 +196,20 @@ def selected_isa() -> str:
     if forced not in isas:
         raise RuntimeError(f"{_ISA_ENV}={forced!r}, but this CPU only runs {', '.join(isas)}")
     return forced
+
+
+def avx512_bf16_kernel() -> str:
+    """The forward product the ``avx512`` path runs for bf16 weights now: ``"fma"`` or ``"dpbf16"``.
+
+    ``$DPO_LLAMA_MOE_AVX512_BF16`` if set (read at every call, here and in ``cpu_moe``), else the faster
+    of the two on a micro-benchmark the C++ side runs once per process; ``"fma"`` where the CPU has no
+    AVX512_BF16.
+
+    Raises:
+        ValueError: ``DPO_LLAMA_MOE_AVX512_BF16`` is neither ``fma`` nor ``dpbf16``.
+        RuntimeError: ``DPO_LLAMA_MOE_AVX512_BF16=dpbf16`` on a CPU without AVX512_BF16.
+    """
+    return load_extension().avx512_bf16_kernel()
 
 
 # ----------------------------------------------------------------------------------- weight packing

@@ -9,6 +9,7 @@ Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
 * bf16 weights on the fp32 paths (avx512, avx2, portable): the reference uses the same bf16-rounded
   weights, so only fp32 rounding remains: 1e-5.
 * bf16 weights on AMX: activations (x, h, dy, dh) are rounded to bf16 (relative 2^-9 each): 2e-2.
+* bf16 weights on avx512 with its dpbf16 forward kernel: x and h are rounded to bf16 as on AMX: 2e-2.
 * int8 weights: the reference uses the dequantized weights scale[n] * q[n, :]; the kernel also
   quantizes activations per token to int8 (relative error up to 1/254 per element): 3e-2.
 * bf16 inputs x: output and gradients are bf16 (relative 2^-9) on top of the above: 3e-2.
@@ -16,10 +17,12 @@ Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,8 @@ import torch
 from dpo_llama.models import cpu_moe as moe
 
 ISAS = ["amx", "avx512", "avx2", "portable"]
+AVX512_BF16_ENV = "DPO_LLAMA_MOE_AVX512_BF16"
+AVX512_BF16_KERNELS = ["fma", "dpbf16"]
 # (experts, hidden, intermediate, tokens, top_k): one token; sizes that are not multiples of the
 # 32/64 blocks; top-6; an expert with more rows than two AMX row tiles.
 SHAPES = {
@@ -57,6 +62,26 @@ def force_isa(extension, monkeypatch):
                 f"available: {moe.available_isas()}"
             )
         monkeypatch.setenv("DPO_LLAMA_MOE_ISA", isa)
+
+    return force
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether Linux lists the avx512_bf16 flag (vdpbf16ps), independently of the kernel's own CPUID check."""
+    with contextlib.suppress(OSError):
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    return False
+
+
+@pytest.fixture
+def force_avx512_bf16(force_isa, monkeypatch):
+    """Force the avx512 ISA and one of its bf16 forward kernels; skip dpbf16 without AVX512_BF16."""
+
+    def force(kernel: str) -> None:
+        force_isa("avx512")
+        if kernel == "dpbf16" and not cpu_has_avx512_bf16():
+            pytest.skip("dpbf16 kernel compiled but not runnable here: this CPU has no AVX512_BF16 (vdpbf16ps)")
+        monkeypatch.setenv(AVX512_BF16_ENV, kernel)
 
     return force
 
@@ -116,9 +141,11 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -
 
 
 def tolerance(isa: str, weight_dtype: str) -> float:
+    """The tolerance of the module docstring for the kernel that runs now (avx512: its current bf16 kernel)."""
     if weight_dtype == "int8":
         return 3e-2
-    return 2e-2 if isa == "amx" else 1e-5
+    bf16_activations = isa == "amx" or (isa == "avx512" and moe.avx512_bf16_kernel() == "dpbf16")
+    return 2e-2 if bf16_activations else 1e-5
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
@@ -151,6 +178,49 @@ def test_transposed_copy_matches_float64_reference(force_isa, isa, shape):
         assert_close(g, w, tolerance(isa, "bf16"), f"{isa}/transposed copy/{shape} {name}")
 
 
+@pytest.mark.parametrize("transposed_copy", [False, True], ids=["packed", "transposed_copy"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("kernel", AVX512_BF16_KERNELS)
+def test_avx512_bf16_kernels_match_float64_reference(force_avx512_bf16, kernel, shape, transposed_copy):
+    """Both avx512 forward kernels for bf16 weights, with the fp32 backward on packed weights or on copies."""
+    force_avx512_bf16(kernel)
+    assert moe.avx512_bf16_kernel() == kernel
+    experts, x, ids, weights, grad = make_case(*SHAPES[shape])
+    packed = moe.PackedExperts.from_weights(*experts, transposed_copy=transposed_copy)
+    want = reference_grads(x, ids, weights, grad, experts)
+    got = run_kernel(x, ids, weights, grad, packed)
+    for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
+        assert_close(g, w, tolerance("avx512", "bf16"), f"avx512-{kernel}/{shape}/{transposed_copy} {name}")
+
+
+def test_avx512_bf16_automatic_choice(extension, force_isa, monkeypatch):
+    """Unforced, the faster kernel of the once-per-process micro-benchmark (fma where dpbf16 cannot run)."""
+    force_isa("avx512")
+    monkeypatch.delenv(AVX512_BF16_ENV, raising=False)
+    timings = extension.avx512_bf16_timings()
+    assert set(timings) == ({"fma", "dpbf16"} if cpu_has_avx512_bf16() else {"fma"})
+    assert all(0 < seconds < 1 for seconds in timings.values())
+    chosen = moe.avx512_bf16_kernel()
+    assert chosen in AVX512_BF16_KERNELS
+    assert chosen == min(timings, key=timings.get)
+    assert extension.avx512_bf16_timings() == timings  # measured once per process
+
+
+def test_avx512_bf16_forced_value_validation(force_isa, monkeypatch):
+    force_isa("avx512")
+    experts, x, ids, weights, _ = make_case(*SHAPES["one_token_top1"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    monkeypatch.setenv(AVX512_BF16_ENV, "vnni")
+    with pytest.raises(ValueError, match=f"{AVX512_BF16_ENV}='vnni': expected fma or dpbf16"):
+        moe.avx512_bf16_kernel()
+    with pytest.raises(ValueError, match=AVX512_BF16_ENV):
+        moe.cpu_moe(x, ids, weights, packed)
+    if not cpu_has_avx512_bf16():
+        monkeypatch.setenv(AVX512_BF16_ENV, "dpbf16")
+        with pytest.raises(RuntimeError, match="no AVX512_BF16"):
+            moe.avx512_bf16_kernel()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_bf16_inputs_keep_dtype(force_isa, isa):
     force_isa(isa)
@@ -165,13 +235,15 @@ def test_bf16_inputs_keep_dtype(force_isa, isa):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "portable"])
-def test_gradients_match_finite_differences(force_isa, isa):
+def test_gradients_match_finite_differences(force_isa, monkeypatch, isa):
     """Directional derivatives of L = <y, dy> by central differences, L(z + eps v) - L(z - eps v) = 2 eps <grad, v>.
 
-    The kernel's forward is evaluated in fp32, so eps = 1e-2 keeps the O(eps^2) truncation and the fp32
-    noise (about 1e-7 / eps relative) both near 1e-4; the routing weights enter linearly (exact).
+    The kernel's forward is evaluated in fp32 (avx512: its fma kernel, as dpbf16 rounds x to bf16), so
+    eps = 1e-2 keeps the O(eps^2) truncation and the fp32 noise (about 1e-7 / eps relative) both near 1e-4;
+    the routing weights enter linearly (exact).
     """
     force_isa(isa)
+    monkeypatch.setenv(AVX512_BF16_ENV, "fma")
     experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
     packed = moe.PackedExperts.from_weights(*experts)
     _, grad_x, grad_w = run_kernel(x, ids, weights, grad, packed)
