@@ -18,10 +18,10 @@ from dpo_llama.utils.safe_pickle import load_pickle
 from dpo_llama.utils.sft_formats import load_sft_records
 from dpo_llama.utils.templates import TEMPLATE_NAMES
 from scripts.build_finetune_datasets import main as build
+from tests.data_fixtures import FIXTURES
 from tests.pipeline_fixtures import flags, write_jsonl
 from tests.tokenizer_fixtures import make_hf_tokenizer, make_sentencepiece
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 END_TOKENS = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # fixture -> (rows read, rows kept, skipped by reason), counted by reading the files.
 SFT_FIXTURES = {

@@ -16,10 +16,10 @@ from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, VAL_FILE
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_data import all_sequences
 from dpo_llama.utils.safe_pickle import load_pickle
+from tests.data_fixtures import FIXTURES
 from tests.pipeline_fixtures import flags, tiny_llama, write_jsonl
 from tests.tokenizer_fixtures import make_sentencepiece
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # fixture -> (rows read, examples kept, skipped by reason), counted by reading the files.
 PREFERENCE_FIXTURES = {
     "hh_rlhf_harmless_test.jsonl.gz": (6, 3, {"empty response": 1, "identical chosen and rejected": 1,

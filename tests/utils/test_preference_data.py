@@ -6,8 +6,6 @@ turn pair's text encoded as one string): the prompt is the conversation up to an
 ``[/INST]``, a continuation is everything after it.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,17 +17,27 @@ from dpo_llama.models.presets import get_preset
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.logprobs import sequence_logps
-from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
-                                             fingerprint_mismatches, kl_sequence, length_sorted_batches,
-                                             model_fingerprint, reference_fingerprint, store_reference,
-                                             tokenize_pair, tokenize_records, tokenize_unpaired)
+from dpo_llama.utils.preference_data import (
+    add_kl_pairs,
+    all_sequences,
+    compute_reference_logps,
+    fingerprint_mismatches,
+    kl_sequence,
+    length_sorted_batches,
+    model_fingerprint,
+    reference_fingerprint,
+    store_reference,
+    tokenize_pair,
+    tokenize_records,
+    tokenize_unpaired,
+)
 from dpo_llama.utils.preference_formats import PreferencePair, load_preference_records
 from dpo_llama.utils.raw_data import ParseReport
 from dpo_llama.utils.templates import render_conversation
+from tests.data_fixtures import FIXTURES, assistant, user
 from tests.pipeline_fixtures import tokenizer_files
 from tests.tokenizer_fixtures import make_sentencepiece
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LONG = 4096  # no truncation
 
 
@@ -42,14 +50,6 @@ def tokenizer(tmp_path_factory):
 def model(tokenizer):
     torch.manual_seed(0)
     return Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def turn_pair(tokenizer, question: str, answer: str) -> tuple[list[int], list[bool]]:

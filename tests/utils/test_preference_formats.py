@@ -5,7 +5,6 @@ with short made-up text, plus a few bad rows of the kinds found in the real data
 """
 
 import math
-from pathlib import Path
 
 import pytest
 
@@ -19,24 +18,7 @@ from dpo_llama.utils.preference_formats import (
     split_shared_prompt,
 )
 from dpo_llama.utils.raw_data import iter_rows
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def first_row(name):
-    return next(iter_rows(FIXTURES / name))[0]
+from tests.data_fixtures import FIXTURES, assistant, first_row, system, user
 
 
 def test_hh():

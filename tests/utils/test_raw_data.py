@@ -4,13 +4,11 @@ import gzip
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
 from dpo_llama.utils.raw_data import BadRowError, ParseReport, iter_rows, read_records, text_field
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+from tests.data_fixtures import FIXTURES
 
 
 def locations(path, report=None):

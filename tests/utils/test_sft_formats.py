@@ -5,11 +5,10 @@ with short made-up text, plus a few bad rows of the kinds found in the real data
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
-from dpo_llama.utils.raw_data import BadRowError, iter_rows
+from dpo_llama.utils.raw_data import BadRowError
 from dpo_llama.utils.sft_formats import (
     Conversation,
     check_conversation,
@@ -17,24 +16,7 @@ from dpo_llama.utils.sft_formats import (
     load_sft_records,
     parse_hh_transcript,
 )
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def first_row(name):
-    return next(iter_rows(FIXTURES / name))[0]
+from tests.data_fixtures import FIXTURES, assistant, first_row, system, user
 
 
 def test_alpaca():
