@@ -150,6 +150,7 @@ inline bool request_amx_permission() {
 // ---------------------------------------------------------------- scheduling
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Runs f(i) for 0 <= i < n on torch's intra-op threads (torch.get_num_threads()). Tasks are handed
 // out dynamically; each output element is written by exactly one task, so results do not depend

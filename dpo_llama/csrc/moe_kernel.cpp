@@ -398,6 +398,39 @@ void fill_rows(const Kernels& kern, ActBuffer& buf, const Routing& r, const Sour
   });
 }
 
+// Fills `buf` with the token rows of all routed rows, src[token(row)] (zero rows for padding),
+// from src = x or grad_y ([T, n], float32 or bfloat16), times the per-column scales col_scale(row)
+// if `scaled`. Unscaled bf16 rows are copied as they are into a bf16 buffer; all others are
+// converted from fp32 (bf16 to fp32 is exact, so both give the same operand).
+template <class ColScale>
+void gather_tokens(const Kernels& kern, ActBuffer& buf, const Routing& r, const at::Tensor& src,
+                   bool scaled, const ColScale& col_scale) {
+  const int64_t n = src.size(1);
+  if (src.scalar_type() == at::kBFloat16 && buf.format == ActFormat::bf16 && !scaled) {
+    const uint16_t* rows = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+    constexpr int64_t kChunk = 16;
+    run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
+      for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
+        uint16_t* dst = static_cast<uint16_t*>(buf.row(row));
+        const int64_t pair = r.pair_of_row[row];
+        const int64_t copied = pair < 0 ? 0 : n;
+        if (copied > 0) std::memcpy(dst, rows + (pair / r.top_k) * n, n * 2);
+        std::fill(dst + copied, dst + buf.ld, uint16_t(0));
+      }
+    });
+    return;
+  }
+  const at::Tensor f32 = src.to(at::kFloat);
+  const float* rows = f32.data_ptr<float>();
+  fill_rows(kern, buf, r, [&](int64_t row, int64_t* count, const float** scale) -> const float* {
+    const int64_t pair = r.pair_of_row[row];
+    if (pair < 0) return nullptr;
+    *count = n;
+    if (scaled) *scale = col_scale(row);
+    return rows + (pair / r.top_k) * n;
+  });
+}
+
 int64_t expert_of_row(const Routing& r, const at::Tensor& ids, int64_t row) {
   return ids.data_ptr<int64_t>()[r.pair_of_row[row]];
 }
@@ -411,7 +444,6 @@ int64_t blocks_of(int64_t cols) { return (cols + kNnCols - 1) / kNnCols; }
 // run of 8 panels (1 MB of bf16 gate/up weights) that the prefetches follow from panel to panel;
 // one panel per task would hand consecutive panels to different threads.
 constexpr int64_t kNtPanels = 8;
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Runs body(e, block) for every active expert e and block in [0, blocks).
 template <class Body>
@@ -466,8 +498,9 @@ void combine(const Routing& r, const float* rows, int64_t ld, int64_t n, float* 
 // ---------------------------------------------------------------- forward / backward
 
 void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous float32 [T, H] tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous float32 or bfloat16 [T, H] tensor");
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
                   ids.size(0) == x.size(0),
               "topk_ids must be a contiguous int64 [T, k] tensor");
@@ -529,16 +562,13 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   TORCH_CHECK(hidden <= hidden_pad, "x has more columns than the packed weights");
   const Routing r = route(ids, w13.size(0));
 
-  const float* xs = x.data_ptr<float>();
   ActBuffer xa(kern.nt_format, r.rows, hidden_pad);
-  fill_rows(kern, xa, r, [&](int64_t row, int64_t* n, const float**) -> const float* {
-    const int64_t pair = r.pair_of_row[row];
-    *n = hidden;
-    return pair < 0 ? nullptr : xs + (pair / r.top_k) * hidden;
-  });
+  gather_tokens(kern, xa, r, x, false, [](int64_t) -> const float* { return nullptr; });
 
-  // Gate/up products, kept (2 I floats per row) only when the backward needs them.
-  at::Tensor gu = save_for_backward ? empty_cached({r.rows, 2 * inter}, at::kFloat) : at::Tensor();
+  // Gate/up products, kept (2 I floats per row, row stride ld_gu; returned as a [rows, 2 I] view)
+  // only when the backward needs them.
+  const int64_t ld_gu = row_stride(2 * inter, 4);
+  at::Tensor gu = save_for_backward ? empty_cached({r.rows, ld_gu}, at::kFloat) : at::Tensor();
   ActBuffer ha(kern.nt_format, r.rows, inter);
   at::Tensor h_f32 = kern.nt_format == ActFormat::u8 ? empty_cached({r.rows, inter}, at::kFloat)
                                                      : at::Tensor();
@@ -550,9 +580,9 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
     const int64_t row0 = r.row_begin[e], rows = r.count[e];
     std::vector<float> local(save_for_backward ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
     for (int64_t p = b * pairs_per_task; p < std::min(pairs, (b + 1) * pairs_per_task); ++p) {
-      float* c = save_for_backward ? gu.data_ptr<float>() + row0 * 2 * inter + p * 2 * kPanel
+      float* c = save_for_backward ? gu.data_ptr<float>() + row0 * ld_gu + p * 2 * kPanel
                                    : local.data();
-      const int64_t ldc = save_for_backward ? 2 * inter : 2 * kPanel;
+      const int64_t ldc = save_for_backward ? ld_gu : 2 * kPanel;
       kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
       store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, inter, row0);
     }
@@ -576,7 +606,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   const float* w = weights.data_ptr<float>();
   combine(r, o_ptr, ld_o, hidden, y.data_ptr<float>(),
           [&](int64_t t, int64_t j) { return w[t * r.top_k + j]; });
-  return {y, gu};
+  return {y, save_for_backward ? gu.narrow(1, 0, 2 * inter) : gu};
 }
 
 std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor& ids,
@@ -594,18 +624,15 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   const bool int8 = gate_up.type == WeightType::int8;
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   const Routing r = route(ids, w13.size(0));
-  TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter,
+  const int64_t ld_gu = row_stride(2 * inter, 4);
+  TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter &&
+                  gu.stride(0) == ld_gu && gu.stride(1) == 1,
               "saved gate/up activations do not match the routing");
 
   // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
-  const float* dy = grad_y.data_ptr<float>();
   ActBuffer dya(kern.nn_format, r.rows, hidden_pad);
-  fill_rows(kern, dya, r, [&](int64_t row, int64_t* n, const float** col_scale) -> const float* {
-    const int64_t pair = r.pair_of_row[row];
-    if (pair < 0) return nullptr;
-    *n = hidden;
-    if (int8) *col_scale = down.expert(expert_of_row(r, ids, row)).scale;
-    return dy + (pair / r.top_k) * hidden;
+  gather_tokens(kern, dya, r, grad_y, int8, [&](int64_t row) {
+    return down.expert(expert_of_row(r, ids, row)).scale;
   });
   at::Tensor v = empty_cached({r.rows, inter}, at::kFloat);
   float* v_ptr = v.data_ptr<float>();
@@ -627,7 +654,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
         kern.store_row(da.format, nullptr, 0, nullptr, da.ld, da.row(row), da.row_scale(row));
         continue;
       }
-      gw_ptr[pair] = kern.swiglu_backward(gu_ptr + row * 2 * inter, v_ptr + row * inter, w[pair],
+      gw_ptr[pair] = kern.swiglu_backward(gu_ptr + row * ld_gu, v_ptr + row * inter, w[pair],
                                           d.data(), inter);
       const float* col_scale = int8 ? gate_up.expert(ids.data_ptr<int64_t>()[pair]).scale : nullptr;
       kern.store_row(da.format, d.data(), 2 * inter, col_scale, da.ld, da.row(row),

@@ -395,6 +395,11 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def _kernel_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``x`` or ``grad_y`` as the kernel takes it: contiguous float32 or bfloat16 (bf16 rows are not widened)."""
+    return rows.contiguous() if rows.dtype == torch.bfloat16 else rows.float().contiguous()
+
+
 class _CpuMoeFunction(torch.autograd.Function):
     """Autograd wrapper: forward/backward run in C++ on CPU; gradients for x and topk_weights only."""
 
@@ -409,11 +414,10 @@ class _CpuMoeFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ext = load_extension()
         x_host, ids_host, weights_host = _to_host([x, topk_ids, topk_weights])
-        x32 = x_host.float().contiguous()
         ids = ids_host.long().contiguous()
         weights32 = weights_host.float().contiguous()
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        y, gate_up_out = ext.moe_forward(x32, ids, weights32, *packed.kernel_args(), isa, save)
+        y, gate_up_out = ext.moe_forward(_kernel_rows(x_host), ids, weights32, *packed.kernel_args(), isa, save)
         if save:
             ctx.save_for_backward(ids, weights32, gate_up_out)
         ctx.packed, ctx.isa = packed, isa
@@ -425,7 +429,7 @@ class _CpuMoeFunction(torch.autograd.Function):
         ids, weights32, gate_up_out = ctx.saved_tensors
         (grad_host,) = _to_host([grad_y])
         grad_x, grad_w = load_extension().moe_backward(
-            grad_host.float().contiguous(),
+            _kernel_rows(grad_host),
             ids,
             weights32,
             gate_up_out,

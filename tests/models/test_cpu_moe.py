@@ -234,6 +234,25 @@ def test_bf16_inputs_keep_dtype(force_isa, isa):
         assert_close(g, w, 3e-2, f"{isa}/bf16 input {name}")
 
 
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_rows_equal_their_float32_widening(extension, force_isa, isa, weight_dtype):
+    """The kernel takes bf16 x and grad_y as they are (copied, not widened, into bf16 operands); since
+    bf16 -> fp32 is exact, every output must equal the one for the widened fp32 rows bit for bit."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["busy_expert_top3"])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    x16, grad16 = x.bfloat16(), grad.bfloat16()
+    outputs = {}
+    for name, rows, grad_rows in (("bf16", x16, grad16), ("fp32", x16.float(), grad16.float())):
+        y, saved = extension.moe_forward(rows, ids, weights, *packed.kernel_args(), isa, True)
+        grads = extension.moe_backward(grad_rows, ids, weights, saved, *packed.kernel_args(),
+                                       *packed.transposed_args(), isa)
+        outputs[name] = (y, *grads)
+    for got, want in zip(outputs["bf16"], outputs["fp32"]):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "portable"])
 def test_gradients_match_finite_differences(force_isa, monkeypatch, isa):
     """Directional derivatives of L = <y, dy> by central differences, L(z + eps v) - L(z - eps v) = 2 eps <grad, v>.
