@@ -18,7 +18,8 @@
 // The transposed products of steps 1 and 3 run on the forward packing (see the ISA headers), or, if
 // the caller packed them, on transposed copies of the weights as forward products (faster, twice
 // the weight memory).
-// The forward saves the gate/up outputs (fp32, 2 I floats per pair) for step 2 of the backward.
+// The forward saves the gate/up outputs (2 I values per pair) for step 2 of the backward: in bf16
+// where the backward's operands are bf16 anyway (AMX), else in fp32.
 
 #include <torch/extension.h>
 
@@ -431,8 +432,10 @@ void gather_tokens(const Kernels& kern, ActBuffer& buf, const Routing& r, const 
   });
 }
 
-int64_t expert_of_row(const Routing& r, const at::Tensor& ids, int64_t row) {
-  return ids.data_ptr<int64_t>()[r.pair_of_row[row]];
+// dst[0..n) = src[0..n) widened from bf16 to fp32; returns dst.
+const float* widen_bf16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = generic::bf16_to_f32(src[i]);
+  return dst;
 }
 
 // Output columns per transposed-product task: wide enough that each task reads contiguous runs of
@@ -565,26 +568,39 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   ActBuffer xa(kern.nt_format, r.rows, hidden_pad);
   gather_tokens(kern, xa, r, x, false, [](int64_t) -> const float* { return nullptr; });
 
-  // Gate/up products, kept (2 I floats per row, row stride ld_gu; returned as a [rows, 2 I] view)
-  // only when the backward needs them.
-  const int64_t ld_gu = row_stride(2 * inter, 4);
-  at::Tensor gu = save_for_backward ? empty_cached({r.rows, ld_gu}, at::kFloat) : at::Tensor();
+  // Gate/up products, kept for the backward if it needs them: 2 I values per row, row stride ld_gu,
+  // returned as a [rows, 2 I] view. They are kept in the precision of the backward's operands:
+  // bf16 where those are bf16 (AMX), which halves the largest write of the forward; else fp32.
+  const bool gu_bf16 = kern.nn_format == ActFormat::bf16;
+  const int64_t ld_gu = row_stride(2 * inter, gu_bf16 ? 2 : 4);
+  at::Tensor gu = save_for_backward
+                      ? empty_cached({r.rows, ld_gu}, gu_bf16 ? at::kBFloat16 : at::kFloat)
+                      : at::Tensor();
+  const bool gu_in_place = save_for_backward && !gu_bf16;
+  float* gu_f32 = gu_in_place ? gu.data_ptr<float>() : nullptr;
+  uint16_t* gu_b16 = save_for_backward && gu_bf16
+                         ? reinterpret_cast<uint16_t*>(gu.data_ptr<at::BFloat16>())
+                         : nullptr;
   ActBuffer ha(kern.nt_format, r.rows, inter);
   at::Tensor h_f32 = kern.nt_format == ActFormat::u8 ? empty_cached({r.rows, inter}, at::kFloat)
                                                      : at::Tensor();
   float* h_f32_ptr = h_f32.defined() ? h_f32.data_ptr<float>() : nullptr;
   // Task (e, b): gate/up panel pairs [b kNtPanels / 2, (b + 1) kNtPanels / 2) of expert e, i.e.
   // columns p of h for each pair p, with the SiLU epilogue right after each pair's product.
+  // The products go straight to fp32 gu, else to a local buffer (then to bf16 gu if saved).
   const int64_t pairs = inter / kPanel, pairs_per_task = kNtPanels / 2;
   for_expert_blocks(kern, r, ceil_div(pairs, pairs_per_task), [&](int64_t e, int64_t b) {
     const int64_t row0 = r.row_begin[e], rows = r.count[e];
-    std::vector<float> local(save_for_backward ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
+    std::vector<float> local(gu_in_place ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
     for (int64_t p = b * pairs_per_task; p < std::min(pairs, (b + 1) * pairs_per_task); ++p) {
-      float* c = save_for_backward ? gu.data_ptr<float>() + row0 * ld_gu + p * 2 * kPanel
-                                   : local.data();
-      const int64_t ldc = save_for_backward ? ld_gu : 2 * kPanel;
+      float* c = gu_in_place ? gu_f32 + row0 * ld_gu + p * 2 * kPanel : local.data();
+      const int64_t ldc = gu_in_place ? ld_gu : 2 * kPanel;
       kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
       store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, inter, row0);
+      if (gu_b16 != nullptr)
+        for (int64_t m = 0; m < rows; ++m)
+          kern.store_row(ActFormat::bf16, c + m * ldc, 2 * kPanel, nullptr, 2 * kPanel,
+                         gu_b16 + (row0 + m) * ld_gu + p * 2 * kPanel, nullptr);
     }
   });
   if (ha.format == ActFormat::u8)
@@ -624,15 +640,18 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   const bool int8 = gate_up.type == WeightType::int8;
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   const Routing r = route(ids, w13.size(0));
-  const int64_t ld_gu = row_stride(2 * inter, 4);
+  const bool gu_bf16 = kern.nn_format == ActFormat::bf16;
+  const int64_t ld_gu = row_stride(2 * inter, gu_bf16 ? 2 : 4);
   TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter &&
-                  gu.stride(0) == ld_gu && gu.stride(1) == 1,
+                  gu.stride(0) == ld_gu && gu.stride(1) == 1 &&
+                  gu.scalar_type() == (gu_bf16 ? at::kBFloat16 : at::kFloat),
               "saved gate/up activations do not match the routing");
 
   // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
+  const int64_t* id = ids.data_ptr<int64_t>();
   ActBuffer dya(kern.nn_format, r.rows, hidden_pad);
   gather_tokens(kern, dya, r, grad_y, int8, [&](int64_t row) {
-    return down.expert(expert_of_row(r, ids, row)).scale;
+    return down.expert(id[r.pair_of_row[row]]).scale;
   });
   at::Tensor v = empty_cached({r.rows, inter}, at::kFloat);
   float* v_ptr = v.data_ptr<float>();
@@ -642,21 +661,24 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   // the operand of the next product (times the int8 channel scales of W_gate_up).
   at::Tensor grad_w = at::empty({r.tokens, r.top_k}, at::TensorOptions().dtype(at::kFloat));
   const float* w = weights.data_ptr<float>();
-  const float* gu_ptr = gu.data_ptr<float>();
   float* gw_ptr = grad_w.data_ptr<float>();
+  const float* gu_f32 = gu_bf16 ? nullptr : gu.data_ptr<float>();
+  const uint16_t* gu_b16 =
+      gu_bf16 ? reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()) : nullptr;
   ActBuffer da(kern.nn_format, r.rows, 2 * inter);
   constexpr int64_t kChunk = 16;
   run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
-    std::vector<float> d(2 * inter);
+    std::vector<float> d(2 * inter), gu_row(gu_bf16 ? 2 * inter : 0);
     for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
       const int64_t pair = r.pair_of_row[row];
       if (pair < 0) {
         kern.store_row(da.format, nullptr, 0, nullptr, da.ld, da.row(row), da.row_scale(row));
         continue;
       }
-      gw_ptr[pair] = kern.swiglu_backward(gu_ptr + row * ld_gu, v_ptr + row * inter, w[pair],
-                                          d.data(), inter);
-      const float* col_scale = int8 ? gate_up.expert(ids.data_ptr<int64_t>()[pair]).scale : nullptr;
+      const float* g_u = gu_bf16 ? widen_bf16(gu_b16 + row * ld_gu, 2 * inter, gu_row.data())
+                                 : gu_f32 + row * ld_gu;
+      gw_ptr[pair] = kern.swiglu_backward(g_u, v_ptr + row * inter, w[pair], d.data(), inter);
+      const float* col_scale = int8 ? gate_up.expert(id[pair]).scale : nullptr;
       kern.store_row(da.format, d.data(), 2 * inter, col_scale, da.ld, da.row(row),
                      da.row_scale(row));
     }
