@@ -56,6 +56,7 @@ from dpo_llama.models.cpu_moe import (
 
 EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2048, 1408
 METHODS = ("ours-bf16", "ours-bf16-T", "ours-int8", "torch-loop", "kt-bf16")
+PAUSE_S = 0.2  # idle time before each timed call (see median_seconds)
 
 
 def make_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,18 +165,24 @@ def _load_kt_extension() -> object:
     return module
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call (one call if the warm-up took > 1 s)."""
-    start = time.perf_counter()
-    fn()
-    if time.perf_counter() - start > 1.0:
-        repeats = 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of ``repeats`` calls of each function, after one warm-up call of each.
+
+    The calls are interleaved (one round calls every function once), so that slow phases of the shared
+    machine fall on all methods alike, and each call starts after a pause of ``PAUSE_S``: kt-kernel's
+    worker threads spin for a while after each of its calls, and a call started right after one of
+    them competed with those threads for the two cores (measured: our forward 10 to 45 % slower).
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def fma_peak_gflops() -> tuple[float, str]:
@@ -220,7 +227,6 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
     """``{method: (forward seconds, forward+backward seconds)}`` (nan where unavailable)."""
     x, ids, weights, grad = make_batch(qlen)
     gate, up, down = setups["weights"]
-    results = {}
     with torch.no_grad():
         fwd = {
             "ours-bf16": lambda: cpu_moe(x, ids, weights, setups["bf16"]),
@@ -230,7 +236,7 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
         }
         if setups["kt"] is not None:
             fwd["kt-bf16"] = lambda: setups["kt"].forward(x, ids, weights)
-        fwd_times = {name: median_seconds(fn, repeats) for name, fn in fwd.items()}
+        fwd_times = median_seconds(fwd, repeats)
     fwd_bwd = {
         "ours-bf16": ours_fwd_bwd(x, ids, weights, grad, setups["bf16"]),
         "ours-bf16-T": ours_fwd_bwd(x, ids, weights, grad, setups["bf16-T"]),
@@ -239,10 +245,8 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
     }
     if setups["kt"] is not None:
         fwd_bwd["kt-bf16"] = lambda: setups["kt"].forward_backward(x, ids, weights, grad)
-    for name in METHODS:
-        total = median_seconds(fwd_bwd[name], repeats) if name in fwd_bwd else math.nan
-        results[name] = (fwd_times.get(name, math.nan), total)
-    return results
+    totals = median_seconds(fwd_bwd, repeats)
+    return {name: (fwd_times.get(name, math.nan), totals.get(name, math.nan)) for name in METHODS}
 
 
 def print_table(qlen: int, results: dict[str, tuple[float, float]]) -> None:
@@ -266,7 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--qlen", type=int, nargs="+", default=[1, 32, 128, 512, 2048], help="tokens per call")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and kt-kernel threads)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_extension()

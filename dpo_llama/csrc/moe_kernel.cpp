@@ -6,9 +6,9 @@
 //   1. counting sort of the (token, slot) pairs by expert; each expert gets a block of rows padded
 //      to a multiple of 16 (AMX tile height),
 //   2. gather the token rows into that order, converted to the format the kernels consume,
-//   3. tasks (expert, 4 gate/up panel pairs = 128 columns of I): fused gate + up product, epilogue
+//   3. tasks (expert, 8 gate/up panel pairs = 256 columns of I): fused gate + up product, epilogue
 //      h = silu(g) * u after each pair,
-//   4. tasks (expert, 8 panels = 256 columns of H): down product into o (one row per pair),
+//   4. tasks (expert, 16 panels = 512 columns of H): down product into o (one row per pair),
 //   5. y[t] = sum_j w[t,j] o[row(t,j)] in fp32, slots in order (deterministic, no atomics).
 // Backward (v = W_down^T dy, dL/dw = <dy, o> = <v, h>):
 //   1. gather dy rows per pair; tasks (expert, 128 columns of I): v = dy W_down (transposed product),
@@ -444,9 +444,10 @@ constexpr int64_t kNnCols = 128;
 int64_t blocks_of(int64_t cols) { return (cols + kNnCols - 1) / kNnCols; }
 
 // Panels per forward-product task. An expert's panels are contiguous in memory, so a task reads one
-// run of 8 panels (1 MB of bf16 gate/up weights) that the prefetches follow from panel to panel;
-// one panel per task would hand consecutive panels to different threads.
-constexpr int64_t kNtPanels = 8;
+// run of 16 panels (2 MB of bf16 gate/up weights) that the prefetches follow from panel to panel;
+// one panel per task would hand consecutive panels to different threads, and the first panel of a
+// task is read before its products start (measured at qlen 2048: 16 panels about 3 % faster than 8).
+constexpr int64_t kNtPanels = 16;
 
 // Runs body(e, block) for every active expert e and block in [0, blocks).
 template <class Body>
