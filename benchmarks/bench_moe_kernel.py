@@ -56,7 +56,7 @@ from dpo_llama.models.cpu_moe import (
 
 EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2048, 1408
 METHODS = ("ours-bf16", "ours-bf16-T", "ours-int8", "torch-loop", "kt-bf16")
-PAUSE_S = 0.2  # idle time before each timed call (see median_seconds)
+PAUSE_S = 0.2  # idle time before each method's calls (see median_seconds)
 
 
 def make_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,23 +166,23 @@ def _load_kt_extension() -> object:
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of ``repeats`` calls of each function, after one warm-up call of each.
+    """Median wall time of ``repeats`` consecutive calls of each function, after one warm-up call.
 
-    The calls are interleaved (one round calls every function once), so that slow phases of the shared
-    machine fall on all methods alike, and each call starts after a pause of ``PAUSE_S``: kt-kernel's
-    worker threads spin for a while after each of its calls, and a call started right after one of
-    them competed with those threads for the two cores (measured: our forward 10 to 45 % slower).
+    Each function's calls start ``PAUSE_S`` after the previous function's last call: kt-kernel's worker
+    threads keep spinning on every core for about 50 ms after each of its calls, and the calls that
+    followed them ran up to a third slower (measured for our forward at qlen 512 and 2048).
     """
-    for fn in fns.values():
+    medians = {}
+    for name, fn in fns.items():
+        time.sleep(PAUSE_S)
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            time.sleep(PAUSE_S)
+        times = []
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times.append(time.perf_counter() - start)
+        medians[name] = statistics.median(times)
+    return medians
 
 
 def fma_peak_gflops() -> tuple[float, str]:
