@@ -242,9 +242,12 @@ DPO_INLINE uint8_t* thread_scratch(int which, int64_t bytes) {
 }
 
 // c[m][j] = sum_n A[m][n] B[n][j] for 32 columns j, A in bf16 rows, B given as the tiles written
-// by transpose_strip_bf16 (two 1 KB tiles per 32 values of n).
+// by transpose_strip_bf16 (two 1 KB tiles per 32 values of n). If `next` is not null, the first
+// pass prefetches, per panel p, the 2 KB at next + p * panel_bytes (the weights that the next
+// transpose_strip_bf16 call reads).
 DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles, int64_t panels,
-                                              float* c, int64_t ldc) {
+                                              float* c, int64_t ldc, const uint8_t* next,
+                                              int64_t panel_bytes) {
   const int64_t row_tiles = (a.rows + 15) / 16;
   const int64_t lda = a.ld * 2, ldc_bytes = ldc * 4;
   for (int64_t mt = 0; mt < row_tiles; mt += 2) {
@@ -256,6 +259,7 @@ DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t p = 0; p < panels; ++p) {
+      if (mt == 0 && next != nullptr) prefetch_step(next + p * panel_bytes);
       _tile_loadd(6, tiles + p * 2048, 64);
       _tile_loadd(7, tiles + p * 2048 + 1024, 64);
       _tile_loadd(4, a0 + p * kPanel, lda);
@@ -278,14 +282,20 @@ DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles
 }
 
 // Transposed product for bf16 weights: c[m][j] = sum_n A[m][n] W[n][col0 + j], A in bf16.
+// One 32-column group at a time: transpose its strip, then the product, which prefetches the next
+// group's strip so that reading it from DRAM overlaps the product.
 DPO_TARGET_AMX inline void gemm_nn_bf16(const Act& a, const PackedView& w, int64_t col0,
                                         int64_t cols, float* c, int64_t ldc) {
   const int64_t panels = w.n / kPanel, groups = cols / kPanel;
-  uint8_t* tiles = thread_scratch(0, groups * panels * 2048);
-  transpose_strip_bf16(w, col0 / 2, groups, tiles);
-  configure_tiles();
-  for (int64_t g = 0; g < groups; ++g)
-    product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc);
+  const int64_t panel_bytes = w.rows_per_panel() * kRowBytes;
+  uint8_t* tiles = thread_scratch(0, panels * 2048);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t row0 = col0 / 2 + 16 * g;
+    transpose_strip_bf16(w, row0, 1, tiles);
+    configure_tiles();
+    const uint8_t* next = g + 1 < groups ? w.panel(0) + (row0 + 16) * kRowBytes : nullptr;
+    product_with_tiles(a, tiles, panels, c + g * kPanel, ldc, next, panel_bytes);
+  }
 }
 
 // int8 -> bf16 (exact for |q| <= 127: the low 16 bits of the fp32 value are zero) of 16 bytes.
@@ -334,7 +344,7 @@ DPO_TARGET_AMX inline void gemm_nn_int8(const Act& a, const PackedView& w, int64
   transpose_strip_bf16(bf16_strip, 0, groups, tiles);
   configure_tiles();
   for (int64_t g = 0; g < groups; ++g)
-    product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc);
+    product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc, nullptr, 0);
 }
 
 // Runs one bf16 and one int8 tile product on known data; used by the forked AMX probe.
