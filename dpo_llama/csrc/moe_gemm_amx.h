@@ -5,9 +5,10 @@
 // Tile registers: 0-3 accumulators (2 row tiles x 2 column tiles of 16x16 fp32/int32),
 // 4-5 activation tiles (16 rows x 64 bytes), 6-7 weight tiles (16 rows x 64 bytes).
 //   Forward product: the weight tiles are read straight from the packed panels (row stride 128).
-//   Transposed product: AMX cannot transpose, so each task first rewrites its strip of up to 128
-//   columns of W (read panel by panel, once per task) into VNNI pairs along n in a per-thread
-//   scratch buffer; this keeps a single packed copy of the weights in memory.
+//   Transposed product: AMX cannot transpose, so a task rewrites each 32-column strip of W (read
+//   panel by panel, once per task) into VNNI pairs along n in a per-thread scratch buffer before
+//   its product (bf16: strip by strip; int8: all of the task's strips at once); this keeps a
+//   single packed copy of the weights in memory.
 #pragma once
 
 #include <immintrin.h>
