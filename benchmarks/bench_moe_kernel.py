@@ -244,8 +244,9 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
     }
     if setups["kt"] is not None:
         fwd_bwd["kt-bf16"] = lambda: setups["kt"].forward_backward(x, ids, weights, grad)
-    # One untimed call of everything first: a new qlen's first calls map new buffers, and the
-    # kernel's khugepaged thread then collapses their pages into huge pages in the background.
+    # One untimed call of everything first: a new qlen's first calls map new buffers, and for a while
+    # after them the first method timed ran up to 15 % slower (probably Linux's khugepaged collapsing
+    # those buffers into huge pages in the background).
     with torch.no_grad():
         for fn in fwd.values():
             fn()
