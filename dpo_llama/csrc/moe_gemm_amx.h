@@ -290,10 +290,10 @@ DPO_TARGET_AMX inline void gemm_nn_bf16(const Act& a, const PackedView& w, int64
   const int64_t panels = w.n / kPanel, groups = cols / kPanel;
   const int64_t panel_bytes = w.rows_per_panel() * kRowBytes;
   uint8_t* tiles = thread_scratch(0, panels * 2048);
+  configure_tiles();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t row0 = col0 / 2 + 16 * g;
     transpose_strip_bf16(w, row0, 1, tiles);
-    configure_tiles();
     const uint8_t* next = g + 1 < groups ? w.panel(0) + (row0 + 16) * kRowBytes : nullptr;
     product_with_tiles(a, tiles, panels, c + g * kPanel, ldc, next, panel_bytes);
   }
