@@ -29,7 +29,8 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+
+from dpo_llama.utils.raw_data import iter_rows
 
 LOW, HIGH = 10, 99
 MISTAKE_KINDS = ("ten_less", "ten_more")
@@ -229,27 +230,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads a JSON Lines file (blank lines ignored).
+    """Reads a JSON Lines file (blank lines ignored), through :func:`dpo_llama.utils.raw_data.iter_rows`.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: naming the file and line of a line that is not a JSON object.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} must hold a JSON object")
-        rows.append(row)
-    return rows
+    return [row for row, _ in iter_rows(path)]
 
 
 def load_eval_problems(path: str | os.PathLike) -> list[Problem]:
