@@ -37,6 +37,15 @@ DPO_INLINE void with_rows(int64_t rows, const F& f) {
   }
 }
 
+// Calls block(std::integral_constant<int, MR>, m0, p) for every panel p in [p0, p1) and every block
+// of up to 12 rows starting at row m0: the loops of each forward product around its MR-row kernel.
+template <class Block>
+DPO_INLINE void for_row_blocks(int64_t rows, int64_t p0, int64_t p1, const Block& block) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m0 = 0; m0 < rows; m0 += 12)
+      with_rows(rows - m0, [&](auto mr) { block(mr, m0, p); });
+}
+
 // c[i][0..32) = sum_k a[i][k] W[panel][k] for MR rows: 2*MR fp32 accumulators of 16 channels.
 template <int MR>
 DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const uint16_t* panel,
@@ -71,16 +80,11 @@ DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const ui
 
 DPO_TARGET_AVX512 inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint16_t* panel = reinterpret_cast<const uint16_t*>(w.panel(p));
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 12) {
-      const float* am = a.f32 + m0 * a.ld;
-      float* cm = c + m0 * ldc + (p - p0) * kPanel;
-      with_rows(a.rows - m0, [&](auto rows) {
-        nt_bf16_rows<decltype(rows)::value>(am, a.ld, panel, w.rows_per_panel(), cm, ldc);
-      });
-    }
-  }
+  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+    nt_bf16_rows<decltype(mr)::value>(a.f32 + m0 * a.ld, a.ld,
+                                      reinterpret_cast<const uint16_t*>(w.panel(p)),
+                                      w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc);
+  });
 }
 
 // The same product for bf16 activations with vdpbf16ps: each 32-bit lane of a 64-byte panel load
@@ -115,16 +119,11 @@ DPO_TARGET_AVX512_BF16 inline void nt_dpbf16_rows(const uint16_t* a, int64_t lda
 
 DPO_TARGET_AVX512_BF16 inline void gemm_nt_dpbf16(const Act& a, const PackedView& w, int64_t p0,
                                                   int64_t p1, float* c, int64_t ldc) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint16_t* panel = reinterpret_cast<const uint16_t*>(w.panel(p));
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 12) {
-      const uint16_t* am = a.bf16 + m0 * a.ld;
-      float* cm = c + m0 * ldc + (p - p0) * kPanel;
-      with_rows(a.rows - m0, [&](auto rows) {
-        nt_dpbf16_rows<decltype(rows)::value>(am, a.ld, panel, w.rows_per_panel(), cm, ldc);
-      });
-    }
-  }
+  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+    nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
+                                        reinterpret_cast<const uint16_t*>(w.panel(p)),
+                                        w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc);
+  });
 }
 
 // Same for int8: acc = sum_k u8[i][k] q[n][k] with vpdpbusd (4 products per 32-bit lane).
@@ -164,13 +163,10 @@ DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const 
 
 DPO_TARGET_AVX512 inline void gemm_nt_int8(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 12) {
-      float* cm = c + m0 * ldc + (p - p0) * kPanel;
-      with_rows(a.rows - m0, [&](auto rows) {
-        nt_int8_rows<decltype(rows)::value>(a.u8 + m0 * a.ld, a.ld, a.scale + m0, w, p, cm, ldc);
-      });
-    }
+  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+    nt_int8_rows<decltype(mr)::value>(a.u8 + m0 * a.ld, a.ld, a.scale + m0, w, p,
+                                      c + m0 * ldc + (p - p0) * kPanel, ldc);
+  });
 }
 
 // Widen one 64-byte panel row (16 channels x G values of k) into G fp32 vectors.
