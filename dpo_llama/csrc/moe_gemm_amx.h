@@ -54,10 +54,14 @@ DPO_TARGET_AMX inline void configure_tiles() {
 constexpr int64_t kPrefetchAhead = 16 * 16 * kRowBytes;
 constexpr int64_t kSpreadPasses = 3;
 
-DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) {
-  for (int64_t line = 0; line < 16 * kRowBytes; line += 64)
+// Prefetches [p, p + bytes) to L2.
+DPO_TARGET_AMX inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64)
     _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T2);
 }
+
+// Prefetches one step of a panel (16 panel rows).
+DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) { prefetch_lines(p, 16 * kRowBytes); }
 
 DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }
 
@@ -87,8 +91,7 @@ DPO_TARGET_AMX inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64
         if (mt == 0 && (p == p0 || !spreading)) prefetch_step(b + kPrefetchAhead);
         if (next != nullptr) {
           const int64_t off = ((mt / 2) * steps + s) * spread;
-          for (int64_t line = off; line < std::min(off + spread, panel_bytes); line += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(next + line), _MM_HINT_T2);
+          if (off < panel_bytes) prefetch_lines(next + off, std::min(spread, panel_bytes - off));
         }
         _tile_loadd(6, b, kRowBytes);
         _tile_loadd(7, b + 64, kRowBytes);

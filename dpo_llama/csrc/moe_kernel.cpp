@@ -384,18 +384,24 @@ struct ActBuffer {
   }
 };
 
+// Runs body(row) for every row of the per-pair buffers, in tasks of 16 rows.
+template <class Body>
+void for_rows(const Routing& r, const Body& body) {
+  constexpr int64_t kChunk = 16;
+  run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
+    for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) body(row);
+  });
+}
+
 // Fills `buf` with one row per routed row: row_source(row, &n, &col_scale) returns the fp32 source
 // of n elements (nullptr for padding rows), optionally times per-column scales.
 template <class Source>
 void fill_rows(const Kernels& kern, ActBuffer& buf, const Routing& r, const Source& row_source) {
-  constexpr int64_t kChunk = 16;
-  run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
-    for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
-      int64_t n = 0;
-      const float* col_scale = nullptr;
-      const float* src = row_source(row, &n, &col_scale);
-      kern.store_row(buf.format, src, n, col_scale, buf.ld, buf.row(row), buf.row_scale(row));
-    }
+  for_rows(r, [&](int64_t row) {
+    int64_t n = 0;
+    const float* col_scale = nullptr;
+    const float* src = row_source(row, &n, &col_scale);
+    kern.store_row(buf.format, src, n, col_scale, buf.ld, buf.row(row), buf.row_scale(row));
   });
 }
 
@@ -409,15 +415,12 @@ void gather_tokens(const Kernels& kern, ActBuffer& buf, const Routing& r, const 
   const int64_t n = src.size(1);
   if (src.scalar_type() == at::kBFloat16 && buf.format == ActFormat::bf16 && !scaled) {
     const uint16_t* rows = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
-    constexpr int64_t kChunk = 16;
-    run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
-      for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
-        uint16_t* dst = static_cast<uint16_t*>(buf.row(row));
-        const int64_t pair = r.pair_of_row[row];
-        const int64_t copied = pair < 0 ? 0 : n;
-        if (copied > 0) std::memcpy(dst, rows + (pair / r.top_k) * n, n * 2);
-        std::fill(dst + copied, dst + buf.ld, uint16_t(0));
-      }
+    for_rows(r, [&](int64_t row) {
+      uint16_t* dst = static_cast<uint16_t*>(buf.row(row));
+      const int64_t pair = r.pair_of_row[row];
+      const int64_t copied = pair < 0 ? 0 : n;
+      if (copied > 0) std::memcpy(dst, rows + (pair / r.top_k) * n, n * 2);
+      std::fill(dst + copied, dst + buf.ld, uint16_t(0));
     });
     return;
   }
@@ -441,7 +444,6 @@ const float* widen_bf16(const uint16_t* src, int64_t n, float* dst) {
 // Output columns per transposed-product task: wide enough that each task reads contiguous runs of
 // every weight panel (a 32-column strip would touch only 2 KB per panel).
 constexpr int64_t kNnCols = 128;
-int64_t blocks_of(int64_t cols) { return (cols + kNnCols - 1) / kNnCols; }
 
 // Panels per forward-product task. An expert's panels are contiguous in memory, so a task reads one
 // run of 16 panels (2 MB of bf16 gate/up weights) that the prefetches follow from panel to panel;
@@ -477,7 +479,7 @@ void product_nt(const Kernels& kern, GemmNt nt, const Routing& r, const ActBuffe
 void product_nn(const Kernels& kern, const Routing& r, const ActBuffer& a, const PackedExperts& w,
                 const std::optional<PackedExperts>& w_t, float* out, int64_t ldc) {
   if (w_t) return product_nt(kern, kern.nt_on_nn_format, r, a, *w_t, out, ldc);
-  for_expert_blocks(kern, r, blocks_of(w.k), [&](int64_t e, int64_t b) {
+  for_expert_blocks(kern, r, ceil_div(w.k, kNnCols), [&](int64_t e, int64_t b) {
     const int64_t row0 = r.row_begin[e], col0 = b * kNnCols;
     kern.nn(a.view(row0, r.count[e]), w.expert(e), col0, std::min(kNnCols, w.k - col0),
             out + row0 * ldc + col0, ldc);
@@ -610,7 +612,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
       return r.pair_of_row[row] < 0 ? nullptr : h_f32_ptr + row * inter;
     });
   else
-    run_tasks(r.rows, [&](int64_t row) {  // padding rows must be zero for the AMX row tiles
+    for_rows(r, [&](int64_t row) {  // padding rows must be zero for the AMX row tiles
       if (r.pair_of_row[row] < 0) kern.store_row(ha.format, nullptr, 0, nullptr, ha.ld, ha.row(row), nullptr);
     });
 
@@ -668,7 +670,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
       gu_bf16 ? reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()) : nullptr;
   ActBuffer da(kern.nn_format, r.rows, 2 * inter);
   constexpr int64_t kChunk = 16;
-  run_tasks((r.rows + kChunk - 1) / kChunk, [&](int64_t task) {
+  run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
     std::vector<float> d(2 * inter), gu_row(gu_bf16 ? 2 * inter : 0);
     for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
       const int64_t pair = r.pair_of_row[row];

@@ -34,7 +34,7 @@ pair in fp32 (``8 * I`` bytes per pair, e.g. 67.6 KB per token for DeepSeek-V2-L
 instead of recomputing them (which would cost two thirds of a forward). The expert output needed for
 ``dL/dw`` is not saved: ``<dy, W_down h> = <W_down^T dy, h>`` reuses the ``W_down^T dy`` product that
 the input gradient needs anyway. The transposed products run on the same packed weights (AMX rewrites
-one strip of up to 128 columns at a time into a per-thread scratch buffer, int8 widened to bf16), so no
+them 32 columns at a time into a per-thread scratch buffer, int8 widened to bf16), so no
 second copy of the weights is kept by default; ``from_weights(..., transposed_copy=True)`` (bf16 only)
 packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
 memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x) come from a cache of
