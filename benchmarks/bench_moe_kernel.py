@@ -14,6 +14,12 @@ figure is also given as a ratio against baselines measured in that run):
   for the backward,
 * kt-bf16: kt-kernel's AMX BF16 MoE (``AMXBF16_MOE`` forward; ``AMXBF16_SFT_MOE_SkipLoRA``, its
   frozen-expert SFT path, for forward + backward), only if ``kt-kernel`` is installed; nan otherwise.
+  Its SFT path packs a transposed copy of every weight for its backward besides the forward copy,
+  so ours-bf16-T is the comparison at equal weight memory.
+
+The "weights GB" column is the memory each method keeps for the layer's weights: the packed tensors'
+bytes for ours, the growth of this process's resident memory while kt-kernel's objects load their
+weights (forward object | SFT object), nothing for torch-loop (it uses the unpacked bf16 weights).
 
 FLOPs: forward = 6 qlen k H I (gate, up, down: 2 flops per multiply-add); forward + backward =
 12 qlen k H I (the backward computes W_down^T dy and [dg | du] W_gate_up; no weight gradients).
@@ -22,7 +28,11 @@ AVX-512, a 2048^3 fp32 torch matmul as a proxy).
 
 Ends with one machine-readable line for the largest qlen::
 
-    RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x>
+    RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x> \
+        fwdbwd_equal_memory_vs_kt=<x or nan>
+
+(``fwdbwd_vs_kt`` is ours-bf16, one packed copy of the weights; ``fwdbwd_equal_memory_vs_kt`` is
+ours-bf16-T, which keeps as many weight bytes as kt-kernel's SFT path.)
 
 Usage: ``python benchmarks/bench_moe_kernel.py [--qlen 1 32 128 512 2048] [--threads 2]``
 """
@@ -115,16 +125,20 @@ class KtKernel:
         config.max_len = max_len
         config.gate_proj, config.up_proj, config.down_proj = (w.data_ptr() for w in self.weights)
         config.pool = self.cpu_infer.backend_
+        before = resident_gb()
         self.moe = ext.moe.AMXBF16_MOE(config)
         self._run(self.moe.load_weights_task(self.identity_map.data_ptr()))
+        self.forward_gb = resident_gb() - before
         sft = ext.moe.MOESFTConfig()
         sft.expert_num, sft.num_experts_per_tok, sft.hidden_size, sft.intermediate_size = EXPERTS, TOP_K, HIDDEN, INTER
         sft.lora_rank, sft.lora_alpha, sft.max_cache_depth, sft.max_len, sft.layer_idx = 0, 1.0, 1, max_len, 0
         sft.gate_proj, sft.up_proj, sft.down_proj = (w.data_ptr() for w in self.weights)
         sft.physical_to_logical_map = self.identity_map.data_ptr()
         sft.pool = self.cpu_infer.backend_
+        before = resident_gb()
         self.sft = ext.moe.AMXBF16_SFT_MOE_SkipLoRA(sft)
         self._run(self.sft.load_weights_task())
+        self.sft_gb = resident_gb() - before
 
     def _run(self, task: object) -> None:
         self.cpu_infer.submit(task)
@@ -148,6 +162,17 @@ class KtKernel:
         self._run(self.sft.backward_task(grad.data_ptr(), grad_x.data_ptr(), 0, 0, 0, 0, 0, 0, grad_w.data_ptr(),
                                          0, 0, 0))
         return y, grad_x, grad_w
+
+
+def resident_gb() -> float:
+    """This process's resident memory in GB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def packed_gb(packed: PackedExperts) -> float:
+    """Bytes of all tensors of a packed layer, in GB."""
+    return sum(value.nbytes for value in vars(packed).values() if isinstance(value, torch.Tensor)) / 1e9
 
 
 def _load_kt_extension() -> object:
@@ -259,18 +284,28 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
     return {name: (fwd_times.get(name, math.nan), totals.get(name, math.nan)) for name in METHODS}
 
 
-def print_table(qlen: int, results: dict[str, tuple[float, float]]) -> None:
+def weight_memory(setups: dict) -> dict[str, str]:
+    """The "weights GB" column: ``{method: text}``."""
+    memory = {"ours-bf16": packed_gb(setups["bf16"]), "ours-bf16-T": packed_gb(setups["bf16-T"]),
+              "ours-int8": packed_gb(setups["int8"]), "torch-loop": 0.0}
+    column = {name: f"{gb:.2f}" for name, gb in memory.items()}
+    kt = setups["kt"]
+    column["kt-bf16"] = "nan" if kt is None else f"{kt.forward_gb:.2f} \\| {kt.sft_gb:.2f}"
+    return column
+
+
+def print_table(qlen: int, results: dict[str, tuple[float, float]], memory: dict[str, str]) -> None:
     fwd_flops, total_flops = 6 * qlen * TOP_K * HIDDEN * INTER, 12 * qlen * TOP_K * HIDDEN * INTER
     torch_fwd, kt_fwd = results["torch-loop"][0], results["kt-bf16"][0]
     kt_total = results["kt-bf16"][1]
     print(f"\nqlen={qlen}")
-    print("| method | fwd ms | fwd GFLOP/s | fwd tok/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd tok/s "
+    print("| method | weights GB | fwd ms | fwd GFLOP/s | fwd tok/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd tok/s "
           "| fwd vs torch | fwd vs kt | fwd+bwd vs kt |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in METHODS:
         fwd, total = results[name]
         print(
-            f"| {name} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | {total * 1e3:.1f} | "
+            f"| {name} | {memory[name]} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | {total * 1e3:.1f} | "
             f"{total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | {kt_fwd / fwd:.2f} | "
             f"{kt_total / total:.2f} |"
         )
@@ -300,16 +335,18 @@ def main() -> None:
         setups["kt"] = None
     peak, peak_source = fma_peak_gflops()
     print(f"fp32 FMA peak: {peak:.0f} GFLOP/s ({peak_source}, {args.threads} threads)")
+    memory = weight_memory(setups)
     last = {}
     for qlen in args.qlen:
         last = measure(qlen, setups, args.repeats)
-        print_table(qlen, last)
+        print_table(qlen, last, memory)
     qlen = args.qlen[-1]
     ours_fwd, ours_total = last["ours-bf16"]
     print(
         f"\nRESULT fwd_vs_torch={last['torch-loop'][0] / ours_fwd:.2f} fwd_vs_kt={last['kt-bf16'][0] / ours_fwd:.2f} "
         f"fwdbwd_vs_kt={last['kt-bf16'][1] / ours_total:.2f} "
-        f"fwd_peak_frac={6 * qlen * TOP_K * HIDDEN * INTER / ours_fwd / 1e9 / peak:.2f}"
+        f"fwd_peak_frac={6 * qlen * TOP_K * HIDDEN * INTER / ours_fwd / 1e9 / peak:.2f} "
+        f"fwdbwd_equal_memory_vs_kt={last['kt-bf16'][1] / last['ours-bf16-T'][1]:.2f}"
     )
 
 
