@@ -46,6 +46,17 @@ DPO_INLINE void for_row_blocks(int64_t rows, int64_t p0, int64_t p1, const Block
       with_rows(rows - m0, [&](auto mr) { block(mr, m0, p); });
 }
 
+// c[i][0..32) = acc[i][0] | acc[i][1] for MR rows: the fp32 accumulators of a panel's 32 channels.
+template <int MR>
+DPO_TARGET_AVX512 DPO_INLINE void store_panel_rows(const __m512 (&acc)[MR][2], float* c,
+                                                   int64_t ldc) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
 // c[i][0..32) = sum_k a[i][k] W[panel][k] for MR rows: 2*MR fp32 accumulators of 16 channels.
 template <int MR>
 DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const uint16_t* panel,
@@ -71,11 +82,7 @@ DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const ui
       acc[i][1] = _mm512_fmadd_ps(odd1, x1, acc[i][1]);
     }
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
-  }
+  store_panel_rows<MR>(acc, c, ldc);
 }
 
 DPO_TARGET_AVX512 inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0,
@@ -110,11 +117,7 @@ DPO_TARGET_AVX512_BF16 inline void nt_dpbf16_rows(const uint16_t* a, int64_t lda
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, w1);
     }
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
-  }
+  store_panel_rows<MR>(acc, c, ldc);
 }
 
 DPO_TARGET_AVX512_BF16 inline void gemm_nt_dpbf16(const Act& a, const PackedView& w, int64_t p0,
