@@ -539,6 +539,20 @@ std::optional<PackedExperts> transposed_copy(const at::Tensor& packed_t, const P
   return w_t;
 }
 
+// How the forward keeps the gate/up products for the backward: rows of 2 I values on row stride
+// ld, in the precision of the backward's operands: bf16 where those are bf16 (AMX), which halves
+// the largest write of the forward; else fp32.
+struct SavedGateUp {
+  bool bf16;
+  int64_t ld;
+  at::ScalarType dtype;
+};
+
+SavedGateUp saved_gate_up(const Kernels& kern, int64_t inter) {
+  const bool bf16 = kern.nn_format == ActFormat::bf16;
+  return {bf16, row_stride(2 * inter, bf16 ? 2 : 4), bf16 ? at::kBFloat16 : at::kFloat};
+}
+
 // Gate/up task epilogue for rows [0, rows) of one expert and panel p: h = silu(g) * u written to
 // the down product's operand (fp32 side buffer for u8, which needs whole rows to quantize).
 void store_hidden(const Kernels& kern, const float* gu, int64_t ld_gu, int64_t rows, int64_t p,
@@ -571,17 +585,13 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   ActBuffer xa(kern.nt_format, r.rows, hidden_pad);
   gather_tokens(kern, xa, r, x, false, [](int64_t) -> const float* { return nullptr; });
 
-  // Gate/up products, kept for the backward if it needs them: 2 I values per row, row stride ld_gu,
-  // returned as a [rows, 2 I] view. They are kept in the precision of the backward's operands:
-  // bf16 where those are bf16 (AMX), which halves the largest write of the forward; else fp32.
-  const bool gu_bf16 = kern.nn_format == ActFormat::bf16;
-  const int64_t ld_gu = row_stride(2 * inter, gu_bf16 ? 2 : 4);
-  at::Tensor gu = save_for_backward
-                      ? empty_cached({r.rows, ld_gu}, gu_bf16 ? at::kBFloat16 : at::kFloat)
-                      : at::Tensor();
-  const bool gu_in_place = save_for_backward && !gu_bf16;
+  // Gate/up products, kept for the backward if it needs them (see SavedGateUp), returned as a
+  // [rows, 2 I] view.
+  const SavedGateUp saved = saved_gate_up(kern, inter);
+  at::Tensor gu = save_for_backward ? empty_cached({r.rows, saved.ld}, saved.dtype) : at::Tensor();
+  const bool gu_in_place = save_for_backward && !saved.bf16;
   float* gu_f32 = gu_in_place ? gu.data_ptr<float>() : nullptr;
-  uint16_t* gu_b16 = save_for_backward && gu_bf16
+  uint16_t* gu_b16 = save_for_backward && saved.bf16
                          ? reinterpret_cast<uint16_t*>(gu.data_ptr<at::BFloat16>())
                          : nullptr;
   ActBuffer ha(kern.nt_format, r.rows, inter);
@@ -596,14 +606,14 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
     const int64_t row0 = r.row_begin[e], rows = r.count[e];
     std::vector<float> local(gu_in_place ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
     for (int64_t p = b * pairs_per_task; p < std::min(pairs, (b + 1) * pairs_per_task); ++p) {
-      float* c = gu_in_place ? gu_f32 + row0 * ld_gu + p * 2 * kPanel : local.data();
-      const int64_t ldc = gu_in_place ? ld_gu : 2 * kPanel;
+      float* c = gu_in_place ? gu_f32 + row0 * saved.ld + p * 2 * kPanel : local.data();
+      const int64_t ldc = gu_in_place ? saved.ld : 2 * kPanel;
       kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
       store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, inter, row0);
       if (gu_b16 != nullptr)
         for (int64_t m = 0; m < rows; ++m)
           kern.store_row(ActFormat::bf16, c + m * ldc, 2 * kPanel, nullptr, 2 * kPanel,
-                         gu_b16 + (row0 + m) * ld_gu + p * 2 * kPanel, nullptr);
+                         gu_b16 + (row0 + m) * saved.ld + p * 2 * kPanel, nullptr);
     }
   });
   if (ha.format == ActFormat::u8)
@@ -643,11 +653,9 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   const bool int8 = gate_up.type == WeightType::int8;
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   const Routing r = route(ids, w13.size(0));
-  const bool gu_bf16 = kern.nn_format == ActFormat::bf16;
-  const int64_t ld_gu = row_stride(2 * inter, gu_bf16 ? 2 : 4);
+  const SavedGateUp saved = saved_gate_up(kern, inter);
   TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter &&
-                  gu.stride(0) == ld_gu && gu.stride(1) == 1 &&
-                  gu.scalar_type() == (gu_bf16 ? at::kBFloat16 : at::kFloat),
+                  gu.stride(0) == saved.ld && gu.stride(1) == 1 && gu.scalar_type() == saved.dtype,
               "saved gate/up activations do not match the routing");
 
   // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
@@ -665,21 +673,22 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   at::Tensor grad_w = at::empty({r.tokens, r.top_k}, at::TensorOptions().dtype(at::kFloat));
   const float* w = weights.data_ptr<float>();
   float* gw_ptr = grad_w.data_ptr<float>();
-  const float* gu_f32 = gu_bf16 ? nullptr : gu.data_ptr<float>();
+  const float* gu_f32 = saved.bf16 ? nullptr : gu.data_ptr<float>();
   const uint16_t* gu_b16 =
-      gu_bf16 ? reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()) : nullptr;
+      saved.bf16 ? reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()) : nullptr;
   ActBuffer da(kern.nn_format, r.rows, 2 * inter);
   constexpr int64_t kChunk = 16;
   run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
-    std::vector<float> d(2 * inter), gu_row(gu_bf16 ? 2 * inter : 0);
+    std::vector<float> d(2 * inter), gu_row(saved.bf16 ? 2 * inter : 0);
     for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
       const int64_t pair = r.pair_of_row[row];
       if (pair < 0) {
         kern.store_row(da.format, nullptr, 0, nullptr, da.ld, da.row(row), da.row_scale(row));
         continue;
       }
-      const float* g_u = gu_bf16 ? widen_bf16(gu_b16 + row * ld_gu, 2 * inter, gu_row.data())
-                                 : gu_f32 + row * ld_gu;
+      const float* g_u = saved.bf16
+                             ? widen_bf16(gu_b16 + row * saved.ld, 2 * inter, gu_row.data())
+                             : gu_f32 + row * saved.ld;
       gw_ptr[pair] = kern.swiglu_backward(g_u, v_ptr + row * inter, w[pair], d.data(), inter);
       const float* col_scale = int8 ? gate_up.expert(id[pair]).scale : nullptr;
       kern.store_row(da.format, d.data(), 2 * inter, col_scale, da.ld, da.row(row),
