@@ -30,8 +30,9 @@ pairs (or int8 quads) of the input dimension adjacent: one layout serves AMX til
 ``int8`` stores per-output-channel scales and quantizes activations per token at run time.
 
 Memory trade-off of the backward: the forward saves the gate and up outputs of every (token, slot)
-pair in fp32 (``8 * I`` bytes per pair, e.g. 67.6 KB per token for DeepSeek-V2-Lite, k = 6, I = 1408),
-instead of recomputing them (which would cost two thirds of a forward). The expert output needed for
+pair, in bf16 on AMX (whose backward operands are bf16) and fp32 elsewhere (``4 * I`` or ``8 * I`` bytes
+per pair, e.g. 33.8 or 67.6 KB per token for DeepSeek-V2-Lite, k = 6, I = 1408), instead of recomputing
+them (which would cost two thirds of a forward). The expert output needed for
 ``dL/dw`` is not saved: ``<dy, W_down h> = <W_down^T dy, h>`` reuses the ``W_down^T dy`` product that
 the input gradient needs anyway. The transposed products run on the same packed weights (AMX rewrites
 them 32 columns at a time into a per-thread scratch buffer, int8 widened to bf16), so no
