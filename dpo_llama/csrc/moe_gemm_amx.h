@@ -102,9 +102,9 @@ DPO_TARGET_AMX inline void gemm_nt(const Act& a, const PackedView& w, int64_t p0
   configure_tiles();
   const uint8_t* rows = kInt8 ? a.u8 : reinterpret_cast<const uint8_t*>(a.bf16);
   const int64_t lda = a.ld * (kInt8 ? 1 : 2), ldc_bytes = ldc * 4;
-  const int64_t row_tiles = (a.rows + 15) / 16, steps = w.rows_per_panel() / 16;
+  const int64_t row_tiles = ceil_div(a.rows, 16), steps = w.rows_per_panel() / 16;
   const int64_t panel_bytes = steps * 16 * kRowBytes, passes = (row_tiles + 1) / 2;
-  const int64_t spread = round_up((panel_bytes + passes * steps - 1) / (passes * steps), 64);
+  const int64_t spread = round_up(ceil_div(panel_bytes, passes * steps), 64);
   const bool spreading = passes >= kSpreadPasses;
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.panel(p);
@@ -228,7 +228,7 @@ DPO_INLINE uint8_t* thread_scratch(int which, int64_t bytes) {
 DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles, int64_t panels,
                                               float* c, int64_t ldc, const uint8_t* next,
                                               int64_t panel_bytes) {
-  const int64_t row_tiles = (a.rows + 15) / 16;
+  const int64_t row_tiles = ceil_div(a.rows, 16);
   const int64_t lda = a.ld * 2, ldc_bytes = ldc * 4;
   for (int64_t mt = 0; mt < row_tiles; mt += 2) {
     const bool two = mt + 1 < row_tiles;

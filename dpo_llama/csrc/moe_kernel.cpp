@@ -291,7 +291,7 @@ class BlockCache {
   // >= 8 step (exact below 16 pages, at most 1/8 more above), so that the varying row counts of
   // calls with about the same number of tokens share blocks.
   static int64_t size_class(int64_t bytes) {
-    const int64_t pages = (bytes + kHugePage - 1) / kHugePage;
+    const int64_t pages = ceil_div(bytes, kHugePage);
     int64_t step = 1;
     while (16 * step <= pages) step *= 2;
     return round_up(pages, step) * kHugePage;
