@@ -305,9 +305,9 @@ def print_table(qlen: int, results: dict[str, tuple[float, float]], memory: dict
     for name in METHODS:
         fwd, total = results[name]
         print(
-            f"| {name} | {memory[name]} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | {total * 1e3:.1f} | "
-            f"{total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | {kt_fwd / fwd:.2f} | "
-            f"{kt_total / total:.2f} |"
+            f"| {name} | {memory[name]} | {fwd * 1e3:.1f} | {fwd_flops / fwd / 1e9:.0f} | {qlen / fwd:.0f} | "
+            f"{total * 1e3:.1f} | {total_flops / total / 1e9:.0f} | {qlen / total:.0f} | {torch_fwd / fwd:.2f} | "
+            f"{kt_fwd / fwd:.2f} | {kt_total / total:.2f} |"
         )
 
 
