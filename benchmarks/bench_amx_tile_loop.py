@@ -29,41 +29,31 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+CSRC_DIR = ROOT / "dpo_llama" / "csrc"
+sys.path.insert(0, str(ROOT))
 
 from torch.utils import cpp_extension
 
 from dpo_llama.models.cpu_moe import available_isas
 
 SOURCE = r"""
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <vector>
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+#include "moe_gemm_amx.h"
+
+using dpo_moe::amx::prefetch_lines;
 
 // GFLOP/s of `steps` steps of the 2 x 2 tile loop. Weight tiles 6, 7 are reloaded every step from a
 // ring of b_bytes if b_bytes > 0, activation tiles 4, 5 from a ring of a_bytes if a_bytes > 0
 // (2 KB per step; sizes are powers of two). Both rings start `offset` bytes after a 64-byte boundary.
-// Each step also prefetches the next `stream_lines` cache lines of a 256 MB buffer to L2.
-__attribute__((target("amx-tile,amx-bf16"))) double tile_loop(int64_t steps, int64_t a_bytes,
-                                                               int64_t b_bytes, int64_t offset,
-                                                               int64_t stream_lines) {
-  TORCH_CHECK(syscall(SYS_arch_prctl, 0x1023, 18) == 0, "the kernel refused AMX tile state");
-  TileConfig cfg = {};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+// Each step also prefetches the next `stream_lines` cache lines of a 256 MB buffer to L2, with the
+// kernel's prefetch_lines.
+DPO_TARGET_AMX double tile_loop(int64_t steps, int64_t a_bytes, int64_t b_bytes, int64_t offset,
+                                int64_t stream_lines) {
+  TORCH_CHECK(dpo_moe::request_amx_permission(), "the kernel refused AMX tile state");
+  dpo_moe::amx::configure_tiles();
   std::vector<uint16_t> a((std::max<int64_t>(a_bytes, 2048) + 128) / 2, 0x3F80);
   std::vector<uint16_t> b((std::max<int64_t>(b_bytes, 2048) + 128) / 2, 0x3F80);
   const auto start_of = [offset](const std::vector<uint16_t>& v) {
@@ -74,8 +64,9 @@ __attribute__((target("amx-tile,amx-bf16"))) double tile_loop(int64_t steps, int
   const uint8_t* pb = start_of(b);
   const int64_t a_mask = a_bytes / 2048 - 1, b_mask = b_bytes / 2048 - 1;
   constexpr int64_t kStreamBytes = int64_t(1) << 28;
-  std::vector<uint8_t> stream(stream_lines > 0 ? kStreamBytes : 64, 1);
-  int64_t line = 0;
+  const int64_t stream_step = stream_lines * 64;
+  std::vector<uint8_t> stream(stream_lines > 0 ? kStreamBytes + stream_step : 64, 1);
+  int64_t streamed = 0;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -91,9 +82,10 @@ __attribute__((target("amx-tile,amx-bf16"))) double tile_loop(int64_t steps, int
       _tile_loadd(6, w, 128);
       _tile_loadd(7, w + 64, 128);
     }
-    for (int64_t i = 0; i < stream_lines; ++i, ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(stream.data() + (line * 64) % kStreamBytes),
-                   _MM_HINT_T2);
+    if (stream_lines > 0) {
+      prefetch_lines(stream.data() + streamed, stream_step);
+      streamed = (streamed + stream_step) % kStreamBytes;
+    }
     if (a_bytes > 0) _tile_loadd(4, pa + (s & a_mask) * 2048, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -105,7 +97,7 @@ __attribute__((target("amx-tile,amx-bf16"))) double tile_loop(int64_t steps, int
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   alignas(64) float sink[256];
   _tile_stored(0, sink, 64);
-  _tile_release();
+  dpo_moe::amx::release_tiles();
   TORCH_CHECK(sink[0] > 0.0f, "tile loop produced no result");
   return double(steps) * 4 * 16 * 16 * 32 * 2 / seconds / 1e9;
 }
@@ -129,11 +121,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2_000_000, help="loop steps per measurement")
     parser.add_argument("--repeats", type=int, default=15, help="measurements per case")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be positive")
     if "amx" not in available_isas():
         print("skipped: this CPU (or its kernel) does not run AMX tile code")
         return
     ext = cpp_extension.load_inline("dpo_llama_amx_tile_loop", cpp_sources=[SOURCE], functions=["tile_loop"],
-                                    extra_cflags=["-O3"])
+                                    extra_cflags=["-O3"], extra_include_paths=[str(CSRC_DIR)])
     rates = {name: [] for name in CASES}
     for _ in range(args.repeats):  # cases in turn, so that a change of the machine's state hits all alike
         for name, case in CASES.items():
