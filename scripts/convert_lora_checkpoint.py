@@ -4,7 +4,8 @@
         --output checkpoints/llama-2-7b-dpo
 
 For every LoRA layer the merged weight is ``W' = W + s · B A`` (summed in float32, then cast to the output
-dtype). When the adapter was trained on a 4-bit base (``quant_lora_4bit`` / ``quant_4bit`` in its
+dtype); for routed MoE experts with adapters (``lora_moe_routed_experts``), ``W'_e = W_e + s · B_e A_e`` per
+expert. When the adapter was trained on a 4-bit base (``quant_lora_4bit`` / ``quant_4bit`` in its
 lora_config.json), the trained model never saw ``W`` but its 4-bit round trip ``Ŵ``; the script re-quantizes
 those weights with the same settings (from the dtype they had in training) and writes ``Ŵ + s · B A`` for LoRA
 layers and ``Ŵ`` for the other 4-bit layers, so the merged model reproduces the trained one. Biases / norms
@@ -89,6 +90,17 @@ def trained_weight(tensor: torch.Tensor, module: torch.nn.Module, name: str,
     return quantize_4bit(tensor.to(weight_dtype), quant).dequantize()
 
 
+def adapter_of(module: torch.nn.Module, path: str, name: str) -> tuple[str, float] | None:
+    """``(key prefix, scaling)`` of the adapter trained on the base tensor ``path.name``, or None: a LoRA
+    layer's ``weight``, or one projection of routed experts with adapters (``[E, r, in]`` / ``[E, out, r]``)."""
+    if isinstance(module, LoRALinear) and name == "weight":
+        return path, module.scaling
+    experts_lora = getattr(module, "lora", None)
+    if experts_lora is not None and name in experts_lora:
+        return f"{path}.lora.{name}", experts_lora[name].scaling
+    return None
+
+
 def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, torch.Tensor],
                    weight_dtype: torch.dtype, out_dtype: torch.dtype | None, device: str,
                    counts: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,10 +110,13 @@ def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, to
         module = model.get_submodule(path)
         stored_dtype = tensor.dtype
         tensor = tensor.to(device)
-        if isinstance(module, LoRALinear) and name == "weight":
-            lora_a, lora_b = adapter[f"{path}.lora_A"].to(device), adapter[f"{path}.lora_B"].to(device)
-            delta = module.scaling * (lora_b.float() @ lora_a.float())
-            tensor = trained_weight(tensor, module, name, weight_dtype).float() + delta
+        trained_adapter = adapter_of(module, path, name)
+        if trained_adapter is not None:
+            prefix, scaling = trained_adapter
+            lora_a = adapter[f"{prefix}.lora_A"].to(device).float()
+            lora_b = adapter[f"{prefix}.lora_B"].to(device).float()
+            delta = torch.bmm(lora_b, lora_a) if lora_a.dim() == 3 else lora_b @ lora_a
+            tensor = trained_weight(tensor, module, name, weight_dtype).float() + scaling * delta
             counts["merged"] += 1
         elif key in adapter:
             tensor = adapter[key]

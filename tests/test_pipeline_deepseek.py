@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
-from dpo_llama.models.lora import LORA_CONFIG_FILE, load_model_with_lora
+from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, load_model_with_lora
 from dpo_llama.run_dpo_lora import main as run_dpo
 from dpo_llama.run_sft_lora import main as run_sft
 from scripts.build_finetune_datasets import main as build_sft
@@ -95,10 +96,12 @@ def test_dpo_after_sft_merge(ws, tmp_path, quant):
     assert np.mean(loss[-2:]) < loss[0] - 0.1
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["packed", "with-transposed-copies"])
-def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed):
+@pytest.mark.parametrize("transposed, routed_lora", [(False, False), (True, False), (False, True)],
+                         ids=["packed", "with-transposed-copies", "lora-on-routed-experts"])
+def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed, routed_lora):
     """Routed experts in the C++ kernel for both the reference log-probs and DPO (with and without transposed
-    weight copies): the step-0 check passes (same kernel, same log-probs) and the loss falls."""
+    weight copies, and with LoRA on the routed experts too): the step-0 check passes (same kernel, same
+    log-probs) and the loss falls; the expert adapters are saved and merge into a plain checkpoint."""
     from dpo_llama.models.cpu_moe import kernel_available
     if not kernel_available():
         pytest.skip("the C++ MoE kernel does not build on this machine")
@@ -106,11 +109,15 @@ def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed):
     assert build_preference(flags(input=ws["pairs"], ref_model=ws["base"], template="deepseek", output=data,
                                   val_ratio=0.25, experts_backend="cpu_kernel")) == 0
     assert run_dpo(run_argv(ws["base"], data, tmp_path / "dpo", max_train_steps=8, experts_backend="cpu_kernel",
-                            experts_transposed_copy=transposed)) == 0
+                            experts_transposed_copy=transposed, lora_moe_routed_experts=routed_lora)) == 0
     check = json.loads((tmp_path / "dpo" / "logs" / "run" / "reference_check.json").read_text())
     assert check["max_abs_logp_diff"] < 1e-4 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-5)
     loss = series(read_history(tmp_path / "dpo" / "logs" / "run"), "train/loss")
     assert np.mean(loss[-2:]) < loss[0] - 0.1
+    if routed_lora:
+        adapter = load_file(tmp_path / "dpo" / "ckpt" / "step-000008" / ADAPTER_FILE)
+        assert adapter["layers.1.mlp.experts.lora.up_proj.lora_B"].abs().sum() > 0
+        assert merge_lora(flags(base=ws["base"], lora=tmp_path / "dpo" / "ckpt", output=tmp_path / "merged")) == 0
 
 
 def test_transposed_copies_need_the_cpu_kernel_backend():

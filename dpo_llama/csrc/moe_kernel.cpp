@@ -7,19 +7,22 @@
 //      to a multiple of 16 (AMX tile height),
 //   2. gather the token rows into that order, converted to the format the kernels consume,
 //   3. tasks (expert, 8 gate/up panel pairs = 256 columns of I): fused gate + up product, epilogue
-//      h = silu(g) * u after each pair,
+//      h = silu(g) * u after each pair; an optional per-pair delta [dg_in | du_in] is added to g
+//      and u before the SiLU (the caller's LoRA on gate/up), and h is optionally returned (fp32;
+//      these hook tensors hold the pairs sorted by expert, see Routing),
 //   4. tasks (expert, 16 panels = 512 columns of H): down product into o (one row per pair),
 //   5. y[t] = sum_j w[t,j] o[row(t,j)] in fp32, slots in order (deterministic, no atomics).
 // Backward (v = W_down^T dy, dL/dw = <dy, o> = <v, h>):
 //   1. gather dy rows per pair; tasks (expert, 128 columns of I): v = dy W_down (transposed product),
-//   2. per pair: dL/dw = <v, h>, dh = w v, dg = dh u silu'(g), du = dh silu(g),
+//   2. per pair: dL/dw = <v, h>, dh = w v (+ grad_h, the caller's gradient of the returned h),
+//      dg = dh u silu'(g), du = dh silu(g); [dg | du] is optionally returned (the delta's gradient),
 //   3. tasks (expert, 128 columns of H): dx_pair = [dg | du] W_gate_up (transposed product),
 //   4. dx[t] = sum_j dx_pair[row(t,j)].
 // The transposed products of steps 1 and 3 run on the forward packing (see the ISA headers), or, if
 // the caller packed them, on transposed copies of the weights as forward products (faster, twice
 // the weight memory).
-// The forward saves the gate/up outputs (2 I values per pair) for step 2 of the backward: in bf16
-// where the backward's operands are bf16 anyway (AMX), else in fp32.
+// The forward saves the gate/up outputs (2 I values per pair, delta included) for step 2 of the
+// backward: in bf16 where the backward's operands are bf16 anyway (AMX), else in fp32.
 
 #include <torch/extension.h>
 
@@ -214,12 +217,17 @@ struct PackedExperts {
 // ---------------------------------------------------------------- routing
 
 // Rows of all per-pair buffers: expert e owns rows [row_begin[e], row_begin[e] + count[e]),
-// followed by zero padding up to a multiple of kRowAlign.
+// followed by zero padding up to a multiple of kRowAlign. The hook tensors of the LoRA path have
+// no padding: expert e owns their rows [sorted_begin[e], sorted_begin[e] + count[e]), the pairs in
+// the order of a stable sort by expert id (as the caller groups them).
 struct Routing {
   int64_t tokens = 0, top_k = 0;
-  std::vector<int64_t> count, row_begin, row_of_pair, pair_of_row;
+  std::vector<int64_t> count, row_begin, sorted_begin, row_of_pair, pair_of_row;
   std::vector<int64_t> active;  // experts with at least one pair
   int64_t rows = 0;
+
+  // The hook-tensor row of routed row `row` of expert e.
+  int64_t sorted_row(int64_t row, int64_t e) const { return sorted_begin[e] + row - row_begin[e]; }
 };
 
 Routing route(const at::Tensor& ids, int64_t experts) {
@@ -235,8 +243,10 @@ Routing route(const at::Tensor& ids, int64_t experts) {
     ++r.count[id[i]];
   }
   r.row_begin.assign(experts, 0);
+  r.sorted_begin.assign(experts, 0);
   for (int64_t e = 0; e < experts; ++e) {
     r.row_begin[e] = r.rows;
+    if (e > 0) r.sorted_begin[e] = r.sorted_begin[e - 1] + r.count[e - 1];
     r.rows += round_up(r.count[e], kRowAlign);
     if (r.count[e] > 0) r.active.push_back(e);
   }
@@ -553,13 +563,44 @@ SavedGateUp saved_gate_up(const Kernels& kern, int64_t inter) {
   return {bf16, row_stride(2 * inter, bf16 ? 2 : 4), bf16 ? at::kBFloat16 : at::kFloat};
 }
 
+// The optional per-pair tensor of a hook: nullptr if empty, else its data, checked to be a
+// contiguous float32 [pairs, cols] tensor (rows in expert-sorted order, see Routing).
+const float* pair_rows_or_null(const at::Tensor& t, int64_t pairs, int64_t cols, const char* name) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == pairs && t.size(1) == cols, name, " must be [", pairs,
+              ", ", cols, "] (pairs sorted by expert, padded intermediate columns), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 tensor, got ", t.scalar_type());
+  return t.data_ptr<float>();
+}
+
+// Adds the caller's delta to rows [0, rows) of one expert's gate/up product c for panel pair p
+// (interleaved [gate 32 | up 32], row stride ldc): g += dg_in, u += du_in, where row m of the
+// expert's delta rows is [dg_in (inter) | du_in (inter)].
+void add_gate_up_delta(float* c, int64_t ldc, int64_t rows, int64_t p, const float* delta,
+                       int64_t inter) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* dg = delta + m * 2 * inter + p * kPanel;
+    const float* du = dg + inter;
+    float* g = c + m * ldc;
+    float* u = g + kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      g[j] += dg[j];
+      u[j] += du[j];
+    }
+  }
+}
+
 // Gate/up task epilogue for rows [0, rows) of one expert and panel p: h = silu(g) * u written to
-// the down product's operand (fp32 side buffer for u8, which needs whole rows to quantize).
+// the down product's operand (fp32 side buffer for u8, which needs whole rows to quantize) and,
+// if h_out (the expert's rows of the returned h) is given, to columns [32 p, 32 p + 32) of its
+// row m (row stride inter).
 void store_hidden(const Kernels& kern, const float* gu, int64_t ld_gu, int64_t rows, int64_t p,
-                  ActBuffer& ha, float* h_f32, int64_t inter, int64_t row0) {
+                  ActBuffer& ha, float* h_f32, int64_t inter, int64_t row0, float* h_out) {
   float h[kPanel];
   for (int64_t m = 0; m < rows; ++m) {
     kern.silu_mul(gu + m * ld_gu, h, kPanel);
+    if (h_out != nullptr) std::memcpy(h_out + m * inter + p * kPanel, h, sizeof(h));
     if (ha.format == ActFormat::u8) {
       std::memcpy(h_f32 + (row0 + m) * inter + p * kPanel, h, sizeof(h));
     } else {
@@ -574,13 +615,18 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
                                     const at::Tensor& s13, const at::Tensor& c13,
                                     const at::Tensor& w2, const at::Tensor& s2,
                                     const at::Tensor& c2, const std::string& isa_name,
-                                    bool save_for_backward) {
+                                    bool save_for_backward, const at::Tensor& gu_delta,
+                                    bool return_hidden) {
   check_inputs(x, ids, weights);
   const PackedExperts gate_up(w13, s13, c13), down(w2, s2, c2);
   const Kernels kern = prepare(isa_name, gate_up, down);
   const int64_t hidden = x.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   TORCH_CHECK(hidden <= hidden_pad, "x has more columns than the packed weights");
   const Routing r = route(ids, w13.size(0));
+  const int64_t pair_count = r.tokens * r.top_k;
+  const float* delta = pair_rows_or_null(gu_delta, pair_count, 2 * inter, "gu_delta");
+  at::Tensor h_out = return_hidden ? empty_cached({pair_count, inter}, at::kFloat) : at::Tensor();
+  float* h_out_ptr = return_hidden ? h_out.data_ptr<float>() : nullptr;
 
   ActBuffer xa(kern.nt_format, r.rows, hidden_pad);
   gather_tokens(kern, xa, r, x, false, [](int64_t) -> const float* { return nullptr; });
@@ -599,17 +645,21 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
                                                      : at::Tensor();
   float* h_f32_ptr = h_f32.defined() ? h_f32.data_ptr<float>() : nullptr;
   // Task (e, b): gate/up panel pairs [b kNtPanels / 2, (b + 1) kNtPanels / 2) of expert e, i.e.
-  // columns p of h for each pair p, with the SiLU epilogue right after each pair's product.
-  // The products go straight to fp32 gu, else to a local buffer (then to bf16 gu if saved).
+  // columns p of h for each pair p, with the delta (if given) and the SiLU epilogue right after
+  // each pair's product. The products go straight to fp32 gu, else to a local buffer (then to bf16
+  // gu if saved), so the saved products include the delta.
   const int64_t pairs = inter / kPanel, pairs_per_task = kNtPanels / 2;
   for_expert_blocks(kern, r, ceil_div(pairs, pairs_per_task), [&](int64_t e, int64_t b) {
-    const int64_t row0 = r.row_begin[e], rows = r.count[e];
+    const int64_t row0 = r.row_begin[e], rows = r.count[e], sorted0 = r.sorted_begin[e];
+    const float* delta_e = delta != nullptr ? delta + sorted0 * 2 * inter : nullptr;
+    float* h_out_e = h_out_ptr != nullptr ? h_out_ptr + sorted0 * inter : nullptr;
     std::vector<float> local(gu_in_place ? 0 : round_up(rows, kRowAlign) * 2 * kPanel);
     for (int64_t p = b * pairs_per_task; p < std::min(pairs, (b + 1) * pairs_per_task); ++p) {
       float* c = gu_in_place ? gu_f32 + row0 * saved.ld + p * 2 * kPanel : local.data();
       const int64_t ldc = gu_in_place ? saved.ld : 2 * kPanel;
       kern.nt(xa.view(row0, rows), gate_up.expert(e), 2 * p, 2 * p + 2, c, ldc);
-      store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, inter, row0);
+      if (delta_e != nullptr) add_gate_up_delta(c, ldc, rows, p, delta_e, inter);
+      store_hidden(kern, c, ldc, rows, p, ha, h_f32_ptr, inter, row0, h_out_e);
       if (gu_b16 != nullptr)
         for (int64_t m = 0; m < rows; ++m)
           kern.store_row(ActFormat::bf16, c + m * ldc, 2 * kPanel, nullptr, 2 * kPanel,
@@ -635,7 +685,24 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
   const float* w = weights.data_ptr<float>();
   combine(r, o_ptr, ld_o, hidden, y.data_ptr<float>(),
           [&](int64_t t, int64_t j) { return w[t * r.top_k + j]; });
-  return {y, save_for_backward ? gu.narrow(1, 0, 2 * inter) : gu};
+  return {y, save_for_backward ? gu.narrow(1, 0, 2 * inter) : gu, h_out};
+}
+
+// d += the SwiGLU backward of dh = grad_h for one row (the backward is linear in dh), through
+// `scratch` (2 inter values).
+void add_hidden_grad(const Kernels& kern, const float* g_u, const float* grad_h, int64_t inter,
+                     float* d, float* scratch) {
+  kern.swiglu_backward(g_u, grad_h, 1.0f, scratch, inter);
+  for (int64_t i = 0; i < 2 * inter; ++i) d[i] += scratch[i];
+}
+
+// One row of [dg | du], interleaved per panel in d ([dg 32 | du 32 | ...]), written to out as
+// [dg (inter) | du (inter)].
+void deinterleave_gate_up(const float* d, int64_t inter, float* out) {
+  for (int64_t p = 0; p < inter / kPanel; ++p) {
+    std::memcpy(out + p * kPanel, d + p * 2 * kPanel, kPanel * sizeof(float));
+    std::memcpy(out + inter + p * kPanel, d + p * 2 * kPanel + kPanel, kPanel * sizeof(float));
+  }
 }
 
 std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor& ids,
@@ -644,7 +711,8 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
                                      const at::Tensor& c13, const at::Tensor& w2,
                                      const at::Tensor& s2, const at::Tensor& c2,
                                      const at::Tensor& w13_t, const at::Tensor& w2_t,
-                                     const std::string& isa_name) {
+                                     const std::string& isa_name, const at::Tensor& grad_h,
+                                     bool return_grad_gate_up) {
   check_inputs(grad_y, ids, weights);
   const PackedExperts gate_up(w13, s13, c13), down(w2, s2, c2);
   const Kernels kern = prepare(isa_name, gate_up, down);
@@ -657,6 +725,11 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter &&
                   gu.stride(0) == saved.ld && gu.stride(1) == 1 && gu.scalar_type() == saved.dtype,
               "saved gate/up activations do not match the routing");
+  const int64_t pair_count = r.tokens * r.top_k;
+  const float* grad_h_ptr = pair_rows_or_null(grad_h, pair_count, inter, "grad_h");
+  at::Tensor dgu = return_grad_gate_up ? empty_cached({pair_count, 2 * inter}, at::kFloat)
+                                       : at::Tensor();
+  float* dgu_ptr = return_grad_gate_up ? dgu.data_ptr<float>() : nullptr;
 
   // v = dy W_down. For int8 the per-channel scale of W_down (channel = n) multiplies dy.
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -668,8 +741,9 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   float* v_ptr = v.data_ptr<float>();
   product_nn(kern, r, dya, down, down_t, v_ptr, inter);
 
-  // Per row: routing-weight gradient and [dg | du] (interleaved per panel like gu), written as
-  // the operand of the next product (times the int8 channel scales of W_gate_up).
+  // Per row: routing-weight gradient and [dg | du] (interleaved per panel like gu; from dh = w v
+  // plus grad_h if given), written as the operand of the next product (times the int8 channel
+  // scales of W_gate_up) and, if asked for, unscaled to dgu.
   at::Tensor grad_w = at::empty({r.tokens, r.top_k}, at::TensorOptions().dtype(at::kFloat));
   const float* w = weights.data_ptr<float>();
   float* gw_ptr = grad_w.data_ptr<float>();
@@ -679,7 +753,8 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   ActBuffer da(kern.nn_format, r.rows, 2 * inter);
   constexpr int64_t kChunk = 16;
   run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
-    std::vector<float> d(2 * inter), gu_row(saved.bf16 ? 2 * inter : 0);
+    std::vector<float> d(2 * inter), d_h(grad_h_ptr != nullptr ? 2 * inter : 0);
+    std::vector<float> gu_row(saved.bf16 ? 2 * inter : 0);
     for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
       const int64_t pair = r.pair_of_row[row];
       if (pair < 0) {
@@ -690,6 +765,10 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
                              ? widen_bf16(gu_b16 + row * saved.ld, 2 * inter, gu_row.data())
                              : gu_f32 + row * saved.ld;
       gw_ptr[pair] = kern.swiglu_backward(g_u, v_ptr + row * inter, w[pair], d.data(), inter);
+      const int64_t sorted = r.sorted_row(row, id[pair]);
+      if (grad_h_ptr != nullptr)
+        add_hidden_grad(kern, g_u, grad_h_ptr + sorted * inter, inter, d.data(), d_h.data());
+      if (dgu_ptr != nullptr) deinterleave_gate_up(d.data(), inter, dgu_ptr + sorted * 2 * inter);
       const float* col_scale = int8 ? gate_up.expert(id[pair]).scale : nullptr;
       kern.store_row(da.format, d.data(), 2 * inter, col_scale, da.ld, da.row(row),
                      da.row_scale(row));
@@ -704,7 +783,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   at::Tensor grad_x = empty_cached({r.tokens, hidden}, at::kFloat);
   combine(r, dxp_ptr, ld_dxp, hidden, grad_x.data_ptr<float>(),
           [](int64_t, int64_t) { return 1.0f; });
-  return {grad_x, grad_w};
+  return {grad_x, grad_w, dgu};
 }
 
 // ISAs this CPU runs, best first. AMX is listed only if a forked child really ran tile code.
@@ -752,8 +831,16 @@ double fma_peak_gflops(int64_t iterations) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU Mixture-of-Experts expert kernel (bf16 / int8 weights; AMX, AVX-512, AVX2, C++)";
-  m.def("moe_forward", &dpo_moe::moe_forward, "MoE forward; returns (y, saved gate/up outputs)");
-  m.def("moe_backward", &dpo_moe::moe_backward, "MoE backward; returns (grad_x, grad_weights)");
+  m.def("moe_forward", &dpo_moe::moe_forward,
+        "MoE forward (x, topk_ids, topk_weights, 6 packed tensors, isa, save_for_backward, gu_delta, "
+        "return_hidden); gu_delta: empty or float32 [T k, 2 I'] (pairs sorted by expert) added to "
+        "[gate | up] before the SiLU; returns (y, saved gate/up outputs or None, h = silu(g) u as "
+        "float32 [T k, I'] in the same order, or None)");
+  m.def("moe_backward", &dpo_moe::moe_backward,
+        "MoE backward (grad_y, topk_ids, topk_weights, saved gate/up, 6 packed tensors, 2 transposed "
+        "copies, isa, grad_h, return_grad_gate_up); grad_h: empty or float32 [T k, I'] (pairs "
+        "sorted by expert) added to dL/dh; returns (grad_x, grad_weights, [dg | du] as float32 "
+        "[T k, 2 I'] in the same order, or None)");
   m.def("available_isas", &dpo_moe::available_isas, "ISAs this CPU runs, best first");
   m.def("avx512_bf16_kernel",
         [] { return std::string(dpo_moe::bf16_nt_name(dpo_moe::avx512_bf16_nt())); },

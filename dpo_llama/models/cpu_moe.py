@@ -8,6 +8,18 @@ with ``gate_proj, up_proj: [E, I, H]`` and ``down_proj: [E, H, I]`` (nn.Linear l
 frozen: the backward returns gradients for ``x`` and for the routing weights,
 ``dL/dw[t, j] = <dy[t], expert_e(x[t])>``, never for the expert weights.
 
+LoRA on routed experts: the packed base weights stay frozen, and PyTorch computes the adapters around the
+kernel through two hooks of ``cpu_moe``. A pair's ``gate_up_delta = [Δg | Δu]`` (e.g. ``s B A x[t]`` of the
+gate and up adapters of expert ``e``) enters before the SiLU, ``g = W_g x + Δg``, ``u = W_u x + Δu``,
+``h = silu(g) * u``; ``return_hidden=True`` also returns every pair's ``h``, so that a down-projection
+adapter adds ``sum_j w[t, j] * s B_e A_e h[t, j]`` to ``y``. In the backward, with ``v = W_d^T dy``, the
+kernel takes ``dh = w v + grad_h`` (``grad_h`` = the gradient reaching ``h`` through the adapter) and returns
+``dL/dΔg = dh * u * silu'(g)`` and ``dL/dΔu = dh * silu(g)``; its routing-weight gradient stays ``<v, h>``
+(the adapter's share comes from autograd). The hook tensors hold one row per pair in the order of a stable
+sort of the flat pairs (``t * k + j``) by expert id, the order in which the kernel and the adapters' per-expert
+products group them, so no permutation is needed on either side. ``moe.py`` uses this for LoRA on the routed
+experts.
+
 The C++ kernel (``dpo_llama/csrc/moe_kernel.cpp``) sorts the (token, slot) pairs by expert, runs each
 expert's rows as one block through a fused gate+up product (SiLU * up epilogue) and the down product,
 and sums each token's slots in fp32 in a fixed order (bitwise deterministic). It is compiled on first
@@ -47,6 +59,7 @@ Example::
 
     packed = PackedExperts.from_weights(gate_proj, up_proj, down_proj, weight_dtype="bf16")
     y = cpu_moe(x, topk_ids, topk_weights, packed)   # differentiable in x and topk_weights
+    y, h = cpu_moe(x, topk_ids, topk_weights, packed, gate_up_delta=delta, return_hidden=True)
 """
 
 from __future__ import annotations
@@ -366,6 +379,11 @@ class PackedExperts:
             down_t = _pack(down_rows.transpose(1, 2), "bf16")[0] if transposed_copy else empty
         return cls(*gate_up, *down, experts, hidden, inter, weight_dtype, gate_up_t, down_t)
 
+    @property
+    def padded_intermediate_size(self) -> int:
+        """``I'``: the intermediate size ``I`` rounded up to a multiple of 64, as the kernel computes it."""
+        return self.gate_up.shape[1] * _PANEL // 2
+
     def kernel_args(self) -> tuple[torch.Tensor, ...]:
         """The six tensors in the order the C++ functions take them."""
         return (self.gate_up, self.gate_up_scale, self.gate_up_colsum, self.down, self.down_scale, self.down_colsum)
@@ -401,8 +419,32 @@ def _kernel_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.contiguous() if rows.dtype == torch.bfloat16 else rows.float().contiguous()
 
 
+def _padded_pairs(rows: torch.Tensor, blocks: int, inter_pad: int) -> torch.Tensor:
+    """Per-pair rows ``[P, blocks * I]`` as the kernel takes them: contiguous float32 ``[P, blocks * I']``.
+
+    Each block of ``I`` columns (gate and up of a delta, or the one block of ``grad_h``) is zero-padded to ``I'``.
+    Contiguous float32 rows with ``I = I'`` are passed on as they are (a copy of a large fresh tensor would cost
+    about as much as the kernel's work on it).
+    """
+    split = rows.reshape(rows.shape[0], blocks, rows.shape[1] // blocks).float()
+    if split.shape[2] < inter_pad:
+        split = F.pad(split, (0, inter_pad - split.shape[2]))
+    return split.reshape(rows.shape[0], blocks * inter_pad).contiguous()
+
+
+def _unpadded_pairs(rows: torch.Tensor, blocks: int, inter: int) -> torch.Tensor:
+    """The inverse of ``_padded_pairs``: kernel rows ``[P, blocks * I']`` -> ``[P, blocks * I]`` (a view of
+    ``rows`` where the narrowing allows it)."""
+    split = rows.view(rows.shape[0], blocks, rows.shape[1] // blocks)[:, :, :inter]
+    return split.reshape(rows.shape[0], blocks * inter)
+
+
 class _CpuMoeFunction(torch.autograd.Function):
-    """Autograd wrapper: forward/backward run in C++ on CPU; gradients for x and topk_weights only."""
+    """Autograd wrapper: forward/backward run in C++ on CPU.
+
+    Gradients for x, topk_weights and the optional gate/up delta; the optional output h is differentiable
+    (its gradient is added to dL/dh inside the kernel's backward).
+    """
 
     @staticmethod
     def forward(
@@ -410,40 +452,71 @@ class _CpuMoeFunction(torch.autograd.Function):
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        gate_up_delta: torch.Tensor | None,
         packed: PackedExperts,
         isa: str,
-    ) -> torch.Tensor:
+        return_hidden: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
         ext = load_extension()
-        x_host, ids_host, weights_host = _to_host([x, topk_ids, topk_weights])
+        delta_given = gate_up_delta is not None
+        x_host, ids_host, weights_host, *delta_host = _to_host(
+            [x, topk_ids, topk_weights, *([gate_up_delta] if delta_given else [])])
         ids = ids_host.long().contiguous()
         weights32 = weights_host.float().contiguous()
-        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        y, gate_up_out = ext.moe_forward(_kernel_rows(x_host), ids, weights32, *packed.kernel_args(), isa, save)
+        inter_pad = packed.padded_intermediate_size
+        delta = _padded_pairs(delta_host[0], 2, inter_pad) if delta_given else torch.empty(0)
+        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        y, gate_up_out, h = ext.moe_forward(_kernel_rows(x_host), ids, weights32, *packed.kernel_args(), isa, save,
+                                            delta, return_hidden)
         if save:
             ctx.save_for_backward(ids, weights32, gate_up_out)
         ctx.packed, ctx.isa = packed, isa
         ctx.x_dtype, ctx.weights_dtype, ctx.device = x.dtype, topk_weights.dtype, x.device
-        return _to_device(y.to(x.dtype), x.device)
+        if delta_given:
+            ctx.delta_dtype, ctx.delta_device = gate_up_delta.dtype, gate_up_delta.device
+        y = _to_device(y.to(x.dtype), x.device)
+        if not return_hidden:
+            return y
+        return y, _to_device(_unpadded_pairs(h, 1, packed.intermediate_size), x.device)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
         ids, weights32, gate_up_out = ctx.saved_tensors
-        (grad_host,) = _to_host([grad_y])
-        grad_x, grad_w = load_extension().moe_backward(
+        packed = ctx.packed
+        if grad_y is None:  # only h reached the loss
+            grad_y = torch.zeros(ids.shape[0], packed.hidden_size)
+        grad_host, *grad_h_host = _to_host([grad_y, *([] if grad_h is None else [grad_h])])
+        inter_pad = packed.padded_intermediate_size
+        grad_h_rows = _padded_pairs(grad_h_host[0], 1, inter_pad) if grad_h_host else torch.empty(0)
+        grad_x, grad_w, grad_delta = load_extension().moe_backward(
             _kernel_rows(grad_host),
             ids,
             weights32,
             gate_up_out,
-            *ctx.packed.kernel_args(),
-            *ctx.packed.transposed_args(),
+            *packed.kernel_args(),
+            *packed.transposed_args(),
             ctx.isa,
+            grad_h_rows,
+            ctx.needs_input_grad[3],
         )
         grad_x = _to_device(grad_x.to(ctx.x_dtype), ctx.device) if ctx.needs_input_grad[0] else None
         grad_w = _to_device(grad_w.to(ctx.weights_dtype), ctx.device) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_w, None, None
+        if ctx.needs_input_grad[3]:
+            grad_delta = _unpadded_pairs(grad_delta, 2, packed.intermediate_size)
+            grad_delta = _to_device(grad_delta.to(ctx.delta_dtype), ctx.delta_device)
+        return grad_x, None, grad_w, grad_delta, None, None, None
 
 
-def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, packed: PackedExperts) -> None:
+def _check_inputs(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    packed: PackedExperts,
+    gate_up_delta: torch.Tensor | None,
+) -> None:
     if x.dim() != 2 or x.shape[1] != packed.hidden_size:
         raise ValueError(f"x must be [T, {packed.hidden_size}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16):
@@ -455,25 +528,49 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         raise ValueError(f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}")
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= packed.num_experts):
         raise ValueError(f"topk_ids must lie in [0, {packed.num_experts})")
+    if gate_up_delta is None:
+        return
+    expected = (topk_ids.numel(), 2 * packed.intermediate_size)
+    if tuple(gate_up_delta.shape) != expected or not gate_up_delta.is_floating_point():
+        raise ValueError(f"gate_up_delta must be a float [T k, 2I] = {expected} tensor (gate columns, then up), "
+                         f"got {tuple(gate_up_delta.shape)} {gate_up_delta.dtype}")
+    if gate_up_delta.device != x.device:
+        raise ValueError(f"gate_up_delta must be on x's device {x.device}, got {gate_up_delta.device}")
 
 
-def cpu_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, packed: PackedExperts) -> torch.Tensor:
+def cpu_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    packed: PackedExperts,
+    gate_up_delta: torch.Tensor | None = None,
+    return_hidden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Routed-expert output ``y[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])``.
 
-    Differentiable in ``x`` and ``topk_weights`` (experts are frozen). CUDA inputs are copied to the CPU
-    through pinned buffers and the result is copied back to ``x.device``, in the backward too.
+    With ``e = topk_ids[t, j]`` each expert computes ``g = W_g,e x[t] + dg``, ``u = W_u,e x[t] + du``,
+    ``h = silu(g) * u`` and ``expert_e(x[t]) = W_d,e h``, where ``[dg | du]`` is the pair's row of
+    ``gate_up_delta`` (zero if not given). Differentiable in ``x``, ``topk_weights``, ``gate_up_delta`` and the
+    returned ``h`` (experts are frozen). CUDA inputs are copied to the CPU through pinned buffers and the results are copied
+    back to their devices, in the backward too.
 
     Args:
         x: ``[T, H]`` float32 or bfloat16.
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``.
         topk_weights: ``[T, k]`` routing weights (any float dtype).
         packed: The layer's experts from ``PackedExperts.from_weights``.
+        gate_up_delta: Optional ``[T k, 2I]`` float tensor on ``x.device``: ``[dg | du]`` of every (token, slot)
+            pair (gate columns first), rows in the order of ``topk_ids.flatten().argsort(stable=True)`` (the
+            pairs grouped by expert); added to the gate and up outputs before the SiLU. Its gradient is
+            ``[dL/dg | dL/du]`` in its dtype.
+        return_hidden: Also return ``h``, e.g. for a LoRA on the down projection.
 
     Returns:
-        ``[T, H]`` with ``x.dtype`` on ``x.device``.
+        ``y`` ``[T, H]`` with ``x.dtype`` on ``x.device``; with ``return_hidden``, ``(y, h)`` where ``h`` is
+        ``[T k, I]`` float32 on ``x.device``, rows in the order of ``gate_up_delta``.
 
     Raises:
-        ValueError: Shapes, dtypes or expert ids do not fit ``packed``.
+        ValueError: Shapes, dtypes, devices or expert ids do not fit ``packed``.
     """
-    _check_inputs(x, topk_ids, topk_weights, packed)
-    return _CpuMoeFunction.apply(x, topk_ids, topk_weights, packed, selected_isa())
+    _check_inputs(x, topk_ids, topk_weights, packed, gate_up_delta)
+    return _CpuMoeFunction.apply(x, topk_ids, topk_weights, gate_up_delta, packed, selected_isa(), return_hidden)

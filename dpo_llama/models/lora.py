@@ -21,10 +21,14 @@ lora_attn_value             ``self_attn.v_proj``; MLA: ``kv_b_proj`` (up-project
 lora_attn_proj              ``self_attn.o_proj``
 lora_mlp_gate / _up / _down dense MLP ``mlp.gate_proj`` / ``mlp.up_proj`` / ``mlp.down_proj`` only
 lora_moe_shared_experts     ``mlp.shared_experts.{gate,up,down}_proj``
+lora_moe_routed_experts     ``mlp.experts``: per expert, adapters on its gate, up and down projections,
+                            stacked ``mlp.experts.lora.{gate,up,down}_proj.lora_A [E, r, in]`` /
+                            ``lora_B [E, out, r]`` (``moe.ExpertAdapters``; both experts backends)
 lora_head                   ``lm_head`` (absent with tied embeddings, so no effect there)
 ==========================  =====================================================================
 
-The MoE router ``mlp.gate`` is never adapted nor quantized; routed experts (stacked tensors) get no adapter.
+The MoE router ``mlp.gate`` is never adapted nor quantized. With ``lora_moe_routed_experts``,
+``quant_lora_4bit`` stores the routed experts 4-bit too (they are then LoRA layers).
 
 4-bit: ``quant_4bit`` turns every other frozen ``nn.Linear`` into a :class:`~dpo_llama.models.quant.Linear4bit`
 and ``quant_lora_4bit`` stores the frozen base inside LoRA layers 4-bit. ``lm_head`` (its logits decide
@@ -97,6 +101,8 @@ class LoRAConfig:
     lora_mlp_down: bool = field(default=False, metadata={"help": "LoRA on the dense MLP down_proj."})
     lora_moe_shared_experts: bool = field(
         default=False, metadata={"help": "LoRA on the MoE shared experts' gate/up/down projections."})
+    lora_moe_routed_experts: bool = field(
+        default=False, metadata={"help": "LoRA on every routed MoE expert's gate/up/down projections (per expert)."})
     lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
     train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
@@ -305,6 +311,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def adapted_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module with adapters: the LoRA layers and the routed experts given adapters (``add_lora``).
+    Each has ``merge()``, ``unmerge()`` and ``adapter_enabled``."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear) or getattr(m, "lora", None) is not None]
+
+
+def routed_experts(model: nn.Module) -> list[nn.Module]:
+    """The routed-experts modules of a MoE model (those that can take adapters through ``add_lora``)."""
+    return [m for m in model.modules() if hasattr(m, "add_lora")]
+
+
 def lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Names of the ``nn.Linear`` modules the config's switches select."""
     names = []
@@ -334,13 +351,17 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: the model already has LoRA layers, or no layer matches the enabled switches.
+        ValueError: the model already has LoRA layers, no layer matches the enabled switches, or
+            ``lora_moe_routed_experts`` is set on a model without routed experts.
     """
-    if any(True for _ in lora_layers(model)):
+    if adapted_modules(model):
         raise ValueError("the model already has LoRA layers")
     cfg = as_lora_config(cfg)
     targets = lora_targets(model, cfg)
-    if not targets:
+    experts = routed_experts(model) if cfg.lora_moe_routed_experts else []
+    if cfg.lora_moe_routed_experts and not experts:
+        raise ValueError(f"lora_moe_routed_experts: this {type(model).__name__} has no routed MoE experts")
+    if not targets and not experts:
         switches = ", ".join(LORA_TARGETS)
         raise ValueError(f"no layer of this {type(model).__name__} matches the enabled LoRA switches ({switches})")
     quant = cfg.quant_config()
@@ -350,6 +371,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         parent = model.get_submodule(parent_name)
         layer = LoRALinear.from_linear(getattr(parent, child), cfg.lora_r, cfg.scaling, cfg.lora_dropout, lora_quant)
         setattr(parent, child, layer)
+    for module in experts:
+        module.add_lora(cfg.lora_r, cfg.scaling, cfg.lora_dropout)
+        if cfg.quant_lora_4bit:
+            module.quantize_4bit(quant)
     if cfg.quant_4bit:
         quantize_frozen_layers(model, quant)
     model.lora_config = cfg
@@ -396,10 +421,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_weight_dtype(model: nn.Module) -> torch.dtype:
-    """Dtype of the frozen base weights in LoRA layers (4-bit ones were quantized from it)."""
+    """Dtype of the frozen base weights in LoRA layers (4-bit ones were quantized from it); with adapters on the
+    routed experts only, that of the token embeddings (loaded like every base weight, never quantized)."""
+    model_lora_config(model)
     layer = next((layer for _, layer in lora_layers(model)), None)
     if layer is None:
-        raise ValueError("the model has no LoRA layers: call apply_lora first")
+        return model.embed_tokens.weight.dtype
     return layer.packed.dtype if layer.packed is not None else layer.weight.dtype
 
 
@@ -504,15 +531,15 @@ def load_lora(model: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Merges every LoRA layer (:meth:`LoRALinear.merge`)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
+    """Merges every LoRA layer (:meth:`LoRALinear.merge`) and the routed experts' adapters."""
+    for module in adapted_modules(model):
+        module.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
     """Undoes :func:`merge_lora`."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    for module in adapted_modules(model):
+        module.unmerge()
 
 
 @contextmanager
@@ -523,7 +550,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Only the adapters are switched off: biases / norms trained with ``train_bias`` / ``train_norms`` keep
     their trained values, so with those options the block is not the original base model.
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = adapted_modules(model)
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False

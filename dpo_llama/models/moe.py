@@ -29,6 +29,19 @@ differentiable in ``x`` and ``topk_weights``:
 
 Experts can be frozen as 4-bit weights (``RoutedExperts.quantize_4bit``, ``dpo_llama.models.quant``), one
 ``Packed4bit`` per expert and matrix; the torch backend dequantizes one expert at a time, on the fly.
+
+LoRA on the routed experts (``RoutedExperts.add_lora``, the ``lora_moe_routed_experts`` switch of
+``dpo_llama.models.lora``): every expert ``e`` gets its own adapters on each of its three projections,
+
+    g = W1_e x + s B1_e A1_e x,   u = W3_e x + s B3_e A3_e x,   Expert_e(x) = W2_e h + s B2_e A2_e h,
+    h = silu(g) * u,
+
+with ``A`` ``[E, r, in]`` and ``B`` ``[E, out, r]`` stacked like the weights (Hu et al. 2021, per expert).
+The torch backend adds the updates expert by expert. The ``"cpu_kernel"`` backend keeps the frozen base
+products in the kernel: the adapters' gate/up updates enter it as an additive delta before the SiLU, it
+returns ``h`` for the down adapter, and its backward returns ``[dg | du]`` for the adapters' gradients
+(``cpu_moe.cpu_moe``). The adapters live where the expert weights arrived: with ``"cpu_kernel"`` in CPU RAM,
+next to the kernel, so a hybrid GPU + CPU run computes them on the CPU too.
 """
 
 from __future__ import annotations
@@ -121,40 +134,122 @@ def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -
     return alpha * (scores.mean(dim=0) * fraction * n_experts).sum()
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert: ``down (silu(gate x) * up x)`` for weights in ``nn.Linear`` layout."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-
 def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   experts: "RoutedExperts") -> torch.Tensor:
     """The ``"torch"`` backend: sort token copies by expert, one SwiGLU per expert, weighted scatter-add.
 
-    The ``T * k`` (token, expert) pairs are ordered by expert with a stable argsort, so expert ``e`` owns the
-    contiguous slice ``[start_e, start_e + count_e)`` of the gathered rows; its outputs are weighted and
-    summed back into the rows of their tokens with ``index_add`` (in float32).
+    The ``T * k`` (token, expert) pairs are grouped by expert (:class:`PairGroups`), each expert's slice of
+    the gathered rows goes through ``expert_forward``, and the outputs are weighted and summed back into the
+    rows of their tokens with ``index_add`` (in float32).
 
     Args:
         x: ``[T, H]`` token states.
         topk_ids, topk_weights: ``[T, k]`` routing decisions and mixing weights.
-        experts: Provides ``expert_forward(rows, e)``.
+        experts: Provides ``active_adapters()`` and ``expert_forward(rows, e, adapters)``.
     """
-    k = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1)
-    order = flat_ids.argsort(stable=True)
-    token_of = order // k
-    counts = torch.bincount(flat_ids, minlength=experts.n_experts).tolist()
-    grouped = x[token_of]
-    outputs, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            outputs.append(experts.expert_forward(grouped[start:start + count], expert))
-        start += count
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if outputs:
-        weighted = torch.cat(outputs).float() * topk_weights.reshape(-1)[order, None].float()
-        out = out.index_add(0, token_of, weighted)
-    return out.to(x.dtype)
+    pairs = PairGroups(topk_ids, experts.n_experts)
+    adapters = experts.active_adapters()
+    outputs = [experts.expert_forward(rows, expert, adapters) for expert, rows in pairs.split(x[pairs.token_of])]
+    return pairs.weighted_sum(outputs, topk_weights, x).to(x.dtype)
+
+
+class PairGroups:
+    """The ``T * k`` (token, slot) pairs of a routing, grouped by expert.
+
+    A stable argsort of the flat expert ids puts expert ``e``'s pairs in the contiguous slice
+    ``[start_e, start_e + count_e)``; ``order[i]`` is the flat pair index (``t * k + j``) of sorted row ``i``
+    and ``token_of[i] = order[i] // k`` its token.
+    """
+
+    def __init__(self, topk_ids: torch.Tensor, n_experts: int):
+        flat_ids = topk_ids.reshape(-1)
+        self.order = flat_ids.argsort(stable=True)
+        self.token_of = self.order // topk_ids.shape[1]
+        self.counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+
+    def split(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order."""
+        chunks = rows.split(self.counts)
+        return [(expert, chunk) for expert, chunk in enumerate(chunks) if chunk.shape[0]]
+
+    def sorted_weights(self, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The routing weight of every pair, in sorted order, float32 ``[P]``."""
+        return topk_weights.reshape(-1)[self.order].float()
+
+    def sum_by_token(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y[t] = sum_j rows[pair (t, j)]`` in float32 (shaped like ``x``) for ``rows`` in sorted order."""
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, self.token_of, rows.float())
+
+    def weighted_sum(self, outputs: list[torch.Tensor], topk_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y[t] = sum_j w[t, j] out[pair (t, j)]`` in float32 (shaped like ``x``) from per-expert outputs in
+        sorted order."""
+        if not outputs:
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return self.sum_by_token(torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None], x)
+
+
+class ExpertAdapters(nn.Module):
+    """LoRA adapters for one stacked projection of ``E`` experts: ``delta_e(x) = s · B_e A_e dropout(x)``.
+
+    Attributes:
+        lora_A: ``[E, r, in]`` float32, each expert's slice Kaiming-uniform (``a = √5``, as ``nn.Linear``).
+        lora_B: ``[E, out, r]`` float32, zeros (training starts from the base experts).
+        scaling: ``s``.
+    """
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, r: int, scaling: float,
+                 dropout: float = 0.0, device: torch.device | str | None = None):
+        super().__init__()
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(torch.empty(n_experts, r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(n_experts, out_features, r, device=device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.lora_A.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``A_e ~ U(-1/sqrt(in), 1/sqrt(in))`` (Kaiming-uniform with ``a = √5``), ``B = 0``."""
+        bound = 1 / math.sqrt(self.lora_A.shape[-1])
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound)
+            self.lora_B.zero_()
+
+    def materialize(self, device: torch.device) -> None:
+        """Fresh adapters on ``device`` if they are still on the meta device (built before the weights arrived)."""
+        if self.lora_A.is_meta:
+            self.lora_A = nn.Parameter(torch.empty_like(self.lora_A, device=device))
+            self.lora_B = nn.Parameter(torch.empty_like(self.lora_B, device=device))
+            self.reset_parameters()
+
+    def per_expert(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(A_e, B_e)`` of every expert, for one forward pass.
+
+        Views from ``unbind``, whose backward stacks the experts' gradients once: indexing ``lora_A[e]`` per
+        expert would instead add a full-size ``[E, r, in]`` gradient (zeros but one slice) per expert.
+        """
+        return list(zip(self.lora_A.unbind(0), self.lora_B.unbind(0)))
+
+    def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``c · s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert, ``c`` = 1 or the
+        per-row ``row_scale`` ``[n]``; ``s`` and ``c`` multiply the ``[n, r]`` intermediate, the smallest tensor."""
+        hidden = self.scaling * F.linear(self.dropout(x).float(), lora_a)
+        return F.linear(hidden if row_scale is None else hidden * row_scale[:, None], lora_b)
+
+    def grouped_delta(self, pairs: PairGroups, rows: torch.Tensor, row_scale: torch.Tensor | None = None) -> list:
+        """:meth:`delta` of every expert's rows, for ``rows`` (and ``row_scale``) in ``pairs``' sorted order."""
+        experts = self.per_expert()
+        scales = dict(pairs.split(row_scale)) if row_scale is not None else {}
+        return [self.delta(chunk, *experts[e], scales.get(e)) for e, chunk in pairs.split(rows)]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B_e A_e`` of every expert in float32, ``[E, out, in]``."""
+        return self.scaling * torch.bmm(self.lora_B.detach().float(), self.lora_A.detach().float())
+
+    def extra_repr(self) -> str:
+        n_experts, r, in_features = self.lora_A.shape
+        return (f"n_experts={n_experts}, in_features={in_features}, out_features={self.lora_B.shape[1]}, r={r}, "
+                f"scaling={self.scaling:g}")
 
 
 def load_cpu_kernel():
@@ -182,6 +277,9 @@ class RoutedExperts(nn.Module):
         quantized_tensors: The tensors ``quant`` applies to (``quant.stored_4bit``'s protocol); note that each
             expert's slice is quantized on its own.
         packed: With ``quant``: per weight name, one ``Packed4bit`` per expert.
+        lora: With :meth:`add_lora`: one :class:`ExpertAdapters` per weight name, else None.
+        merged: The full-precision weights currently hold ``W + s·B A`` (:meth:`merge`).
+        adapter_enabled: When False the experts compute their base output (``lora.disable_adapters``).
     """
 
     quantized_tensors = EXPERT_WEIGHTS
@@ -197,6 +295,9 @@ class RoutedExperts(nn.Module):
         self.quant = None
         self.packed: dict[str, list] | None = None
         self.kernel_packed: Any = None
+        self.lora: nn.ModuleDict | None = None
+        self.merged = False
+        self.adapter_enabled = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -215,7 +316,65 @@ class RoutedExperts(nn.Module):
     def extra_repr(self) -> str:
         quant = f", 4-bit {self.quant.quant_type}" if self.quant is not None else ""
         sizes = f"n_experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
-        return f"{sizes}, backend={self.backend}{quant}"
+        lora = f", lora r={self.lora['gate_proj'].lora_A.shape[1]}" if self.lora is not None else ""
+        return f"{sizes}, backend={self.backend}{quant}{lora}"
+
+    def add_lora(self, r: int, scaling: float, dropout: float = 0.0) -> None:
+        """Adds LoRA adapters (:class:`ExpertAdapters`) to the gate, up and down projections of every expert.
+
+        They are created where the weights are: on the meta device before a checkpoint streams in (then
+        materialized where the weights arrive, see :meth:`load_tensor`), in CPU RAM for kernel-packed experts.
+
+        Raises:
+            ValueError: the experts already have adapters.
+        """
+        if self.lora is not None:
+            raise ValueError("these experts already have LoRA adapters")
+        device = "cpu" if self.kernel_packed is not None else self.weight_device()
+        adapters = {}
+        for name in EXPERT_WEIGHTS:
+            _, out_features, in_features = self.shape_of(name)
+            adapters[name] = ExpertAdapters(self.n_experts, in_features, out_features, r, scaling, dropout, device)
+        self.lora = nn.ModuleDict(adapters)
+
+    def weight_device(self) -> torch.device:
+        """Device of the expert weights (full precision or 4-bit)."""
+        if self.packed is not None:
+            return next(iter(self.packed.values()))[0].device
+        return self.gate_proj.device
+
+    @property
+    def adapter_sign(self) -> int:
+        """How the adapters enter the output: +1 added; -1 subtracted (merged but disabled); 0 not at all."""
+        if self.lora is None or self.adapter_enabled == self.merged:
+            return 0
+        return 1 if self.adapter_enabled else -1
+
+    def merge(self) -> None:
+        """``W_e <- W_e + s·B_e A_e`` for every expert and projection (sum in float32); for inference.
+
+        Raises:
+            ValueError: the experts are 4-bit or packed for the kernel (merge with
+                ``scripts/convert_lora_checkpoint.py`` instead).
+        """
+        if not self.merged:
+            self._add_to_weights(1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undoes :meth:`merge` (up to the weights' rounding)."""
+        if self.merged:
+            self._add_to_weights(-1.0)
+            self.merged = False
+
+    def _add_to_weights(self, sign: float) -> None:
+        if self.gate_proj is None:
+            raise ValueError("cannot merge LoRA into 4-bit or kernel-packed experts in place; "
+                             "use scripts/convert_lora_checkpoint.py to write a merged checkpoint")
+        with torch.no_grad():
+            for name in EXPERT_WEIGHTS:
+                weight = getattr(self, name)
+                weight.copy_((weight.float() + sign * self.lora[name].delta_weight()).to(weight.dtype))
 
     def quantize_4bit(self, cfg) -> None:
         """Stores the experts as frozen 4-bit weights, one ``Packed4bit`` per expert and matrix.
@@ -238,12 +397,16 @@ class RoutedExperts(nn.Module):
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Receives a checkpoint tensor (``load_model``); 4-bit experts are quantized on arrival, and for the
-        ``cpu_kernel`` backend the experts are packed once all three weights have arrived."""
+        ``cpu_kernel`` backend the experts are packed once all three weights have arrived. Adapters added on the
+        meta device are created on the device of the first weight to arrive."""
         if name not in EXPERT_WEIGHTS:
             raise ValueError(f"unexpected tensor {name!r} for RoutedExperts")
         if tuple(tensor.shape) != self.shape_of(name):
             raise ValueError(f"shape mismatch for experts.{name}: got {tuple(tensor.shape)}, "
                              f"expected {self.shape_of(name)}")
+        if self.lora is not None:
+            for adapters in self.lora.values():
+                adapters.materialize(tensor.device)
         if self.quant is None:
             setattr(self, name, nn.Parameter(tensor, requires_grad=getattr(self, name).requires_grad))
             if self.backend == "cpu_kernel" and not any(getattr(self, n).is_meta for n in EXPERT_WEIGHTS):
@@ -259,8 +422,8 @@ class RoutedExperts(nn.Module):
         with transposed copies of them if ``transposed_copy``.
 
         Raises:
-            RuntimeError: the kernel is unavailable, the experts are 4-bit, or (back to ``"torch"``) their
-                full-precision weights were already freed by packing.
+            RuntimeError: the kernel is unavailable, the experts are 4-bit or merged with their adapters, or
+                (back to ``"torch"``) their full-precision weights were already freed by packing.
         """
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
@@ -269,6 +432,8 @@ class RoutedExperts(nn.Module):
             if self.quant is not None:
                 raise RuntimeError("experts backend 'cpu_kernel' does not take 4-bit experts; "
                                    "use experts_backend='torch'")
+            if self.merged:
+                raise RuntimeError("experts backend 'cpu_kernel' needs unmerged LoRA adapters: call unmerge first")
         elif self.kernel_packed is not None:
             raise RuntimeError("these experts were packed for 'cpu_kernel' and their full-precision weights freed; "
                                "reload the model to use the 'torch' backend")
@@ -298,17 +463,35 @@ class RoutedExperts(nn.Module):
                 weight.to(applied_device(fn, weight.device))
         return self
 
-    def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """``down (silu(gate x) * up x)`` for one expert and rows ``x`` ``[n, H]``.
+    def active_adapters(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Per weight name, ``(A_e, B_e)`` of every expert (``ExpertAdapters.per_expert``), or None when the
+        adapters do not enter the output (none, disabled, or merged)."""
+        if not self.adapter_sign:
+            return None
+        return {name: adapters.per_expert() for name, adapters in self.lora.items()}
+
+    def expert_forward(self, x: torch.Tensor, expert: int, adapters: dict | None = None) -> torch.Tensor:
+        """``down (silu(gate x) * up x)`` for one expert and rows ``x`` ``[n, H]``, with ``adapters``
+        (:meth:`active_adapters`) if given."""
+        hidden = F.silu(self.project("gate_proj", x, expert, adapters)) * self.project("up_proj", x, expert, adapters)
+        return self.project("down_proj", hidden, expert, adapters)
+
+    def project(self, name: str, x: torch.Tensor, expert: int, adapters: dict | None) -> torch.Tensor:
+        """``x W_eᵀ`` for the projection ``name`` of one expert, plus ``± s · B_e A_e x`` with ``adapters``
+        (subtracted while merged but disabled, see :attr:`adapter_sign`).
 
         4-bit experts are dequantized on the fly by ``quant.linear_4bit`` (its backward dequantizes again
         instead of keeping the dequantized weight).
         """
         if self.quant is None:
-            return swiglu(x, self.gate_proj[expert], self.up_proj[expert], self.down_proj[expert])
-        from dpo_llama.models.quant import linear_4bit
-        gate, up, down = (self.packed[name][expert] for name in EXPERT_WEIGHTS)
-        return linear_4bit(F.silu(linear_4bit(x, gate)) * linear_4bit(x, up), down)
+            out = F.linear(x, getattr(self, name)[expert])
+        else:
+            from dpo_llama.models.quant import linear_4bit
+            out = linear_4bit(x, self.packed[name][expert])
+        if adapters is not None:
+            delta = self.lora[name].delta(x, *adapters[name][expert])
+            out = out + (self.adapter_sign * delta).to(out.dtype)
+        return out
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """``y_t = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x_t)`` for ``x`` ``[T, H]``."""
@@ -319,8 +502,33 @@ class RoutedExperts(nn.Module):
         raise ValueError(f"unknown experts backend {self.backend!r}; choose from {EXPERT_BACKENDS}")
 
     def cpu_kernel_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """The ``"cpu_kernel"`` backend: packs on first use if needed, then runs the kernel (CPU or hybrid)."""
+        """The ``"cpu_kernel"`` backend: packs on first use if needed, then runs the kernel (CPU or hybrid); with
+        adapters, on their device (see :meth:`kernel_lora_forward`)."""
         cpu_moe = load_cpu_kernel()
         if self.kernel_packed is None:
             self.set_backend("cpu_kernel", self.transposed_copy)
-        return cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed)
+        if not self.adapter_sign:
+            return cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed)
+        device = self.lora["gate_proj"].lora_A.device
+        y = self.kernel_lora_forward(cpu_moe, x.to(device), topk_ids.to(device), topk_weights.to(device))
+        return y.to(x.device)
+
+    def kernel_lora_forward(self, cpu_moe, x: torch.Tensor, topk_ids: torch.Tensor,
+                            topk_weights: torch.Tensor) -> torch.Tensor:
+        """The kernel's frozen experts plus the adapters, computed in PyTorch around it.
+
+        The gate/up updates ``s B A x`` of every (token, slot) pair go into the kernel as a delta before its
+        SiLU; it returns ``h`` of every pair, and the down adapter's ``w s B2 A2 h`` (the routing weight ``w``
+        applied to its rank-``r`` intermediate) is added to its output. Both tensors are in
+        :class:`PairGroups`' sorted order, the kernel's. Autograd carries the
+        gradients: the kernel's backward takes ``dL/dh`` from the down adapter and returns ``[dg | du]`` for
+        the gate/up adapters.
+        """
+        pairs = PairGroups(topk_ids, self.n_experts)
+        rows = x[pairs.token_of].float()
+        gate, up = (self.lora[name].grouped_delta(pairs, rows) for name in ("gate_proj", "up_proj"))
+        delta = torch.cat([torch.cat(expert_rows, 1) for expert_rows in zip(gate, up)])
+        y, hidden = cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed, gate_up_delta=delta,
+                                    return_hidden=True)
+        down = self.lora["down_proj"].grouped_delta(pairs, hidden, pairs.sorted_weights(topk_weights))
+        return (y.float() + pairs.sum_by_token(torch.cat(down), x)).to(x.dtype)

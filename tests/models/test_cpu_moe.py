@@ -33,6 +33,7 @@ from dpo_llama.models import cpu_moe as moe
 ISAS = ["amx", "avx512", "avx2", "portable"]
 AVX512_BF16_ENV = "DPO_LLAMA_MOE_AVX512_BF16"
 AVX512_BF16_KERNELS = ["fma", "dpbf16"]
+NO_TENSOR = torch.empty(0)  # an absent optional tensor of the C++ functions
 # (experts, hidden, intermediate, tokens, top_k): one token; sizes that are not multiples of the
 # 32/64 blocks; top-6; an expert with more rows than two AMX row tiles.
 SHAPES = {
@@ -108,15 +109,26 @@ def dequantize_int8(w: torch.Tensor) -> torch.Tensor:
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 
-def reference(x, ids, weights, gate, up, down):
-    """Float64 MoE forward (differentiable in x and weights)."""
+def reference_with_hidden(x, ids, weights, gate, up, down, delta=None):
+    """Float64 MoE forward with an optional gate/up delta [T, k, 2I] = [dg | du] per pair:
+    g = gate x + dg, u = up x + du, h = silu(g) u, y = sum_j w (down h). Returns (y [T, H], h [T, k, I]),
+    differentiable in x, weights and delta."""
     x, weights = x.double(), weights.double()
     pair_expert = ids.flatten()
     xs = x.repeat_interleave(ids.shape[1], dim=0)
     g = torch.einsum("pih,ph->pi", gate.double()[pair_expert], xs)
     u = torch.einsum("pih,ph->pi", up.double()[pair_expert], xs)
-    o = torch.einsum("phi,pi->ph", down.double()[pair_expert], torch.nn.functional.silu(g) * u)
-    return (o.view(*ids.shape, -1) * weights[..., None]).sum(dim=1)
+    if delta is not None:
+        dg, du = delta.double().flatten(0, 1).chunk(2, dim=1)
+        g, u = g + dg, u + du
+    h = torch.nn.functional.silu(g) * u
+    o = torch.einsum("phi,pi->ph", down.double()[pair_expert], h)
+    return (o.view(*ids.shape, -1) * weights[..., None]).sum(dim=1), h.view(*ids.shape, -1)
+
+
+def reference(x, ids, weights, gate, up, down):
+    """Float64 MoE forward (differentiable in x and weights)."""
+    return reference_with_hidden(x, ids, weights, gate, up, down)[0]
 
 
 def reference_grads(x, ids, weights, grad, experts):
@@ -246,10 +258,10 @@ def test_bf16_rows_equal_their_float32_widening(extension, force_isa, isa, weigh
     x16, grad16 = x.bfloat16(), grad.bfloat16()
     outputs = {}
     for name, rows, grad_rows in (("bf16", x16, grad16), ("fp32", x16.float(), grad16.float())):
-        y, saved = extension.moe_forward(rows, ids, weights, *packed.kernel_args(), isa, True)
-        grads = extension.moe_backward(grad_rows, ids, weights, saved, *packed.kernel_args(),
-                                       *packed.transposed_args(), isa)
-        outputs[name] = (y, *grads)
+        y, saved, _ = extension.moe_forward(rows, ids, weights, *packed.kernel_args(), isa, True, NO_TENSOR, False)
+        grad_x, grad_w, _ = extension.moe_backward(grad_rows, ids, weights, saved, *packed.kernel_args(),
+                                                   *packed.transposed_args(), isa, NO_TENSOR, False)
+        outputs[name] = (y, grad_x, grad_w)
     for got, want in zip(outputs["bf16"], outputs["fp32"]):
         assert torch.equal(got, want)
 
@@ -279,6 +291,189 @@ def test_gradients_match_finite_differences(force_isa, monkeypatch, isa):
     dw_numeric = (loss(x, weights + eps * vw) - loss(x, weights - eps * vw)) / (2 * eps)
     assert dx_numeric == pytest.approx((grad_x * vx).sum().item(), rel=2e-3)
     assert dw_numeric == pytest.approx((grad_w * vw).sum().item(), rel=2e-3)
+
+
+# ----------------------------------------------------------------------------------- LoRA hooks
+# cpu_moe(..., gate_up_delta=delta, return_hidden=True): delta [T k, 2I] enters before the SiLU, h [T k, I]
+# is returned, both sorted by expert; the tests keep them in pair order [T, k, n] and take
+# L = <y, grad> + <h, grad_h> (either term may be left out).
+
+
+def make_hooks(tokens: int, top_k: int, inter: int, seed: int = 2):
+    """A gate/up delta [T, k, 2I] of about the size of the gate/up outputs, and a gradient for h [T, k, I]."""
+    gen = torch.Generator().manual_seed(seed)
+    return 0.5 * torch.randn(tokens, top_k, 2 * inter, generator=gen), torch.randn(tokens, top_k, inter, generator=gen)
+
+
+def reference_hook_grads(x, ids, weights, delta, grad, grad_h, experts):
+    """(y, h, dL/dx, dL/dw, dL/ddelta) in float64; grad or grad_h None leaves out its term; delta None: no delta."""
+    xr, wr = x.double().requires_grad_(), weights.double().requires_grad_()
+    dr = None if delta is None else delta.double().requires_grad_()
+    y, h = reference_with_hidden(xr, ids, wr, *experts, dr)
+    hook_loss(y, h, grad, grad_h).backward()
+    return y.detach(), h.detach(), xr.grad, wr.grad, None if dr is None else dr.grad
+
+
+def sorted_by_expert(ids, pair_rows):
+    """``[T, k, n]`` per-pair rows -> ``[T k, n]`` in the order the kernel's hooks take (stable sort by expert)."""
+    return pair_rows.flatten(0, 1)[ids.flatten().argsort(stable=True)]
+
+
+def in_pair_order(ids, sorted_rows):
+    """The inverse of ``sorted_by_expert`` (differentiable)."""
+    order = ids.flatten().argsort(stable=True)
+    return sorted_rows[order.argsort()].view(*ids.shape, -1)
+
+
+def run_kernel_hooks(x, ids, weights, delta, grad, grad_h, packed):
+    """The kernel's (y, h, dL/dx, dL/dw, dL/ddelta) with return_hidden=True, like reference_hook_grads (delta,
+    h and their gradients in pair order [T, k, n]; the kernel gets and returns them sorted by expert)."""
+    xk, wk = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    dk = None if delta is None else delta.clone().requires_grad_()
+    y, h = moe.cpu_moe(xk, ids, wk, packed, gate_up_delta=None if dk is None else sorted_by_expert(ids, dk),
+                       return_hidden=True)
+    h = in_pair_order(ids, h)
+    hook_loss(y, h, grad, grad_h).backward()
+    return y.detach(), h.detach(), xk.grad, wk.grad, None if dk is None else dk.grad
+
+
+def hook_loss(y, h, grad, grad_h):
+    """<y, grad> + <h, grad_h>, leaving out a term whose gradient is None."""
+    terms = [(t * g.to(device=t.device, dtype=t.dtype)).sum() for t, g in ((y, grad), (h, grad_h)) if g is not None]
+    return sum(terms[1:], terms[0])
+
+
+HOOK_OUTPUTS = ("y", "h", "grad_x", "grad_weights", "grad_delta")
+
+
+@pytest.mark.parametrize("shape", ["odd_sizes_top2", "top6"])
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_lora_hooks_match_float64_reference(force_isa, isa, weight_dtype, shape):
+    """y, h and the gradients of x, the routing weights and the delta for L = <y, grad> + <h, grad_h>."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES[shape])
+    delta, grad_h = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    if weight_dtype == "int8":
+        experts = tuple(dequantize_int8(w) for w in experts)
+    want = reference_hook_grads(x, ids, weights, delta, grad, grad_h, experts)
+    got = run_kernel_hooks(x, ids, weights, delta, grad, grad_h, packed)
+    tol = tolerance(isa, weight_dtype)
+    for name, g, w in zip(HOOK_OUTPUTS, got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert_close(g, w, tol, f"{isa}/{weight_dtype}/{shape} {name}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_lora_delta_without_hidden(force_isa, isa):
+    """return_hidden=False with a delta: y alone (a tensor, not a tuple) and the gradients of <y, grad>."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    delta, _ = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    y_ref, _, *grads_ref = reference_hook_grads(x, ids, weights, delta, grad, None, experts)
+    xk, wk, dk = (t.clone().requires_grad_() for t in (x, weights, delta))
+    y = moe.cpu_moe(xk, ids, wk, packed, gate_up_delta=sorted_by_expert(ids, dk))
+    assert isinstance(y, torch.Tensor)
+    y.backward(grad)
+    for name, g, w in zip(("y", "grad_x", "grad_weights", "grad_delta"), (y, xk.grad, wk.grad, dk.grad),
+                          (y_ref, *grads_ref)):
+        assert_close(g.detach(), w, tolerance(isa, "bf16"), f"{isa} {name}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_lora_hidden_without_delta(force_isa, isa):
+    """return_hidden=True without a delta: h of the frozen experts, differentiable."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["top6"])
+    _, grad_h = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    want = reference_hook_grads(x, ids, weights, None, grad, grad_h, experts)
+    got = run_kernel_hooks(x, ids, weights, None, grad, grad_h, packed)
+    for name, g, w in zip(HOOK_OUTPUTS[:4], got, want):
+        assert_close(g, w, tolerance(isa, "bf16"), f"{isa} {name}")
+    assert got[4] is None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_lora_hooks_with_one_loss_term(force_isa, isa):
+    """h returned but unused by the loss (no grad_h reaches the kernel): the same bits as return_hidden=False;
+    and the converse, only h in the loss (no grad_y)."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    delta, grad_h = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    grads = run_kernel_hooks(x, ids, weights, delta, grad, None, packed)[2:]
+    xk, wk, dk = (t.clone().requires_grad_() for t in (x, weights, delta))
+    moe.cpu_moe(xk, ids, wk, packed, gate_up_delta=sorted_by_expert(ids, dk)).backward(grad)
+    for got, want in zip(grads, (xk.grad, wk.grad, dk.grad)):
+        assert torch.equal(got, want)
+    want = reference_hook_grads(x, ids, weights, delta, None, grad_h, experts)
+    got = run_kernel_hooks(x, ids, weights, delta, None, grad_h, packed)
+    assert want[3] is None and not got[3].any()  # h does not depend on the routing weights
+    for index in (0, 1, 2, 4):
+        assert_close(got[index], want[index], tolerance(isa, "bf16"), f"{isa} h only {HOOK_OUTPUTS[index]}")
+
+
+def test_lora_zero_delta_changes_nothing(extension):
+    """A zero delta and an unused h give the outputs and gradients of a plain call, bit for bit."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["busy_expert_top3"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    delta = torch.zeros(*ids.shape, 2 * experts[0].shape[1])
+    plain = run_kernel(x, ids, weights, grad, packed)
+    hooked = run_kernel_hooks(x, ids, weights, delta, grad, None, packed)
+    for got, want in zip((hooked[0], *hooked[2:4]), plain):
+        assert torch.equal(got, want)
+
+
+def test_lora_gradients_match_finite_differences(force_isa):
+    """Directional derivative of L = <y, grad> + <h, grad_h> along the delta, by central differences on the fp32
+    portable path (eps as in test_gradients_match_finite_differences)."""
+    force_isa("portable")
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    delta, grad_h = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    grad_delta = run_kernel_hooks(x, ids, weights, delta, grad, grad_h, packed)[4]
+    direction = torch.randn(delta.shape, generator=torch.Generator().manual_seed(3))
+
+    def loss(delta_):
+        with torch.no_grad():
+            y, h = moe.cpu_moe(x, ids, weights, packed, gate_up_delta=sorted_by_expert(ids, delta_),
+                               return_hidden=True)
+            return hook_loss(y.double(), in_pair_order(ids, h).double(), grad, grad_h).item()
+
+    eps = 1e-2
+    numeric = (loss(delta + eps * direction) - loss(delta - eps * direction)) / (2 * eps)
+    assert numeric == pytest.approx((grad_delta * direction).sum().item(), rel=2e-3)
+
+
+def test_lora_bad_delta_raises_value_error(extension):
+    experts, x, ids, weights, _ = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    tokens, top_k = ids.shape
+    inter, inter_pad = packed.intermediate_size, packed.padded_intermediate_size
+    assert (inter, inter_pad) == (70, 128)
+    expected = rf"gate_up_delta must be a float \[T k, 2I\] = \({tokens * top_k}, 140\)"
+    for shape in ((tokens * top_k, inter), (tokens * top_k, 2 * inter_pad), ((tokens + 1) * top_k, 2 * inter),
+                  (tokens, top_k, 2 * inter)):
+        with pytest.raises(ValueError, match=expected):
+            moe.cpu_moe(x, ids, weights, packed, gate_up_delta=torch.zeros(shape))
+    with pytest.raises(ValueError, match="gate_up_delta must be a float"):
+        moe.cpu_moe(x, ids, weights, packed, gate_up_delta=torch.zeros(tokens * top_k, 2 * inter, dtype=torch.long))
+
+
+def test_lora_kernel_checks_hook_tensors(extension):
+    """The C++ functions reject hook tensors of the wrong shape or dtype with a message naming them."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    pairs, isa = ids.numel(), moe.available_isas()[-1]
+    with pytest.raises(RuntimeError, match=rf"gu_delta must be \[{pairs}, 256\]"):
+        extension.moe_forward(x, ids, weights, *packed.kernel_args(), isa, False, torch.zeros(pairs, 140), False)
+    _, saved, _ = extension.moe_forward(x, ids, weights, *packed.kernel_args(), isa, True, NO_TENSOR, False)
+    with pytest.raises(RuntimeError, match="grad_h must be a contiguous float32"):
+        extension.moe_backward(grad, ids, weights, saved, *packed.kernel_args(), *packed.transposed_args(), isa,
+                               torch.zeros(pairs, 128, dtype=torch.float64), False)
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
@@ -402,4 +597,17 @@ def test_cuda_inputs_round_trip(extension):
     got = run_kernel(x.cuda(), ids.cuda(), weights.cuda(), grad.cuda(), packed)
     assert got[0].device.type == "cuda" and got[1].device.type == "cuda"
     for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
+def test_cuda_lora_hooks_round_trip(extension):
+    """The delta comes from CUDA; h and every gradient go back to their devices, equal to the CPU run."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    delta, grad_h = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    want = run_kernel_hooks(x, ids, weights, delta, grad, grad_h, packed)
+    got = run_kernel_hooks(*(t.cuda() for t in (x, ids, weights, delta, grad, grad_h)), packed)
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda"
         assert torch.equal(g.cpu(), w)

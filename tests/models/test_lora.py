@@ -288,3 +288,82 @@ def test_loading_an_adapter_before_the_base_weights_is_refused(tmp_path):
         meta_model = tiny_model()
     with pytest.raises(ValueError, match="not loaded yet"):
         load_lora(apply_lora(meta_model, LoRAConfig(lora_r=4)), tmp_path)
+
+
+ROUTED = dict(lora_r=4, lora_alpha=8.0, lora_moe_routed_experts=True)
+
+
+def tiny_deepseek():
+    from dpo_llama.models.deepseek import DeepseekTransformer
+    return DeepseekTransformer(get_preset("tiny-deepseek-v2")).eval()
+
+
+def randomize_expert_adapters(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            for adapters in moe.experts.lora.values():
+                adapters.lora_B.copy_(torch.randn(adapters.lora_B.shape, generator=gen) * 0.1)
+
+
+def test_routed_expert_adapters_train_save_load_merge_and_disable(tmp_path):
+    """lora_moe_routed_experts: stacked adapters on every MoE layer's experts (keys mlp.experts.lora.<proj>.lora_A
+    / lora_B), trainable alongside the attention adapters; they save and load, merge and unmerge, and are
+    switched off by disable_adapters."""
+    base = tiny_deepseek()
+    cfg = LoRAConfig(**ROUTED)
+    model = apply_lora(copy.deepcopy(base), cfg)
+    assert torch.equal(logits(model), logits(base))
+    randomize_adapters(model)
+    randomize_expert_adapters(model)
+    adapted = logits(model)
+    assert not torch.allclose(adapted, logits(base), atol=1e-3)
+    keys = set(lora_state_dict(model))
+    n_moe = len(model.moe_layers())
+    expert_keys = {k for k in keys if ".mlp.experts.lora." in k}
+    assert len(expert_keys) == n_moe * 3 * 2 and "layers.1.mlp.experts.lora.down_proj.lora_B" in expert_keys
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == keys
+
+    save_lora(model, tmp_path, cfg, {})
+    assert read_lora_config(tmp_path)[1]["weight_dtype"] == "float32"
+    fresh = load_lora(apply_lora(copy.deepcopy(base), cfg), tmp_path)
+    assert torch.equal(logits(fresh), adapted)
+
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), logits(base), atol=0, rtol=0)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
+    unmerge_lora(model)
+    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
+
+
+def test_routed_expert_adapters_alone_and_on_a_model_without_experts():
+    """Only the routed experts adapted: the base dtype comes from the embeddings; the switch on a dense LLaMA
+    is refused."""
+    cfg = LoRAConfig(**ROUTED, lora_attn_query=False, lora_attn_value=False)
+    model = apply_lora(tiny_deepseek().to(torch.bfloat16), cfg)
+    assert not list(lora_layers(model)) and model.moe_layers()[0].experts.lora is not None
+    from dpo_llama.models.lora import base_weight_dtype
+    assert base_weight_dtype(model) == torch.bfloat16
+    with pytest.raises(ValueError, match="this Transformer has no routed MoE experts"):
+        apply_lora(tiny_model(), LoRAConfig(**ROUTED))
+
+
+def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):
+    """Meta-device load: the adapters are created where the expert weights arrive; quant_lora_4bit stores the
+    adapted experts 4-bit."""
+    pytest.importorskip("bitsandbytes")
+    base = tiny_deepseek()
+    save_model(base, tmp_path / "base")
+    cfg = LoRAConfig(**ROUTED, quant_lora_4bit=True, quant_4bit_compute_dtype="fp32")
+    loaded = load_model_with_lora(tmp_path / "base", cfg)
+    experts = loaded.moe_layers()[0].experts
+    assert experts.quant is not None and experts.gate_proj is None
+    assert all(p.device.type == "cpu" for p in experts.lora.parameters())
+    with torch.no_grad():
+        for adapters in experts.lora.values():
+            adapters.lora_B.normal_(0, 0.1)
+    loaded(TOKENS).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in experts.lora.parameters())

@@ -302,3 +302,123 @@ def test_4bit_experts_quantize_on_load_from_meta():
     assert experts.gate_proj is None and experts.packed["down_proj"][0].shape == (64, 64)
     expected = quant.quantize_4bit(source.up_proj[2].detach(), cfg).dequantize()
     torch.testing.assert_close(experts.packed["up_proj"][2].dequantize(), expected, atol=0, rtol=0)
+
+
+def adapted_experts(scaling=0.5, seed=0) -> RoutedExperts:
+    """Experts with bf16-exact weights (so the kernel's packing is exact) and adapters whose B are random."""
+    experts = make_experts()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(p.bfloat16().float())
+    experts.requires_grad_(False)
+    experts.add_lora(r=3, scaling=scaling)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapters in experts.lora.values():
+            adapters.lora_B.copy_(torch.randn(adapters.lora_B.shape, generator=gen) * 0.2)
+    return experts
+
+
+def naive_adapted_experts(x, ids, weights, experts: RoutedExperts):
+    """Float64 per (token, slot): ``g = W1 x + s B1 A1 x``, ``u = W3 x + s B3 A3 x``, ``h = silu(g) u``,
+    ``o = W2 h + s B2 A2 h``, ``y_t = sum_j w_tj o_tj``."""
+    def project(name, v, e):
+        adapters = experts.lora[name]
+        weight, a, b = (t[e].double() for t in (getattr(experts, name), adapters.lora_A, adapters.lora_B))
+        return weight @ v + adapters.scaling * (b @ (a @ v))
+
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1], dtype=torch.float64)
+        for j in range(ids.shape[1]):
+            e, xt = int(ids[t, j]), x[t].double()
+            h = torch.nn.functional.silu(project("gate_proj", xt, e)) * project("up_proj", xt, e)
+            y = y + weights[t, j].double() * project("down_proj", h, e)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def adapter_grads(fn, experts, x, ids, weights):
+    """Output and gradients wrt x, the routing weights and the six adapter tensors."""
+    experts.zero_grad()
+    x, ids, weights = kernel_inputs(x, ids, weights)
+    out = fn(x, ids, weights)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach(), x.grad, weights.grad, *(p.grad.clone() for p in experts.lora.parameters())]
+
+
+def test_expert_adapters_match_float64_per_pair_reference():
+    """Torch backend with adapters on all three projections: output and gradients (x, routing weights, every
+    lora_A / lora_B) against the float64 per-pair loop; the unused last expert's adapters get zero gradients."""
+    experts = adapted_experts()
+    x, ids, weights = routing_inputs()
+    got = adapter_grads(experts, experts, x, ids, weights)
+    expected = adapter_grads(lambda *a: naive_adapted_experts(*a, experts).float(), experts, x, ids, weights)
+    for name, a, b in zip(["y", "x", "weights", *dict(experts.lora.named_parameters())], got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert all(g[-1].abs().sum() == 0 for g in got[3:])
+    assert all(g.abs().sum() > 0 for g in got[3:])
+
+
+def test_fresh_expert_adapters_leave_the_output_unchanged():
+    """B = 0 at creation; A_e is U(-1/sqrt(in), 1/sqrt(in)) per expert, as nn.Linear's Kaiming init."""
+    experts = make_experts()
+    x, ids, weights = routing_inputs()
+    expected = experts(x, ids, weights)
+    experts.add_lora(r=4, scaling=2.0)
+    assert torch.equal(experts(x, ids, weights), expected)
+    gate = experts.lora["gate_proj"]
+    assert gate.lora_A.shape == (6, 4, 16) and gate.lora_B.shape == (6, 12, 4)
+    down = experts.lora["down_proj"]
+    assert down.lora_A.shape == (6, 4, 12) and down.lora_B.shape == (6, 16, 4)
+    assert 0 < gate.lora_A.abs().max() <= 1 / 16**0.5 and gate.lora_B.abs().max() == 0
+    with pytest.raises(ValueError, match="already have LoRA adapters"):
+        experts.add_lora(r=4, scaling=2.0)
+
+
+def test_expert_adapters_merge_unmerge_and_disable():
+    experts = adapted_experts()
+    base = copy.deepcopy(experts)
+    base.lora = None
+    x, ids, weights = (t.detach() for t in routing_inputs())
+    adapted, plain = experts(x, ids, weights), base(x, ids, weights)
+    experts.merge()
+    torch.testing.assert_close(experts(x, ids, weights), adapted, atol=1e-5, rtol=1e-5)
+    experts.adapter_enabled = False
+    torch.testing.assert_close(experts(x, ids, weights), plain, atol=1e-5, rtol=1e-5)
+    experts.unmerge()
+    torch.testing.assert_close(experts(x, ids, weights), plain, atol=1e-6, rtol=0)  # unmerged up to rounding
+    torch.testing.assert_close(experts.gate_proj, base.gate_proj, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ["portable", "amx"])
+def test_cpu_kernel_with_adapters_equals_torch_backend(monkeypatch, isa):
+    """The kernel with adapters (delta before the SiLU, h returned, [dg | du] back) against the torch backend:
+    output and gradients of x, the routing weights and every adapter tensor. Portable keeps fp32 activations
+    (agreement to fp32 rounding); AMX rounds the kernel's activations to bf16 (2 % of the largest value)."""
+    cpu_moe = cpu_kernel_or_skip()
+    if isa not in cpu_moe.available_isas():
+        pytest.skip(f"{isa} compiled but not runnable here; available: {cpu_moe.available_isas()}")
+    monkeypatch.setenv("DPO_LLAMA_MOE_ISA", isa)
+    experts = adapted_experts()
+    kernel_experts = copy.deepcopy(experts)
+    kernel_experts.set_backend("cpu_kernel")
+    assert kernel_experts.gate_proj is None and kernel_experts.lora is not None
+    routing = routing_inputs()
+    expected = adapter_grads(experts, experts, *routing)
+    got = adapter_grads(kernel_experts, kernel_experts, *routing)
+    tol = 1e-4 if isa == "portable" else 2e-2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=0)
+
+
+def test_cpu_kernel_experts_refuse_merging():
+    cpu_kernel_or_skip()
+    experts = adapted_experts()
+    experts.merge()
+    with pytest.raises(RuntimeError, match="unmerge first"):
+        experts.set_backend("cpu_kernel")
+    experts.unmerge()
+    experts.set_backend("cpu_kernel")
+    with pytest.raises(ValueError, match="convert_lora_checkpoint"):
+        experts.merge()

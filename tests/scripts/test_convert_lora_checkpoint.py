@@ -171,3 +171,28 @@ def test_adapter_for_a_model_without_the_base_layers_is_refused(base_dir, tmp_pa
     save_lora(model, tmp_path / "adapter", LoRAConfig(lora_head=True), {})
     assert run(tmp_path / "tied", tmp_path / "adapter", tmp_path / "merged") == 1
     assert "tie_word_embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["full-precision", "4bit-experts"])
+def test_routed_expert_adapters_merge_per_expert(tmp_path, capsys, four_bit):
+    """A tiny DeepSeek-V2 with adapters on q, v and every routed expert: each stacked projection merges as
+    W'_e = W_e + s·B_e A_e (4-bit experts: Ŵ_e + s·B_e A_e), so the merged model computes the adapted one."""
+    from dpo_llama.models.deepseek import DeepseekTransformer
+
+    make_sentencepiece(tmp_path / "tok")
+    save_model(DeepseekTransformer(get_preset("tiny-deepseek-v2")), tmp_path / "base",
+               [tmp_path / "tok" / "tokenizer.model"])
+    quant = dict(quant_lora_4bit=True, quant_4bit_compute_dtype="fp32") if four_bit else {}
+    cfg = LoRAConfig(lora_r=4, lora_alpha=8.0, lora_moe_routed_experts=True, **quant)
+    model = load_model_with_lora(tmp_path / "base", cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    save_lora(model, tmp_path / "adapter", cfg, {})
+    assert run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged") == 0
+    n_moe = len(model.moe_layers())
+    n_linear = len(list(lora_layers(model)))
+    assert f"{n_linear + 3 * n_moe} layers merged" in capsys.readouterr().out
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(model), atol=1e-4, rtol=0)
