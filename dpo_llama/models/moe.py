@@ -40,8 +40,10 @@ with ``A`` ``[E, r, in]`` and ``B`` ``[E, out, r]`` stacked like the weights (Hu
 The torch backend adds the updates expert by expert. The ``"cpu_kernel"`` backend keeps the frozen base
 products in the kernel: the adapters' gate/up updates enter it as an additive delta before the SiLU, it
 returns ``h`` for the down adapter, and its backward returns ``[dg | du]`` for the adapters' gradients
-(``cpu_moe.cpu_moe``). The adapters live where the expert weights arrived: with ``"cpu_kernel"`` in CPU RAM,
-next to the kernel, so a hybrid GPU + CPU run computes them on the CPU too.
+(``cpu_moe.cpu_moe``), all experts' adapter products running in one :class:`GroupedLoRA` node. The adapters
+live where the expert weights arrived: with ``"cpu_kernel"`` in CPU RAM, next to the kernel, so a hybrid
+GPU + CPU run computes them on the CPU too. With ``lora_dropout``, the torch backend draws a dropout mask per
+projection, the kernel backend one mask shared by the gate and up adapters (which read the same rows).
 """
 
 from __future__ import annotations
@@ -188,6 +190,91 @@ class PairGroups:
         return self.sum_by_token(torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None], x)
 
 
+class GroupedLoRA(torch.autograd.Function):
+    """The updates of several adapters that share their input, for rows grouped by expert, in one pass.
+
+    For adapters ``i`` (``A_i [E, r, in]``, ``B_i [E, out_i, r]``, scaling ``s_i``) and the rows ``x_e`` of
+    every expert ``e`` (the ``counts[e]`` consecutive rows of ``x``), with optional per-row scales ``c``:
+
+        t_i = s_i x_e A_i,eᵀ,    out[x_e rows, columns of i] = (c ⊙ t_i) B_i,eᵀ
+
+    and, for ``g_i`` the output gradient of adapter ``i`` on those rows (``u_i = c ⊙ t_i``),
+
+        dB_i,e = g_iᵀ u_i,   d_i = (g_i B_i,e) ⊙ c,   dc = Σ_i rowsum((g_i B_i,e) ⊙ t_i),
+        dA_i,e = s_i d_iᵀ x_e,   dx_e = Σ_i s_i d_i A_i,e.
+
+    Autograd over the per-expert products would concatenate every expert's rows into new ``[P, out]`` tensors
+    and give each ``A_e`` its own full-size gradient; this writes each expert's block into one output (and
+    one gradient per tensor) instead, and reads the shared input once for all adapters.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, row_scale: torch.Tensor | None, counts: list[int], scalings: tuple[float, ...],
+                *weights: torch.Tensor) -> torch.Tensor:
+        adapters = list(zip(weights[0::2], weights[1::2]))
+        out = x.new_empty(x.shape[0], sum(b.shape[1] for _, b in adapters))
+        hidden = [x.new_empty(x.shape[0], a.shape[1]) for a, _ in adapters]
+        for e, rows in expert_spans(counts):
+            col = 0
+            for (a, b), t, s in zip(adapters, hidden, scalings):
+                t_e = torch.mm(x[rows], a[e].t(), out=t[rows]).mul_(s)
+                u_e = t_e if row_scale is None else t_e * row_scale[rows, None]
+                torch.mm(u_e, b[e].t(), out=out[rows, col:col + b.shape[1]])
+                col += b.shape[1]
+        ctx.counts, ctx.scalings = counts, scalings
+        ctx.save_for_backward(x, row_scale, *hidden, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, row_scale, *saved = ctx.saved_tensors
+        n_adapters = len(ctx.scalings)
+        hidden, weights = saved[:n_adapters], saved[n_adapters:]
+        adapters = list(zip(weights[0::2], weights[1::2]))
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # every row is some expert's
+        grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
+        grad_weights = [torch.zeros_like(w) for w in weights]
+        for e, rows in expert_spans(ctx.counts):
+            col = 0
+            for i, ((a, b), t, s) in enumerate(zip(adapters, hidden, ctx.scalings)):
+                g = grad_out[rows, col:col + b.shape[1]]
+                t_e = t[rows]
+                u_e = t_e if row_scale is None else t_e * row_scale[rows, None]
+                torch.mm(g.t(), u_e, out=grad_weights[2 * i + 1][e])
+                d = g @ b[e]
+                if grad_scale is not None:
+                    grad_scale[rows] += (d * t_e).sum(dim=1)
+                if row_scale is not None:
+                    d = d * row_scale[rows, None]
+                torch.mm(d.t(), x[rows], out=grad_weights[2 * i][e]).mul_(s)
+                if grad_x is not None and i == 0:
+                    torch.mm(d, a[e], out=grad_x[rows]).mul_(s)
+                elif grad_x is not None:
+                    grad_x[rows].addmm_(d, a[e], alpha=s)
+                col += b.shape[1]
+        return grad_x, grad_scale, None, None, *grad_weights
+
+
+def expert_spans(counts: list[int]) -> list[tuple[int, slice]]:
+    """``(e, rows of e)`` for every expert with rows, the rows being consecutive in ``counts``' order."""
+    spans, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            spans.append((e, slice(start, start + count)))
+        start += count
+    return spans
+
+
+def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, rows: torch.Tensor,
+                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The updates ``c · s B_e A_e dropout(x)`` of ``adapters`` (sharing their input and its dropout mask, the
+    first adapter's) for float32 ``rows`` in ``pairs``' sorted order: ``[P, sum of out]``, one column block per
+    adapter (:class:`GroupedLoRA`)."""
+    weights = [w for adapter in adapters for w in (adapter.lora_A, adapter.lora_B)]
+    scalings = tuple(adapter.scaling for adapter in adapters)
+    return GroupedLoRA.apply(adapters[0].dropout(rows), row_scale, pairs.counts, scalings, *weights)
+
+
 class ExpertAdapters(nn.Module):
     """LoRA adapters for one stacked projection of ``E`` experts: ``delta_e(x) = s · B_e A_e dropout(x)``.
 
@@ -229,18 +316,10 @@ class ExpertAdapters(nn.Module):
         """
         return list(zip(self.lora_A.unbind(0), self.lora_B.unbind(0)))
 
-    def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-              row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``c · s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert, ``c`` = 1 or the
-        per-row ``row_scale`` ``[n]``; ``s`` and ``c`` multiply the ``[n, r]`` intermediate, the smallest tensor."""
-        hidden = self.scaling * F.linear(self.dropout(x).float(), lora_a)
-        return F.linear(hidden if row_scale is None else hidden * row_scale[:, None], lora_b)
-
-    def grouped_delta(self, pairs: PairGroups, rows: torch.Tensor, row_scale: torch.Tensor | None = None) -> list:
-        """:meth:`delta` of every expert's rows, for ``rows`` (and ``row_scale``) in ``pairs``' sorted order."""
-        experts = self.per_expert()
-        scales = dict(pairs.split(row_scale)) if row_scale is not None else {}
-        return [self.delta(chunk, *experts[e], scales.get(e)) for e, chunk in pairs.split(rows)]
+    def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """``s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert (``s`` applied to the
+        ``[n, r]`` intermediate, the smallest tensor)."""
+        return F.linear(self.scaling * F.linear(self.dropout(x).float(), lora_a), lora_b)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B_e A_e`` of every expert in float32, ``[E, out, in]``."""
@@ -526,9 +605,8 @@ class RoutedExperts(nn.Module):
         """
         pairs = PairGroups(topk_ids, self.n_experts)
         rows = x[pairs.token_of].float()
-        gate, up = (self.lora[name].grouped_delta(pairs, rows) for name in ("gate_proj", "up_proj"))
-        delta = torch.cat([torch.cat(expert_rows, 1) for expert_rows in zip(gate, up)])
+        delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, rows)
         y, hidden = cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed, gate_up_delta=delta,
                                     return_hidden=True)
-        down = self.lora["down_proj"].grouped_delta(pairs, hidden, pairs.sorted_weights(topk_weights))
-        return (y.float() + pairs.sum_by_token(torch.cat(down), x)).to(x.dtype)
+        down = grouped_lora([self.lora["down_proj"]], pairs, hidden, pairs.sorted_weights(topk_weights))
+        return (y.float() + pairs.sum_by_token(down, x)).to(x.dtype)
