@@ -102,7 +102,9 @@ class LoRAConfig:
     lora_moe_shared_experts: bool = field(
         default=False, metadata={"help": "LoRA on the MoE shared experts' gate/up/down projections."})
     lora_moe_routed_experts: bool = field(
-        default=False, metadata={"help": "LoRA on every routed MoE expert's gate/up/down projections (per expert)."})
+        default=False, metadata={"help": "LoRA on every routed MoE expert's gate/up/down projections, one adapter per "
+                                         "expert: E times the parameters of a dense MLP's adapters per layer (DeepSeek-"
+                                         "V2-Lite, r=8: 5.3M per layer), so consider a small lora_r."})
     lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
     train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})

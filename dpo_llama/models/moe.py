@@ -193,65 +193,61 @@ class PairGroups:
 class GroupedLoRA(torch.autograd.Function):
     """The updates of several adapters that share their input, for rows grouped by expert, in one pass.
 
-    For adapters ``i`` (``A_i [E, r, in]``, ``B_i [E, out_i, r]``, scaling ``s_i``) and the rows ``x_e`` of
-    every expert ``e`` (the ``counts[e]`` consecutive rows of ``x``), with optional per-row scales ``c``:
+    For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the rows ``x_e`` of
+    every expert ``e`` (the ``counts[e]`` consecutive rows of ``x``), with optional per-row scales ``c``, the
+    adapters' ``A`` stacked as ``A_e = [A_1,e; A_2,e; ...]`` and ``S`` = each ``s_i`` repeated ``r_i`` times:
 
-        t_i = s_i x_e A_i,eᵀ,    out[x_e rows, columns of i] = (c ⊙ t_i) B_i,eᵀ
+        t = (x_e A_eᵀ) ⊙ S,    out[x_e rows, columns of i] = (c ⊙ t_i) B_i,eᵀ        (t_i: t's columns of i)
 
     and, for ``g_i`` the output gradient of adapter ``i`` on those rows (``u_i = c ⊙ t_i``),
 
-        dB_i,e = g_iᵀ u_i,   d_i = (g_i B_i,e) ⊙ c,   dc = Σ_i rowsum((g_i B_i,e) ⊙ t_i),
-        dA_i,e = s_i d_iᵀ x_e,   dx_e = Σ_i s_i d_i A_i,e.
+        dB_i,e = g_iᵀ u_i,   v = [g_1 B_1,e | g_2 B_2,e | ...],   dc = rowsum(v ⊙ t),
+        d = v ⊙ c ⊙ S,   dA_e = dᵀ x_e,   dx_e = d A_e.
 
-    Autograd over the per-expert products would concatenate every expert's rows into new ``[P, out]`` tensors
+    Autograd over per-expert products would concatenate every expert's rows into new ``[P, out]`` tensors
     and give each ``A_e`` its own full-size gradient; this writes each expert's block into one output (and
-    one gradient per tensor) instead, and reads the shared input once for all adapters.
+    one gradient per tensor) instead, and multiplies the shared input once for all adapters.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, row_scale: torch.Tensor | None, counts: list[int], scalings: tuple[float, ...],
                 *weights: torch.Tensor) -> torch.Tensor:
-        adapters = list(zip(weights[0::2], weights[1::2]))
-        out = x.new_empty(x.shape[0], sum(b.shape[1] for _, b in adapters))
-        hidden = [x.new_empty(x.shape[0], a.shape[1]) for a, _ in adapters]
+        lora_a, lora_b = weights[0::2], weights[1::2]
+        ranks, widths = [a.shape[1] for a in lora_a], [b.shape[1] for b in lora_b]
+        column_scale = x.new_tensor([s for s, r in zip(scalings, ranks) for _ in range(r)])
+        out, hidden = x.new_empty(x.shape[0], sum(widths)), x.new_empty(x.shape[0], sum(ranks))
         for e, rows in expert_spans(counts):
-            col = 0
-            for (a, b), t, s in zip(adapters, hidden, scalings):
-                t_e = torch.mm(x[rows], a[e].t(), out=t[rows]).mul_(s)
-                u_e = t_e if row_scale is None else t_e * row_scale[rows, None]
-                torch.mm(u_e, b[e].t(), out=out[rows, col:col + b.shape[1]])
-                col += b.shape[1]
-        ctx.counts, ctx.scalings = counts, scalings
-        ctx.save_for_backward(x, row_scale, *hidden, *weights)
+            t = torch.mm(x[rows], torch.cat([a[e] for a in lora_a]).t(), out=hidden[rows]).mul_(column_scale)
+            u = t if row_scale is None else t * row_scale[rows, None]
+            for b, u_i, out_i in zip(lora_b, u.split(ranks, dim=1), out[rows].split(widths, dim=1)):
+                torch.mm(u_i, b[e].t(), out=out_i)
+        ctx.counts, ctx.ranks, ctx.widths = counts, ranks, widths
+        ctx.save_for_backward(x, row_scale, hidden, column_scale, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, row_scale, *saved = ctx.saved_tensors
-        n_adapters = len(ctx.scalings)
-        hidden, weights = saved[:n_adapters], saved[n_adapters:]
-        adapters = list(zip(weights[0::2], weights[1::2]))
+        x, row_scale, hidden, column_scale, *weights = ctx.saved_tensors
+        lora_a, lora_b = weights[0::2], weights[1::2]
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # every row is some expert's
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
-        grad_weights = [torch.zeros_like(w) for w in weights]
+        grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
         for e, rows in expert_spans(ctx.counts):
-            col = 0
-            for i, ((a, b), t, s) in enumerate(zip(adapters, hidden, ctx.scalings)):
-                g = grad_out[rows, col:col + b.shape[1]]
-                t_e = t[rows]
-                u_e = t_e if row_scale is None else t_e * row_scale[rows, None]
-                torch.mm(g.t(), u_e, out=grad_weights[2 * i + 1][e])
-                d = g @ b[e]
-                if grad_scale is not None:
-                    grad_scale[rows] += (d * t_e).sum(dim=1)
-                if row_scale is not None:
-                    d = d * row_scale[rows, None]
-                torch.mm(d.t(), x[rows], out=grad_weights[2 * i][e]).mul_(s)
-                if grad_x is not None and i == 0:
-                    torch.mm(d, a[e], out=grad_x[rows]).mul_(s)
-                elif grad_x is not None:
-                    grad_x[rows].addmm_(d, a[e], alpha=s)
-                col += b.shape[1]
+            t = hidden[rows]
+            u = t if row_scale is None else t * row_scale[rows, None]
+            v = torch.empty_like(t)
+            for b, db, g, u_i, v_i in zip(lora_b, grad_b, grad_out[rows].split(ctx.widths, dim=1),
+                                          u.split(ctx.ranks, dim=1), v.split(ctx.ranks, dim=1)):
+                torch.mm(g.t(), u_i, out=db[e])
+                torch.mm(g, b[e], out=v_i)
+            if grad_scale is not None:
+                grad_scale[rows] = (v * t).sum(dim=1)
+            d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
+            for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
+                torch.mm(d_i.t(), x[rows], out=da[e])
+            if grad_x is not None:
+                torch.mm(d, torch.cat([a[e] for a in lora_a]), out=grad_x[rows])
+        grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
         return grad_x, grad_scale, None, None, *grad_weights
 
 

@@ -441,3 +441,19 @@ def test_grouped_lora_passes_gradcheck():
                                     (x, scale, *weights))
     assert torch.autograd.gradcheck(lambda x_, *w: GroupedLoRA.apply(x_, None, counts, (1.5,), *w),
                                     (x, *weights[:2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
+def test_cpu_kernel_adapters_stay_on_the_cpu_for_cuda_inputs():
+    """Hybrid: the hidden states on CUDA, the packed experts and their adapters in CPU RAM; the output and the
+    gradients come back to their devices and equal an all-CPU run."""
+    cpu_kernel_or_skip()
+    experts = adapted_experts()
+    experts.set_backend("cpu_kernel")
+    routing = routing_inputs()
+    expected = adapter_grads(experts, experts, *routing)
+    got = adapter_grads(experts, experts, *(t.cuda() for t in routing))
+    assert got[0].device.type == "cuda" and got[1].device.type == "cuda"
+    assert all(p.device.type == "cpu" for p in experts.lora.parameters())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
