@@ -191,7 +191,8 @@ class PairGroups:
 
 
 class GroupedLoRA(torch.autograd.Function):
-    """The updates of several adapters that share their input, for rows grouped by expert, in one pass.
+    """The updates of several adapters that share their input, for rows grouped by expert, in one pass
+    (products in the adapters' dtype; a bfloat16 input is widened one expert at a time).
 
     For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the rows ``x_e`` of
     every expert ``e`` (the ``counts[e]`` consecutive rows of ``x``), with optional per-row scales ``c``, the
@@ -214,10 +215,12 @@ class GroupedLoRA(torch.autograd.Function):
                 *weights: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = weights[0::2], weights[1::2]
         ranks, widths = [a.shape[1] for a in lora_a], [b.shape[1] for b in lora_b]
-        column_scale = x.new_tensor([s for s, r in zip(scalings, ranks) for _ in range(r)])
-        out, hidden = x.new_empty(x.shape[0], sum(widths)), x.new_empty(x.shape[0], sum(ranks))
+        column_scale = lora_a[0].new_tensor([s for s, r in zip(scalings, ranks) for _ in range(r)])
+        out = lora_b[0].new_empty(x.shape[0], sum(widths))
+        hidden = lora_a[0].new_empty(x.shape[0], sum(ranks))
         for e, rows in expert_spans(counts):
-            t = torch.mm(x[rows], torch.cat([a[e] for a in lora_a]).t(), out=hidden[rows]).mul_(column_scale)
+            stacked_a = torch.cat([a[e] for a in lora_a])
+            t = torch.mm(x[rows].to(hidden.dtype), stacked_a.t(), out=hidden[rows]).mul_(column_scale)
             u = t if row_scale is None else t * row_scale[rows, None]
             for b, u_i, out_i in zip(lora_b, u.split(ranks, dim=1), out[rows].split(widths, dim=1)):
                 torch.mm(u_i, b[e].t(), out=out_i)
@@ -243,10 +246,11 @@ class GroupedLoRA(torch.autograd.Function):
             if grad_scale is not None:
                 grad_scale[rows] = (v * t).sum(dim=1)
             d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
+            x_e = x[rows].to(hidden.dtype)
             for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
-                torch.mm(d_i.t(), x[rows], out=da[e])
+                torch.mm(d_i.t(), x_e, out=da[e])
             if grad_x is not None:
-                torch.mm(d, torch.cat([a[e] for a in lora_a]), out=grad_x[rows])
+                grad_x[rows] = torch.mm(d, torch.cat([a[e] for a in lora_a]))
         grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
         return grad_x, grad_scale, None, None, *grad_weights
 
@@ -264,7 +268,7 @@ def expert_spans(counts: list[int]) -> list[tuple[int, slice]]:
 def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, rows: torch.Tensor,
                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The updates ``c · s B_e A_e dropout(x)`` of ``adapters`` (sharing their input and its dropout mask, the
-    first adapter's) for float32 ``rows`` in ``pairs``' sorted order: ``[P, sum of out]``, one column block per
+    first adapter's) for ``rows`` in ``pairs``' sorted order: float32 ``[P, sum of out]``, one column block per
     adapter (:class:`GroupedLoRA`)."""
     weights = [w for adapter in adapters for w in (adapter.lora_A, adapter.lora_B)]
     scalings = tuple(adapter.scaling for adapter in adapters)
@@ -600,7 +604,7 @@ class RoutedExperts(nn.Module):
         the gate/up adapters.
         """
         pairs = PairGroups(topk_ids, self.n_experts)
-        rows = x[pairs.token_of].float()
+        rows = x[pairs.token_of]
         delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, rows)
         y, hidden = cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed, gate_up_delta=delta,
                                     return_hidden=True)
