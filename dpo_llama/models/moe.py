@@ -168,6 +168,7 @@ class PairGroups:
         self.order = flat_ids.argsort(stable=True)
         self.token_of = self.order // topk_ids.shape[1]
         self.counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+        self.tokens = topk_ids.shape[0]
 
     def split(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order."""
@@ -178,53 +179,57 @@ class PairGroups:
         """The routing weight of every pair, in sorted order, float32 ``[P]``."""
         return topk_weights.reshape(-1)[self.order].float()
 
-    def sum_by_token(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y[t] = sum_j rows[pair (t, j)]`` in float32 (shaped like ``x``) for ``rows`` in sorted order."""
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, self.token_of, rows.float())
-
     def weighted_sum(self, outputs: list[torch.Tensor], topk_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum_j w[t, j] out[pair (t, j)]`` in float32 (shaped like ``x``) from per-expert outputs in
         sorted order."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if not outputs:
-            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return self.sum_by_token(torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None], x)
+            return out
+        return out.index_add(0, self.token_of, torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None])
 
 
 class GroupedLoRA(torch.autograd.Function):
-    """The updates of several adapters that share their input, for rows grouped by expert, in one pass
-    (products in the adapters' dtype; a bfloat16 input is widened one expert at a time).
+    """The updates of several adapters that share their input, for the (token, slot) pairs grouped by expert,
+    in one pass (products in the adapters' dtype; a bfloat16 input is widened one expert at a time).
 
-    For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the rows ``x_e`` of
-    every expert ``e`` (the ``counts[e]`` consecutive rows of ``x``), with optional per-row scales ``c``, the
-    adapters' ``A`` stacked as ``A_e = [A_1,e; A_2,e; ...]`` and ``S`` = each ``s_i`` repeated ``r_i`` times:
+    For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the input rows
+    ``x_e`` of every expert ``e``, with optional per-row scales ``c``, the adapters' ``A`` stacked as
+    ``A_e = [A_1,e; A_2,e; ...]`` and ``S`` = each ``s_i`` repeated ``r_i`` times:
 
-        t = (x_e A_eᵀ) ⊙ S,    out[x_e rows, columns of i] = (c ⊙ t_i) B_i,eᵀ        (t_i: t's columns of i)
+        t = (x_e A_eᵀ) ⊙ S,    o_e = [(c ⊙ t_1) B_1,eᵀ | (c ⊙ t_2) B_2,eᵀ | ...]       (t_i: t's columns of i)
 
-    and, for ``g_i`` the output gradient of adapter ``i`` on those rows (``u_i = c ⊙ t_i``),
+    and, for ``g`` the gradient of ``o_e`` (``g_i`` its columns of adapter ``i``, ``u_i = c ⊙ t_i``),
 
         dB_i,e = g_iᵀ u_i,   v = [g_1 B_1,e | g_2 B_2,e | ...],   dc = rowsum(v ⊙ t),
         d = v ⊙ c ⊙ S,   dA_e = dᵀ x_e,   dx_e = d A_e.
 
-    Autograd over per-expert products would concatenate every expert's rows into new ``[P, out]`` tensors
-    and give each ``A_e`` its own full-size gradient; this writes each expert's block into one output (and
-    one gradient per tensor) instead, and multiplies the shared input once for all adapters.
+    The rows are the pairs in ``PairGroups`` order. With ``gather`` the input is the token states ``[T, in]``
+    and ``x_e`` their rows of expert ``e``'s pairs, else the input has one row per pair; with ``scatter`` the
+    output is ``[T, sum out_i]``, each pair's ``o`` added to its token's row, else one row per pair. So no
+    ``[pairs, in]`` copy of the tokens nor ``[pairs, out]`` rows to sum are made, and autograd neither
+    concatenates the experts' blocks nor gives each ``A_e`` its own full-size gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, row_scale: torch.Tensor | None, counts: list[int], scalings: tuple[float, ...],
-                *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, row_scale: torch.Tensor | None, pairs: PairGroups, gather: bool, scatter: bool,
+                scalings: tuple[float, ...], *weights: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = weights[0::2], weights[1::2]
         ranks, widths = [a.shape[1] for a in lora_a], [b.shape[1] for b in lora_b]
         column_scale = lora_a[0].new_tensor([s for s, r in zip(scalings, ranks) for _ in range(r)])
-        out = lora_b[0].new_empty(x.shape[0], sum(widths))
-        hidden = lora_a[0].new_empty(x.shape[0], sum(ranks))
-        for e, rows in expert_spans(counts):
+        hidden = lora_a[0].new_empty(len(pairs.token_of), sum(ranks))
+        out_rows = pairs.tokens if scatter else hidden.shape[0]
+        out = (lora_b[0].new_zeros if scatter else lora_b[0].new_empty)(out_rows, sum(widths))
+        for e, rows in expert_spans(pairs.counts):
             stacked_a = torch.cat([a[e] for a in lora_a])
-            t = torch.mm(x[rows].to(hidden.dtype), stacked_a.t(), out=hidden[rows]).mul_(column_scale)
+            x_e = pair_rows(x, pairs, rows, gather).to(hidden.dtype)
+            t = torch.mm(x_e, stacked_a.t(), out=hidden[rows]).mul_(column_scale)
             u = t if row_scale is None else t * row_scale[rows, None]
-            for b, u_i, out_i in zip(lora_b, u.split(ranks, dim=1), out[rows].split(widths, dim=1)):
-                torch.mm(u_i, b[e].t(), out=out_i)
-        ctx.counts, ctx.ranks, ctx.widths = counts, ranks, widths
+            o = torch.cat([u_i @ b[e].t() for b, u_i in zip(lora_b, u.split(ranks, dim=1))], dim=1)
+            if scatter:
+                out.index_add_(0, pairs.token_of[rows], o)
+            else:
+                out[rows] = o
+        ctx.pairs, ctx.gather, ctx.scatter, ctx.ranks, ctx.widths = pairs, gather, scatter, ranks, widths
         ctx.save_for_backward(x, row_scale, hidden, column_scale, *weights)
         return out
 
@@ -232,27 +237,41 @@ class GroupedLoRA(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, row_scale, hidden, column_scale, *weights = ctx.saved_tensors
         lora_a, lora_b = weights[0::2], weights[1::2]
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # every row is some expert's
+        pairs = ctx.pairs
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = hidden.new_zeros(x.shape) if ctx.gather else hidden.new_empty(x.shape)
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
         grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
-        for e, rows in expert_spans(ctx.counts):
+        for e, rows in expert_spans(pairs.counts):
             t = hidden[rows]
             u = t if row_scale is None else t * row_scale[rows, None]
+            g = pair_rows(grad_out, pairs, rows, ctx.scatter)
             v = torch.empty_like(t)
-            for b, db, g, u_i, v_i in zip(lora_b, grad_b, grad_out[rows].split(ctx.widths, dim=1),
-                                          u.split(ctx.ranks, dim=1), v.split(ctx.ranks, dim=1)):
-                torch.mm(g.t(), u_i, out=db[e])
-                torch.mm(g, b[e], out=v_i)
+            for b, db, g_i, u_i, v_i in zip(lora_b, grad_b, g.split(ctx.widths, dim=1), u.split(ctx.ranks, dim=1),
+                                            v.split(ctx.ranks, dim=1)):
+                torch.mm(g_i.t(), u_i, out=db[e])
+                torch.mm(g_i, b[e], out=v_i)
             if grad_scale is not None:
                 grad_scale[rows] = (v * t).sum(dim=1)
             d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
-            x_e = x[rows].to(hidden.dtype)
+            x_e = pair_rows(x, pairs, rows, ctx.gather).to(hidden.dtype)
             for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
                 torch.mm(d_i.t(), x_e, out=da[e])
             if grad_x is not None:
-                grad_x[rows] = torch.mm(d, torch.cat([a[e] for a in lora_a]))
+                dx = d @ torch.cat([a[e] for a in lora_a])
+                if ctx.gather:
+                    grad_x.index_add_(0, pairs.token_of[rows], dx)
+                else:
+                    grad_x[rows] = dx
         grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
-        return grad_x, grad_scale, None, None, *grad_weights
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        return grad_x, grad_scale, None, None, None, None, *grad_weights
+
+
+def pair_rows(tensor: torch.Tensor, pairs: PairGroups, rows: slice, by_token: bool) -> torch.Tensor:
+    """The rows of ``tensor`` for the sorted pairs ``rows``: its token rows if ``by_token``, else those rows."""
+    return tensor.index_select(0, pairs.token_of[rows]) if by_token else tensor[rows]
 
 
 def expert_spans(counts: list[int]) -> list[tuple[int, slice]]:
@@ -265,14 +284,14 @@ def expert_spans(counts: list[int]) -> list[tuple[int, slice]]:
     return spans
 
 
-def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, rows: torch.Tensor,
-                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, x: torch.Tensor, gather: bool = False,
+                 scatter: bool = False, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The updates ``c · s B_e A_e dropout(x)`` of ``adapters`` (sharing their input and its dropout mask, the
-    first adapter's) for ``rows`` in ``pairs``' sorted order: float32 ``[P, sum of out]``, one column block per
-    adapter (:class:`GroupedLoRA`)."""
+    first adapter's) for every pair of ``pairs``, one column block per adapter, float32 (:class:`GroupedLoRA`:
+    ``gather`` reads the pairs' rows from the token states ``x``, ``scatter`` sums them per token)."""
     weights = [w for adapter in adapters for w in (adapter.lora_A, adapter.lora_B)]
     scalings = tuple(adapter.scaling for adapter in adapters)
-    return GroupedLoRA.apply(adapters[0].dropout(rows), row_scale, pairs.counts, scalings, *weights)
+    return GroupedLoRA.apply(adapters[0].dropout(x), row_scale, pairs, gather, scatter, scalings, *weights)
 
 
 class ExpertAdapters(nn.Module):
@@ -604,9 +623,9 @@ class RoutedExperts(nn.Module):
         the gate/up adapters.
         """
         pairs = PairGroups(topk_ids, self.n_experts)
-        rows = x[pairs.token_of]
-        delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, rows)
+        delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, x, gather=True)
         y, hidden = cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed, gate_up_delta=delta,
                                     return_hidden=True)
-        down = grouped_lora([self.lora["down_proj"]], pairs, hidden, pairs.sorted_weights(topk_weights))
-        return (y.float() + pairs.sum_by_token(down, x)).to(x.dtype)
+        down = grouped_lora([self.lora["down_proj"]], pairs, hidden, scatter=True,
+                            row_scale=pairs.sorted_weights(topk_weights))
+        return (y.float() + down).to(x.dtype)

@@ -424,23 +424,33 @@ def test_cpu_kernel_experts_refuse_merging():
         experts.merge()
 
 
-def test_grouped_lora_passes_gradcheck():
-    """GroupedLoRA's hand-written backward (two adapters sharing the rows, per-row scales, an expert without
-    rows) against finite differences in float64."""
-    from dpo_llama.models.moe import GroupedLoRA
+@pytest.mark.parametrize("gather, scatter", [(False, False), (True, False), (False, True), (True, True)])
+def test_grouped_lora_passes_gradcheck(gather, scatter):
+    """GroupedLoRA's hand-written backward against finite differences in float64: two adapters sharing the
+    rows with per-row scales, and one without; 5 tokens, top-2 of 4 experts (expert 1 unused); rows read from
+    the tokens (gather) or one per pair, outputs summed per token (scatter) or one per pair."""
+    from dpo_llama.models.moe import GroupedLoRA, PairGroups
 
     gen = torch.Generator().manual_seed(0)
-    counts, dim, r = [3, 0, 2, 4], 5, 2
+    ids = torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [3, 2]])
+    pairs, dim, r = PairGroups(ids, 4), 5, 2
+    assert pairs.counts == [3, 0, 3, 4]
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
-    x, scale = rand(sum(counts), dim), rand(sum(counts))
-    weights = (rand(4, r, dim), rand(4, 3, r), rand(4, r, dim), rand(4, 6, r))
-    assert torch.autograd.gradcheck(lambda x_, c_, *w: GroupedLoRA.apply(x_, c_, counts, (0.5, 2.0), *w),
-                                    (x, scale, *weights))
-    assert torch.autograd.gradcheck(lambda x_, *w: GroupedLoRA.apply(x_, None, counts, (1.5,), *w),
-                                    (x, *weights[:2]))
+    x, scale = rand(5 if gather else 10, dim), rand(10)
+    weights = (rand(4, r, dim), rand(4, 3, r), rand(4, r + 1, dim), rand(4, 6, r + 1))
+
+    def two(x_, c_, *w):
+        return GroupedLoRA.apply(x_, c_, pairs, gather, scatter, (0.5, 2.0), *w)
+
+    def one(x_, *w):
+        return GroupedLoRA.apply(x_, None, pairs, gather, scatter, (1.5,), *w)
+
+    assert two(x, scale, *weights).shape == (5 if scatter else 10, 9)
+    assert torch.autograd.gradcheck(two, (x, scale, *weights))
+    assert torch.autograd.gradcheck(one, (x, *weights[:2]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
