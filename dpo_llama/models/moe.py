@@ -43,7 +43,8 @@ returns ``h`` for the down adapter, and its backward returns ``[dg | du]`` for t
 (``cpu_moe.cpu_moe``), all experts' adapter products running in one :class:`GroupedLoRA` node. The adapters
 live where the expert weights arrived: with ``"cpu_kernel"`` in CPU RAM, next to the kernel, so a hybrid
 GPU + CPU run computes them on the CPU too. With ``lora_dropout``, the torch backend draws a dropout mask per
-projection, the kernel backend one mask shared by the gate and up adapters (which read the same rows).
+projection and (token, slot) pair; the kernel backend one mask per token for the gate and up adapters of all
+its experts (which read the same token state) and one per pair for the down adapter.
 """
 
 from __future__ import annotations
