@@ -467,3 +467,28 @@ def test_cpu_kernel_adapters_stay_on_the_cpu_for_cuda_inputs():
     assert all(p.device.type == "cpu" for p in experts.lora.parameters())
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_adapter_dropout_in_both_backends():
+    """lora_dropout: training steps run in both backends (masks drawn differently, see the module docstring);
+    in eval mode dropout is off and the backends agree."""
+    cpu_kernel_or_skip()
+    experts = make_experts().requires_grad_(False)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(p.bfloat16().float())
+    experts.add_lora(r=3, scaling=0.5, dropout=0.5)
+    with torch.no_grad():
+        for adapters in experts.lora.values():
+            adapters.lora_B.normal_(0, 0.2)
+    kernel_experts = copy.deepcopy(experts)
+    kernel_experts.set_backend("cpu_kernel")
+    routing = routing_inputs()
+    for module in (experts, kernel_experts):
+        module.train()
+        grads = adapter_grads(module, module, *routing)
+        assert all(torch.isfinite(g).all() for g in grads)
+        module.eval()
+    with torch.no_grad():
+        inputs = [t.detach() for t in routing]
+        torch.testing.assert_close(kernel_experts(*inputs), experts(*inputs), atol=2e-2, rtol=0)
