@@ -551,8 +551,8 @@ def cpu_moe(
     With ``e = topk_ids[t, j]`` each expert computes ``g = W_g,e x[t] + dg``, ``u = W_u,e x[t] + du``,
     ``h = silu(g) * u`` and ``expert_e(x[t]) = W_d,e h``, where ``[dg | du]`` is the pair's row of
     ``gate_up_delta`` (zero if not given). Differentiable in ``x``, ``topk_weights``, ``gate_up_delta`` and the
-    returned ``h`` (experts are frozen). CUDA inputs are copied to the CPU through pinned buffers and the results are copied
-    back to their devices, in the backward too.
+    returned ``h`` (experts are frozen). CUDA inputs are copied to the CPU through pinned buffers and the results
+    are copied back to their devices, in the backward too.
 
     Args:
         x: ``[T, H]`` float32 or bfloat16.

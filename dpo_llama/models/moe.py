@@ -171,10 +171,23 @@ class PairGroups:
         self.counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
         self.tokens = topk_ids.shape[0]
 
+    def spans(self) -> list[tuple[int, slice]]:
+        """``(expert, its slice of the sorted rows)`` for every expert with pairs."""
+        spans, start = [], 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                spans.append((expert, slice(start, start + count)))
+            start += count
+        return spans
+
     def split(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order."""
-        chunks = rows.split(self.counts)
-        return [(expert, chunk) for expert, chunk in enumerate(chunks) if chunk.shape[0]]
+        return [(expert, rows[span]) for expert, span in self.spans()]
+
+    def take(self, tensor: torch.Tensor, span: slice, by_token: bool) -> torch.Tensor:
+        """The rows of ``tensor`` for the sorted pairs ``span``: the rows of their tokens if ``by_token``
+        (``tensor`` is ``[T, ...]``), else those rows (``tensor`` has one row per pair)."""
+        return tensor.index_select(0, self.token_of[span]) if by_token else tensor[span]
 
     def sorted_weights(self, topk_weights: torch.Tensor) -> torch.Tensor:
         """The routing weight of every pair, in sorted order, float32 ``[P]``."""
@@ -186,7 +199,8 @@ class PairGroups:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if not outputs:
             return out
-        return out.index_add(0, self.token_of, torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None])
+        weighted = torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None]
+        return out.index_add(0, self.token_of, weighted)
 
 
 class GroupedLoRA(torch.autograd.Function):
@@ -195,9 +209,10 @@ class GroupedLoRA(torch.autograd.Function):
 
     For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the input rows
     ``x_e`` of every expert ``e``, with optional per-row scales ``c``, the adapters' ``A`` stacked as
-    ``A_e = [A_1,e; A_2,e; ...]`` and ``S`` = each ``s_i`` repeated ``r_i`` times:
+    ``A_e = [A_1,e; A_2,e; ...]``, ``S`` = each ``s_i`` repeated ``r_i`` times and ``t_i`` the columns of ``t``
+    of adapter ``i``:
 
-        t = (x_e A_eᵀ) ⊙ S,    o_e = [(c ⊙ t_1) B_1,eᵀ | (c ⊙ t_2) B_2,eᵀ | ...]       (t_i: t's columns of i)
+        t = (x_e A_eᵀ) ⊙ S,    o_e = [(c ⊙ t_1) B_1,eᵀ | (c ⊙ t_2) B_2,eᵀ | ...]
 
     and, for ``g`` the gradient of ``o_e`` (``g_i`` its columns of adapter ``i``, ``u_i = c ⊙ t_i``),
 
@@ -220,9 +235,9 @@ class GroupedLoRA(torch.autograd.Function):
         hidden = lora_a[0].new_empty(len(pairs.token_of), sum(ranks))
         out_rows = pairs.tokens if scatter else hidden.shape[0]
         out = (lora_b[0].new_zeros if scatter else lora_b[0].new_empty)(out_rows, sum(widths))
-        for e, rows in expert_spans(pairs.counts):
+        for e, rows in pairs.spans():
             stacked_a = torch.cat([a[e] for a in lora_a])
-            x_e = pair_rows(x, pairs, rows, gather).to(hidden.dtype)
+            x_e = pairs.take(x, rows, gather).to(hidden.dtype)
             t = torch.mm(x_e, stacked_a.t(), out=hidden[rows]).mul_(column_scale)
             u = t if row_scale is None else t * row_scale[rows, None]
             o = torch.cat([u_i @ b[e].t() for b, u_i in zip(lora_b, u.split(ranks, dim=1))], dim=1)
@@ -244,10 +259,10 @@ class GroupedLoRA(torch.autograd.Function):
             grad_x = hidden.new_zeros(x.shape) if ctx.gather else hidden.new_empty(x.shape)
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
         grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
-        for e, rows in expert_spans(pairs.counts):
+        for e, rows in pairs.spans():
             t = hidden[rows]
             u = t if row_scale is None else t * row_scale[rows, None]
-            g = pair_rows(grad_out, pairs, rows, ctx.scatter)
+            g = pairs.take(grad_out, rows, ctx.scatter)
             v = torch.empty_like(t)
             for b, db, g_i, u_i, v_i in zip(lora_b, grad_b, g.split(ctx.widths, dim=1), u.split(ctx.ranks, dim=1),
                                             v.split(ctx.ranks, dim=1)):
@@ -256,7 +271,7 @@ class GroupedLoRA(torch.autograd.Function):
             if grad_scale is not None:
                 grad_scale[rows] = (v * t).sum(dim=1)
             d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
-            x_e = pair_rows(x, pairs, rows, ctx.gather).to(hidden.dtype)
+            x_e = pairs.take(x, rows, ctx.gather).to(hidden.dtype)
             for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
                 torch.mm(d_i.t(), x_e, out=da[e])
             if grad_x is not None:
@@ -268,21 +283,6 @@ class GroupedLoRA(torch.autograd.Function):
         grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
         return grad_x, grad_scale, None, None, None, None, *grad_weights
-
-
-def pair_rows(tensor: torch.Tensor, pairs: PairGroups, rows: slice, by_token: bool) -> torch.Tensor:
-    """The rows of ``tensor`` for the sorted pairs ``rows``: its token rows if ``by_token``, else those rows."""
-    return tensor.index_select(0, pairs.token_of[rows]) if by_token else tensor[rows]
-
-
-def expert_spans(counts: list[int]) -> list[tuple[int, slice]]:
-    """``(e, rows of e)`` for every expert with rows, the rows being consecutive in ``counts``' order."""
-    spans, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            spans.append((e, slice(start, start + count)))
-        start += count
-    return spans
 
 
 def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, x: torch.Tensor, gather: bool = False,
@@ -619,9 +619,8 @@ class RoutedExperts(nn.Module):
         The gate/up updates ``s B A x`` of every (token, slot) pair go into the kernel as a delta before its
         SiLU; it returns ``h`` of every pair, and the down adapter's ``w s B2 A2 h`` (the routing weight ``w``
         applied to its rank-``r`` intermediate) is added to its output. Both tensors are in
-        :class:`PairGroups`' sorted order, the kernel's. Autograd carries the
-        gradients: the kernel's backward takes ``dL/dh`` from the down adapter and returns ``[dg | du]`` for
-        the gate/up adapters.
+        :class:`PairGroups`' sorted order, the kernel's. Autograd carries the gradients: the kernel's backward
+        takes ``dL/dh`` from the down adapter and returns ``[dg | du]`` for the gate/up adapters.
         """
         pairs = PairGroups(topk_ids, self.n_experts)
         delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, x, gather=True)
