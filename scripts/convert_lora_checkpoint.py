@@ -28,14 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensors, model_classes, parse_dtype,
                                          read_params, save_checkpoint, weight_files)
 from dpo_llama.models.convert_hf import tokenizer_files
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
-                                   apply_lora, check_adapter, find_adapter, read_lora_config)
+                                   apply_lora, check_adapter, find_adapter, read_adapter, read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,9 +134,7 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
     if output.resolve() in (base_dir.resolve(), lora_dir.resolve()):
         raise ValueError(f"--output {output} must differ from the base and adapter directories")
-    if not (lora_dir / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"{lora_dir / ADAPTER_FILE} not found")
-    adapter = load_file(str(lora_dir / ADAPTER_FILE))
+    adapter = read_adapter(lora_dir)
     model = adapted_model(model_args, cfg)
     check_adapter(adapter, adapter_shapes(model), str(lora_dir / ADAPTER_FILE))
     weight_dtype = getattr(torch, base.get("weight_dtype", "float32"))

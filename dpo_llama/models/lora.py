@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -489,6 +490,22 @@ def adapter_fingerprint(lora_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_adapter(lora_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``lora_dir``'s ``adapter.safetensors``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: it is not a readable safetensors file (e.g. truncated).
+    """
+    path = Path(lora_dir) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
 def check_adapter(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
     """Refuses missing keys, unexpected keys and wrong shapes, naming ``source``."""
     missing = sorted(set(expected) - set(tensors))
@@ -518,11 +535,8 @@ def load_lora(model: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
     if saved.scaling != model_lora_config(model).scaling:
         raise ValueError(f"{source}: adapter was trained with scaling {saved.scaling:g}, "
                          f"the model's LoRA layers use {model_lora_config(model).scaling:g}")
-    path = Path(lora_dir) / ADAPTER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    tensors = load_file(str(path))
-    check_adapter(tensors, adapter_shapes(model), str(path))
+    tensors = read_adapter(lora_dir)
+    check_adapter(tensors, adapter_shapes(model), str(Path(lora_dir) / ADAPTER_FILE))
     params = dict(model.named_parameters())
     if any(params[key].is_meta for key in tensors):
         raise ValueError("the model's weights are not loaded yet (meta device): load the base checkpoint first")

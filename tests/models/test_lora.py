@@ -269,6 +269,13 @@ def test_adapter_for_another_model_type_or_missing_is_refused(tmp_path):
         load_lora(model, tmp_path / "nowhere")
 
 
+def test_truncated_adapter_file_is_refused(tmp_path):
+    base = make_adapter(tmp_path, LoRAConfig(lora_r=4))
+    (tmp_path / ADAPTER_FILE).write_bytes((tmp_path / ADAPTER_FILE).read_bytes()[:100])
+    with pytest.raises(ValueError, match="adapter.safetensors is not a readable safetensors file"):
+        load_lora(apply_lora(base, LoRAConfig(lora_r=4)), tmp_path)
+
+
 def test_script_config_with_more_fields_saves_only_the_lora_fields(tmp_path):
     @dataclass
     class ScriptConfig(LoRAConfig):

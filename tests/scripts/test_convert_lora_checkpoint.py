@@ -131,6 +131,8 @@ REFUSALS = {
                     "lacks 1 tensors the model expects, e.g. ['layers.1.mlp.down_proj.lora_B']"),
     "no adapter": (lambda d: [p.unlink() for p in d.iterdir()], "no adapter found in"),
     "no weights": (lambda d: (d / ADAPTER_FILE).unlink(), "adapter.safetensors not found"),
+    "truncated weights": (lambda d: (d / ADAPTER_FILE).write_bytes((d / ADAPTER_FILE).read_bytes()[:100]),
+                          "adapter.safetensors is not a readable safetensors file"),
 }
 
 
