@@ -181,8 +181,13 @@ class PairGroups:
         return spans
 
     def split(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order."""
-        return [(expert, rows[span]) for expert, span in self.spans()]
+        """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order.
+
+        One ``torch.split``, whose backward concatenates the experts' gradients once: slicing ``rows[span]``
+        per expert would make autograd build and add a zero-filled gradient of the size of ``rows`` per expert
+        (64 x [pairs, H] per layer and step for DeepSeek-V2-Lite).
+        """
+        return [(expert, chunk) for expert, chunk in enumerate(rows.split(self.counts)) if chunk.shape[0]]
 
     def take(self, tensor: torch.Tensor, span: slice, by_token: bool) -> torch.Tensor:
         """The rows of ``tensor`` for the sorted pairs ``span``: the rows of their tokens if ``by_token``

@@ -424,6 +424,21 @@ def test_cpu_kernel_experts_refuse_merging():
         experts.merge()
 
 
+def test_pair_groups_split_is_one_autograd_node():
+    """Every expert's block of the sorted rows comes from one split: its backward puts each block's gradient in
+    place once. (Slicing the rows per expert made autograd add one zero-filled gradient of the size of all rows
+    per expert: at DeepSeek-V2-Lite's 64 experts and 2048 tokens, 3x the torch backend's training step.)"""
+    from dpo_llama.models.moe import PairGroups
+
+    pairs = PairGroups(torch.tensor([[0, 2], [3, 0], [2, 3]]), 4)
+    rows = torch.arange(12.0).reshape(6, 2).requires_grad_()
+    blocks = pairs.split(rows)
+    assert [(expert, block.shape[0]) for expert, block in blocks] == [(0, 2), (2, 2), (3, 2)]
+    assert {type(block.grad_fn).__name__ for _, block in blocks} == {"SplitWithSizesBackward0"}
+    sum(block.sum() * (expert + 1) for expert, block in blocks).backward()
+    assert rows.grad[:, 0].tolist() == [1, 1, 3, 3, 4, 4]
+
+
 @pytest.mark.parametrize("gather, scatter", [(False, False), (True, False), (False, True), (True, True)])
 def test_grouped_lora_passes_gradcheck(gather, scatter):
     """GroupedLoRA's hand-written backward against finite differences in float64: two adapters sharing the
