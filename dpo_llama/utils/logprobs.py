@@ -40,8 +40,7 @@ def token_logps(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
         float32 ``[N]``.
     """
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):  # one backward node for all chunks
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
         else:
