@@ -129,15 +129,8 @@ class KtKernel:
         self.moe = ext.moe.AMXBF16_MOE(config)
         self._run(self.moe.load_weights_task(self.identity_map.data_ptr()))
         self.forward_gb = resident_gb() - before
-        sft = ext.moe.MOESFTConfig()
-        sft.expert_num, sft.num_experts_per_tok, sft.hidden_size, sft.intermediate_size = EXPERTS, TOP_K, HIDDEN, INTER
-        sft.lora_rank, sft.lora_alpha, sft.max_cache_depth, sft.max_len, sft.layer_idx = 0, 1.0, 1, max_len, 0
-        sft.gate_proj, sft.up_proj, sft.down_proj = (w.data_ptr() for w in self.weights)
-        sft.physical_to_logical_map = self.identity_map.data_ptr()
-        sft.pool = self.cpu_infer.backend_
         before = resident_gb()
-        self.sft = ext.moe.AMXBF16_SFT_MOE_SkipLoRA(sft)
-        self._run(self.sft.load_weights_task())
+        self.sft = KtSFT(ext, self.cpu_infer, self.weights, max_len)
         self.sft_gb = resident_gb() - before
 
     def _run(self, task: object) -> None:
@@ -153,14 +146,53 @@ class KtKernel:
         return y
 
     def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
+        return self.sft.forward_backward(x, ids, weights, grad)
+
+
+class KtSFT:
+    """kt-kernel's AMX BF16 SFT MoE on the same weights, loaded: ``AMXBF16_SFT_MOE_SkipLoRA`` (frozen experts)
+    without ``lora``, else ``AMXBF16_SFT_MOE`` with the bf16 adapters ``lora`` (``{gate,up,down}_lora_{a,b}`` in
+    that order, ``[E, r, in]`` / ``[E, out, r]``, scaling ``lora_alpha / r``; kept and updated by the caller).
+    """
+
+    def __init__(self, ext: object, cpu_infer: object, weights: tuple[torch.Tensor, ...], max_len: int,
+                 lora: dict[str, torch.Tensor] | None = None, lora_alpha: float = 1.0):
+        self.cpu_infer, self.weights, self.lora = cpu_infer, weights, lora
+        self.identity_map = torch.arange(EXPERTS, dtype=torch.int64)
+        config = ext.moe.MOESFTConfig()
+        config.expert_num, config.num_experts_per_tok, config.hidden_size = EXPERTS, TOP_K, HIDDEN
+        config.intermediate_size = INTER
+        config.lora_rank = 0 if lora is None else lora["gate_lora_a"].shape[1]
+        config.lora_alpha, config.lora_dropout = lora_alpha, 0.0
+        config.max_cache_depth, config.max_len, config.layer_idx = 1, max_len, 0
+        config.gate_proj, config.up_proj, config.down_proj = (w.data_ptr() for w in weights)
+        config.physical_to_logical_map = self.identity_map.data_ptr()
+        config.pool = cpu_infer.backend_
+        for name, tensor in (lora or {}).items():
+            setattr(config, name, tensor.data_ptr())
+        self.moe = ext.moe.AMXBF16_SFT_MOE_SkipLoRA(config) if lora is None else ext.moe.AMXBF16_SFT_MOE(config)
+        self.lora_grads = {name: torch.zeros_like(tensor) for name, tensor in (lora or {}).items()}
+        self._run(self.moe.load_weights_task())
+
+    def _run(self, task: object) -> None:
+        self.cpu_infer.submit(task)
+        self.cpu_infer.sync()
+
+    def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
+        """One training step: ``y``, ``dL/dx``, ``dL/dw`` (the adapters' gradients land in ``lora_grads``).
+        With adapters it first re-reads them, as kt-kernel's trainer does after every optimizer step."""
+        if self.lora is not None:
+            self.moe.update_lora_weights(*(tensor.data_ptr() for tensor in self.lora.values()))
+        for tensor in self.lora_grads.values():
+            tensor.zero_()
+        lora_grads = [tensor.data_ptr() for tensor in self.lora_grads.values()] or [0] * 6
         y, grad_x = torch.empty_like(x), torch.empty_like(x)
         grad_w = torch.zeros(weights.shape, dtype=torch.float32)
         qlen = torch.tensor([x.shape[0]], dtype=torch.int64)
         weights32 = weights.float().contiguous()
-        self._run(self.sft.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(),
+        self._run(self.moe.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(),
                                             x.data_ptr(), y.data_ptr(), True))
-        self._run(self.sft.backward_task(grad.data_ptr(), grad_x.data_ptr(), 0, 0, 0, 0, 0, 0, grad_w.data_ptr(),
-                                         0, 0, 0))
+        self._run(self.moe.backward_task(grad.data_ptr(), grad_x.data_ptr(), *lora_grads, grad_w.data_ptr(), 0, 0, 0))
         return y, grad_x, grad_w
 
 
@@ -216,7 +248,7 @@ def fma_peak_gflops() -> tuple[float, str]:
     if "avx512" in available_isas():
         return max(load_extension().fma_peak_gflops(30_000_000) for _ in range(3)), "AVX-512 FMA loop"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    seconds = min(median_seconds(lambda: a @ b, 3) for _ in range(2))
+    seconds = min(median_seconds({"matmul": lambda: a @ b}, 3)["matmul"] for _ in range(2))
     return 2 * 2048**3 / seconds / 1e9, "fp32 torch matmul 2048^3 (proxy)"
 
 
