@@ -110,6 +110,12 @@ def torch_loop(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: 
     return y
 
 
+def run_kt_task(cpu_infer: object, task: object) -> None:
+    """Runs one kt-kernel task on its thread pool and waits for it."""
+    cpu_infer.submit(task)
+    cpu_infer.sync()
+
+
 class KtKernel:
     """kt-kernel's BF16 MoE (forward) and frozen-expert SFT MoE (forward + backward) on the same weights.
 
@@ -127,22 +133,19 @@ class KtKernel:
         config.pool = self.cpu_infer.backend_
         before = resident_gb()
         self.moe = ext.moe.AMXBF16_MOE(config)
-        self._run(self.moe.load_weights_task(self.identity_map.data_ptr()))
+        run_kt_task(self.cpu_infer, self.moe.load_weights_task(self.identity_map.data_ptr()))
         self.forward_gb = resident_gb() - before
         before = resident_gb()
         self.sft = KtSFT(ext, self.cpu_infer, self.weights, max_len)
         self.sft_gb = resident_gb() - before
 
-    def _run(self, task: object) -> None:
-        self.cpu_infer.submit(task)
-        self.cpu_infer.sync()
-
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         y = torch.empty_like(x)
         qlen = torch.tensor([x.shape[0]], dtype=torch.int32)
         weights32 = weights.float().contiguous()
-        self._run(self.moe.forward_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(),
-                                        y.data_ptr(), False))
+        task = self.moe.forward_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(), x.data_ptr(),
+                                     y.data_ptr(), False)
+        run_kt_task(self.cpu_infer, task)
         return y
 
     def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
@@ -172,11 +175,7 @@ class KtSFT:
             setattr(config, name, tensor.data_ptr())
         self.moe = ext.moe.AMXBF16_SFT_MOE_SkipLoRA(config) if lora is None else ext.moe.AMXBF16_SFT_MOE(config)
         self.lora_grads = {name: torch.zeros_like(tensor) for name, tensor in (lora or {}).items()}
-        self._run(self.moe.load_weights_task())
-
-    def _run(self, task: object) -> None:
-        self.cpu_infer.submit(task)
-        self.cpu_infer.sync()
+        run_kt_task(self.cpu_infer, self.moe.load_weights_task())
 
     def forward_backward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple:
         """One training step: ``y``, ``dL/dx``, ``dL/dw`` (the adapters' gradients land in ``lora_grads``).
@@ -190,9 +189,10 @@ class KtSFT:
         grad_w = torch.zeros(weights.shape, dtype=torch.float32)
         qlen = torch.tensor([x.shape[0]], dtype=torch.int64)
         weights32 = weights.float().contiguous()
-        self._run(self.moe.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(), weights32.data_ptr(),
-                                            x.data_ptr(), y.data_ptr(), True))
-        self._run(self.moe.backward_task(grad.data_ptr(), grad_x.data_ptr(), *lora_grads, grad_w.data_ptr(), 0, 0, 0))
+        run_kt_task(self.cpu_infer, self.moe.forward_sft_task(qlen.data_ptr(), TOP_K, ids.data_ptr(),
+                                                              weights32.data_ptr(), x.data_ptr(), y.data_ptr(), True))
+        run_kt_task(self.cpu_infer, self.moe.backward_task(grad.data_ptr(), grad_x.data_ptr(), *lora_grads,
+                                                           grad_w.data_ptr(), 0, 0, 0))
         return y, grad_x, grad_w
 
 
