@@ -139,11 +139,11 @@ def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -
 
 def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   experts: "RoutedExperts") -> torch.Tensor:
-    """The ``"torch"`` backend: sort token copies by expert, one SwiGLU per expert, weighted scatter-add.
+    """The ``"torch"`` backend: token rows grouped by expert, one SwiGLU per expert, weighted sum per token.
 
-    The ``T * k`` (token, expert) pairs are grouped by expert (:class:`PairGroups`), each expert's slice of
-    the gathered rows goes through ``expert_forward``, and the outputs are weighted and summed back into the
-    rows of their tokens with ``index_add`` (in float32).
+    The ``T * k`` (token, expert) pairs are grouped by expert (:class:`PairGroups`), every expert's rows of
+    ``x`` go through ``expert_forward`` (:class:`GatherPairs`), and the outputs, times their routing weights,
+    are summed into the rows of their tokens in float32 (:class:`ScatterPairs`).
 
     Args:
         x: ``[T, H]`` token states.
@@ -151,9 +151,12 @@ def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         experts: Provides ``active_adapters()`` and ``expert_forward(rows, e, adapters)``.
     """
     pairs = PairGroups(topk_ids, experts.n_experts)
+    if not pairs.spans():
+        return torch.zeros_like(x)
     adapters = experts.active_adapters()
-    outputs = [experts.expert_forward(rows, expert, adapters) for expert, rows in pairs.split(x[pairs.token_of])]
-    return pairs.weighted_sum(outputs, topk_weights, x).to(x.dtype)
+    blocks = GatherPairs.apply(x, pairs)
+    outputs = [experts.expert_forward(rows, expert, adapters) for (expert, _), rows in zip(pairs.spans(), blocks)]
+    return ScatterPairs.apply(pairs.sorted_weights(topk_weights), pairs, *outputs).to(x.dtype)
 
 
 class PairGroups:
@@ -180,15 +183,6 @@ class PairGroups:
             start += count
         return spans
 
-    def split(self, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """``(expert, its rows)`` for every expert with pairs, from ``rows`` in sorted order.
-
-        One ``torch.split``, whose backward concatenates the experts' gradients once: slicing ``rows[span]``
-        per expert would make autograd build and add a zero-filled gradient of the size of ``rows`` per expert
-        (64 x [pairs, H] per layer and step for DeepSeek-V2-Lite).
-        """
-        return [(expert, chunk) for expert, chunk in enumerate(rows.split(self.counts)) if chunk.shape[0]]
-
     def take(self, tensor: torch.Tensor, span: slice, by_token: bool) -> torch.Tensor:
         """The rows of ``tensor`` for the sorted pairs ``span``: the rows of their tokens if ``by_token``
         (``tensor`` is ``[T, ...]``), else those rows (``tensor`` has one row per pair)."""
@@ -198,14 +192,65 @@ class PairGroups:
         """The routing weight of every pair, in sorted order, float32 ``[P]``."""
         return topk_weights.reshape(-1)[self.order].float()
 
-    def weighted_sum(self, outputs: list[torch.Tensor], topk_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y[t] = sum_j w[t, j] out[pair (t, j)]`` in float32 (shaped like ``x``) from per-expert outputs in
-        sorted order."""
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        if not outputs:
-            return out
-        weighted = torch.cat(outputs).float() * self.sorted_weights(topk_weights)[:, None]
-        return out.index_add(0, self.token_of, weighted)
+
+class GatherPairs(torch.autograd.Function):
+    """Every expert's rows of the token states, one block per expert with pairs: ``x[token_of[span_e]]``.
+
+    Backward: ``dL/dx[t] = sum over the pairs (t, j) of their rows' gradients``, summed expert by expert into
+    one ``[T, H]`` buffer of at least float32 (``index_add``). Gathering ``x[token_of]`` once and splitting it per expert
+    would instead make a ``[pairs, H]`` copy in the forward and concatenate the experts' gradients into another
+    in the backward, and a separate ``index_select`` per expert would give each expert its own zero-filled
+    ``[T, H]`` gradient for autograd to add up.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pairs: PairGroups) -> tuple[torch.Tensor, ...]:
+        ctx.pairs, ctx.shape, ctx.dtype = pairs, x.shape, x.dtype
+        return tuple(pairs.take(x, span, by_token=True) for _, span in pairs.spans())
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        grad_x = grads[0].new_zeros(ctx.shape, dtype=torch.promote_types(grads[0].dtype, torch.float32))
+        for (_, span), grad in zip(ctx.pairs.spans(), grads):
+            grad_x.index_add_(0, ctx.pairs.token_of[span], grad.to(grad_x.dtype))
+        return grad_x.to(ctx.dtype), None
+
+
+class ScatterPairs(torch.autograd.Function):
+    """The routing-weighted sum of the experts' outputs per token, in the weights' dtype (float32):
+
+        y[t] = sum_j w[t, j] o[pair (t, j)],
+
+    from the outputs ``o_e`` of every expert with pairs (its rows in :class:`PairGroups` order) and the pairs'
+    weights ``w`` in sorted order. Backward, per expert, with ``g_e`` the rows of ``dL/dy`` of its pairs' tokens
+    and ``w_e`` their weights:
+
+        dL/do_e = w_e g_e,    dL/dw_e = rowsum(g_e ⊙ o_e).
+
+    Expert by expert, so no ``[pairs, H]`` tensor is made (concatenated outputs, their weighted float32 copy,
+    the gathered gradient), and only the outputs themselves are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, pairs: PairGroups, *outputs: torch.Tensor) -> torch.Tensor:
+        y = weights.new_zeros(pairs.tokens, outputs[0].shape[1])
+        for (_, span), out in zip(pairs.spans(), outputs):
+            y.index_add_(0, pairs.token_of[span], out.to(y.dtype) * weights[span, None])
+        ctx.pairs = pairs
+        ctx.save_for_backward(weights, *outputs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        weights, *outputs = ctx.saved_tensors
+        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[0] else None
+        grad_outputs = []
+        for (_, span), out in zip(ctx.pairs.spans(), outputs):
+            grad = ctx.pairs.take(grad_y, span, by_token=True)
+            if grad_weights is not None:
+                grad_weights[span] = (grad * out.to(grad.dtype)).sum(dim=1)
+            grad_outputs.append((grad * weights[span, None]).to(out.dtype))
+        return grad_weights, None, *grad_outputs
 
 
 class GroupedLoRA(torch.autograd.Function):

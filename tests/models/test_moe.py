@@ -424,19 +424,44 @@ def test_cpu_kernel_experts_refuse_merging():
         experts.merge()
 
 
-def test_pair_groups_split_is_one_autograd_node():
-    """Every expert's block of the sorted rows comes from one split: its backward puts each block's gradient in
-    place once. (Slicing the rows per expert made autograd add one zero-filled gradient of the size of all rows
-    per expert: at DeepSeek-V2-Lite's 64 experts and 2048 tokens, 3x the torch backend's training step.)"""
-    from dpo_llama.models.moe import PairGroups
+def test_gather_pairs_blocks_come_from_one_node_and_sum_their_gradients():
+    """GatherPairs hands every expert its tokens' rows from one autograd node, whose backward adds each block's
+    gradient into its tokens' rows in float32 (one per-expert slice or index_select instead would give every
+    expert a zero-filled gradient of the size of x, 64 per layer at DeepSeek-V2-Lite's experts)."""
+    from dpo_llama.models.moe import GatherPairs, PairGroups
 
     pairs = PairGroups(torch.tensor([[0, 2], [3, 0], [2, 3]]), 4)
-    rows = torch.arange(12.0).reshape(6, 2).requires_grad_()
-    blocks = pairs.split(rows)
-    assert [(expert, block.shape[0]) for expert, block in blocks] == [(0, 2), (2, 2), (3, 2)]
-    assert {type(block.grad_fn).__name__ for _, block in blocks} == {"SplitWithSizesBackward0"}
-    sum(block.sum() * (expert + 1) for expert, block in blocks).backward()
-    assert rows.grad[:, 0].tolist() == [1, 1, 3, 3, 4, 4]
+    x = torch.arange(6.0).reshape(3, 2).requires_grad_()
+    blocks = GatherPairs.apply(x, pairs)
+    assert [block[:, 0].tolist() for block in blocks] == [[0, 2], [0, 4], [2, 4]]
+    assert len({block.grad_fn for block in blocks}) == 1
+    sum(block.sum() * (expert + 1) for (expert, _), block in zip(pairs.spans(), blocks)).backward()
+    # token 0: experts 0 and 2 (1 + 3), token 1: 3 and 0 (4 + 1), token 2: 2 and 3 (3 + 4)
+    assert x.grad[:, 0].tolist() == [4, 5, 7]
+
+
+def test_gather_and_scatter_pairs_pass_gradcheck():
+    """GatherPairs and ScatterPairs' hand-written backwards against finite differences in float64, chained as
+    the torch backend chains them (an expert's block times a per-expert matrix in between): 5 tokens, top-2 of
+    4 experts, expert 1 unused; gradients for the token states, the routing weights and the matrices."""
+    from dpo_llama.models.moe import GatherPairs, PairGroups, ScatterPairs
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [3, 2]])
+    pairs = PairGroups(ids, 4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, topk_weights, mats = rand(5, 3), rand(5, 2), rand(4, 3, 3)
+
+    def moe(x_, w_, m_):
+        outs = [rows @ m_[e] for (e, _), rows in zip(pairs.spans(), GatherPairs.apply(x_, pairs))]
+        return ScatterPairs.apply(w_.reshape(-1)[pairs.order], pairs, *outs)
+
+    expected = sum(topk_weights[:, j, None] * torch.einsum("th,thi->ti", x, mats[ids[:, j]]) for j in range(2))
+    torch.testing.assert_close(moe(x, topk_weights, mats), expected)
+    assert torch.autograd.gradcheck(moe, (x, topk_weights, mats))
 
 
 @pytest.mark.parametrize("gather, scatter", [(False, False), (True, False), (False, True), (True, True)])
