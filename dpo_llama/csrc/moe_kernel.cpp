@@ -848,4 +848,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("avx512_bf16_timings", &dpo_moe::bf16_nt_timings,
         "seconds of each avx512 bf16 forward kernel on the selection micro-benchmark");
   m.def("fma_peak_gflops", &dpo_moe::fma_peak_gflops, "measured fp32 AVX-512 FMA peak, GFLOP/s");
+  m.def("empty_cached",
+        [](const std::vector<int64_t>& shape, at::ScalarType dtype) {
+          return dpo_moe::empty_cached(shape, dtype);
+        },
+        "uninitialized tensor from the kernel's cache of huge-page blocks (2 MB or more; smaller ones come "
+        "from torch.empty); its block returns to the cache when the tensor is freed");
 }

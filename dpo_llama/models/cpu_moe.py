@@ -50,8 +50,9 @@ the input gradient needs anyway. The transposed products run on the same packed 
 them 32 columns at a time into a per-thread scratch buffer, int8 widened to bf16), so no
 second copy of the weights is kept by default; ``from_weights(..., transposed_copy=True)`` (bf16 only)
 packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
-memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x) come from a cache of
-huge-page blocks on the C++ side that reuses freed blocks across calls (a few hundred MB at 2048 tokens
+memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x, and through ``empty_cached``
+the expert adapters' delta and dL/dh) come from a cache of huge-page blocks on the C++ side that reuses freed
+blocks across calls (a few hundred MB at 2048 tokens
 for DeepSeek-V2-Lite shapes, plus the saved outputs awaiting their backward; held for the life of the
 process): fresh memory would cost a page fault per 4 KB.
 
@@ -224,6 +225,17 @@ def avx512_bf16_kernel() -> str:
         RuntimeError: ``DPO_LLAMA_MOE_AVX512_BF16=dpbf16`` on a CPU without AVX512_BF16.
     """
     return load_extension().avx512_bf16_kernel()
+
+
+def empty_cached(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialized CPU tensor from the kernel's cache of huge-page blocks (``torch.empty`` below 2 MB).
+
+    The kernel takes its own per-call buffers from this cache (see the module docstring); the adapters around
+    it (``moe.GroupedLoRA``) take theirs too: a fresh ``[pairs, 2 I]`` float32 tensor (138 MB at 2048 tokens
+    of DeepSeek-V2-Lite) would cost a page fault per 4 KB at every step. The block returns to the cache when
+    the tensor is freed.
+    """
+    return load_extension().empty_cached(list(shape), dtype)
 
 
 # ----------------------------------------------------------------------------------- weight packing

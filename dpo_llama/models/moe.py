@@ -49,8 +49,10 @@ its experts (which read the same token state) and one per pair for the down adap
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -197,9 +199,9 @@ class GatherPairs(torch.autograd.Function):
     """Every expert's rows of the token states, one block per expert with pairs: ``x[token_of[span_e]]``.
 
     Backward: ``dL/dx[t] = sum over the pairs (t, j) of their rows' gradients``, summed expert by expert into
-    one ``[T, H]`` buffer of at least float32 (``index_add``). Gathering ``x[token_of]`` once and splitting it per expert
-    would instead make a ``[pairs, H]`` copy in the forward and concatenate the experts' gradients into another
-    in the backward, and a separate ``index_select`` per expert would give each expert its own zero-filled
+    one ``[T, H]`` buffer of at least float32 (``index_add``). Gathering ``x[token_of]`` once and splitting it per
+    expert would instead make a ``[pairs, H]`` copy in the forward and concatenate the experts' gradients into
+    another in the backward, and a separate ``index_select`` per expert would give each expert its own zero-filled
     ``[T, H]`` gradient for autograd to add up.
     """
 
@@ -273,18 +275,23 @@ class GroupedLoRA(torch.autograd.Function):
     and ``x_e`` their rows of expert ``e``'s pairs, else the input has one row per pair; with ``scatter`` the
     output is ``[T, sum out_i]``, each pair's ``o`` added to its token's row, else one row per pair. So no
     ``[pairs, in]`` copy of the tokens nor ``[pairs, out]`` rows to sum are made, and autograd neither
-    concatenates the experts' blocks nor gives each ``A_e`` its own full-size gradient.
+    concatenates the experts' blocks nor gives each ``A_e`` its own full-size gradient. ``empty(shape, dtype)``
+    (``torch.empty`` on the adapters' device if None) allocates the per-pair output and the per-pair input's
+    gradient, the two ``[pairs, ...]`` tensors; the kernel backend passes ``cpu_moe.empty_cached``.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, row_scale: torch.Tensor | None, pairs: PairGroups, gather: bool, scatter: bool,
-                scalings: tuple[float, ...], *weights: torch.Tensor) -> torch.Tensor:
+                scalings: tuple[float, ...], empty: Callable | None, *weights: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = weights[0::2], weights[1::2]
         ranks, widths = [a.shape[1] for a in lora_a], [b.shape[1] for b in lora_b]
         column_scale = lora_a[0].new_tensor([s for s, r in zip(scalings, ranks) for _ in range(r)])
         hidden = lora_a[0].new_empty(len(pairs.token_of), sum(ranks))
-        out_rows = pairs.tokens if scatter else hidden.shape[0]
-        out = (lora_b[0].new_zeros if scatter else lora_b[0].new_empty)(out_rows, sum(widths))
+        empty = empty or functools.partial(torch.empty, device=hidden.device)
+        if scatter:
+            out = lora_b[0].new_zeros(pairs.tokens, sum(widths))
+        else:
+            out = empty((hidden.shape[0], sum(widths)), dtype=hidden.dtype)
         for e, rows in pairs.spans():
             stacked_a = torch.cat([a[e] for a in lora_a])
             x_e = pairs.take(x, rows, gather).to(hidden.dtype)
@@ -295,7 +302,8 @@ class GroupedLoRA(torch.autograd.Function):
                 out.index_add_(0, pairs.token_of[rows], o)
             else:
                 out[rows] = o
-        ctx.pairs, ctx.gather, ctx.scatter, ctx.ranks, ctx.widths = pairs, gather, scatter, ranks, widths
+        ctx.pairs, ctx.gather, ctx.scatter, ctx.empty = pairs, gather, scatter, empty
+        ctx.ranks, ctx.widths = ranks, widths
         ctx.save_for_backward(x, row_scale, hidden, column_scale, *weights)
         return out
 
@@ -306,7 +314,7 @@ class GroupedLoRA(torch.autograd.Function):
         pairs = ctx.pairs
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = hidden.new_zeros(x.shape) if ctx.gather else hidden.new_empty(x.shape)
+            grad_x = hidden.new_zeros(x.shape) if ctx.gather else ctx.empty(tuple(x.shape), dtype=hidden.dtype)
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
         grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
         for e, rows in pairs.spans():
@@ -332,17 +340,18 @@ class GroupedLoRA(torch.autograd.Function):
                     grad_x[rows] = dx
         grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        return grad_x, grad_scale, None, None, None, None, *grad_weights
+        return grad_x, grad_scale, None, None, None, None, None, *grad_weights
 
 
 def grouped_lora(adapters: list["ExpertAdapters"], pairs: PairGroups, x: torch.Tensor, gather: bool = False,
-                 scatter: bool = False, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 scatter: bool = False, row_scale: torch.Tensor | None = None, empty: Callable | None = None
+                 ) -> torch.Tensor:
     """The updates ``c · s B_e A_e dropout(x)`` of ``adapters`` (sharing their input and its dropout mask, the
     first adapter's) for every pair of ``pairs``, one column block per adapter, float32 (:class:`GroupedLoRA`:
     ``gather`` reads the pairs' rows from the token states ``x``, ``scatter`` sums them per token)."""
     weights = [w for adapter in adapters for w in (adapter.lora_A, adapter.lora_B)]
     scalings = tuple(adapter.scaling for adapter in adapters)
-    return GroupedLoRA.apply(adapters[0].dropout(x), row_scale, pairs, gather, scatter, scalings, *weights)
+    return GroupedLoRA.apply(adapters[0].dropout(x), row_scale, pairs, gather, scatter, scalings, empty, *weights)
 
 
 class ExpertAdapters(nn.Module):
@@ -670,12 +679,14 @@ class RoutedExperts(nn.Module):
         SiLU; it returns ``h`` of every pair, and the down adapter's ``w s B2 A2 h`` (the routing weight ``w``
         applied to its rank-``r`` intermediate) is added to its output. Both tensors are in
         :class:`PairGroups`' sorted order, the kernel's. Autograd carries the gradients: the kernel's backward
-        takes ``dL/dh`` from the down adapter and returns ``[dg | du]`` for the gate/up adapters.
+        takes ``dL/dh`` from the down adapter and returns ``[dg | du]`` for the gate/up adapters. On the CPU the
+        two ``[pairs, ...]`` tensors the adapters make (the delta, ``dL/dh``) come from the kernel's block cache.
         """
         pairs = PairGroups(topk_ids, self.n_experts)
-        delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, x, gather=True)
+        empty = cpu_moe.empty_cached if x.device.type == "cpu" else None
+        delta = grouped_lora([self.lora["gate_proj"], self.lora["up_proj"]], pairs, x, gather=True, empty=empty)
         y, hidden = cpu_moe.cpu_moe(x, topk_ids, topk_weights, self.kernel_packed, gate_up_delta=delta,
                                     return_hidden=True)
         down = grouped_lora([self.lora["down_proj"]], pairs, hidden, scatter=True,
-                            row_scale=pairs.sorted_weights(topk_weights))
+                            row_scale=pairs.sorted_weights(topk_weights), empty=empty)
         return (y.float() + down).to(x.dtype)

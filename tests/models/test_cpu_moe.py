@@ -511,6 +511,20 @@ def test_empty_batch(extension):
     assert y.shape == (0, x.shape[1])
 
 
+def test_empty_cached_reuses_freed_blocks(extension):
+    """empty_cached hands a freed block of 2 MB or more out again (no fresh pages to fault in), and a live block
+    to nobody else; smaller tensors come from torch.empty."""
+    first = moe.empty_cached((1024, 1024), torch.float32)
+    assert first.shape == (1024, 1024) and first.dtype == torch.float32 and first.is_contiguous()
+    address = first.data_ptr()
+    other = moe.empty_cached((1024, 1024), torch.float32)
+    assert other.data_ptr() != address
+    del first
+    assert moe.empty_cached((1024, 1024), torch.float32).data_ptr() == address
+    small = moe.empty_cached((4, 3), torch.bfloat16)
+    assert small.shape == (4, 3) and small.dtype == torch.bfloat16
+
+
 def test_packed_layout_sizes(extension):
     """H = 100 -> 128 and I = 70 -> 128 after padding to 64; gate/up interleave -> 2I' = 256 rows."""
     experts, *_ = make_case(*SHAPES["odd_sizes_top2"])

@@ -464,6 +464,31 @@ def test_gather_and_scatter_pairs_pass_gradcheck():
     assert torch.autograd.gradcheck(moe, (x, topk_weights, mats))
 
 
+def test_grouped_lora_allocates_its_per_pair_tensors_through_empty():
+    """With ``empty`` given, GroupedLoRA takes its per-pair output (no scatter) and the per-pair input's
+    gradient (no gather) from it, the two [pairs, ...] tensors, and computes the same as without it."""
+    from dpo_llama.models.moe import GroupedLoRA, PairGroups
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = PairGroups(torch.tensor([[0, 2], [3, 0], [2, 3]]), 4)
+    weights = [torch.randn(4, 2, 5, generator=gen).requires_grad_(), torch.randn(4, 3, 2, generator=gen)]
+    rows = torch.randn(6, 5, generator=gen).requires_grad_()
+    made = []
+
+    def empty(shape, dtype):
+        made.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype)
+
+    grads = []
+    for alloc in (empty, None):
+        out = GroupedLoRA.apply(rows, None, pairs, False, False, (2.0,), alloc, *weights)
+        grads.append(torch.autograd.grad(out.square().sum(), (rows, weights[0])))
+        grads[-1] = (out, *grads[-1])
+    assert made == [(6, 3), (6, 5)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("gather, scatter", [(False, False), (True, False), (False, True), (True, True)])
 def test_grouped_lora_passes_gradcheck(gather, scatter):
     """GroupedLoRA's hand-written backward against finite differences in float64: two adapters sharing the
@@ -483,10 +508,10 @@ def test_grouped_lora_passes_gradcheck(gather, scatter):
     weights = (rand(4, r, dim), rand(4, 3, r), rand(4, r + 1, dim), rand(4, 6, r + 1))
 
     def two(x_, c_, *w):
-        return GroupedLoRA.apply(x_, c_, pairs, gather, scatter, (0.5, 2.0), *w)
+        return GroupedLoRA.apply(x_, c_, pairs, gather, scatter, (0.5, 2.0), None, *w)
 
     def one(x_, *w):
-        return GroupedLoRA.apply(x_, None, pairs, gather, scatter, (1.5,), *w)
+        return GroupedLoRA.apply(x_, None, pairs, gather, scatter, (1.5,), None, *w)
 
     assert two(x, scale, *weights).shape == (5 if scatter else 10, 9)
     assert torch.autograd.gradcheck(two, (x, scale, *weights))
