@@ -257,7 +257,7 @@ class ScatterPairs(torch.autograd.Function):
 
 class GroupedLoRA(torch.autograd.Function):
     """The updates of several adapters that share their input, for the (token, slot) pairs grouped by expert,
-    in one pass (products in the adapters' dtype; a bfloat16 input is widened one expert at a time).
+    in one pass (products in the adapters' dtype, into which the input is widened once).
 
     For adapters ``i`` (``A_i [E, r_i, in]``, ``B_i [E, out_i, r_i]``, scaling ``s_i``) and the input rows
     ``x_e`` of every expert ``e``, with optional per-row scales ``c``, the adapters' ``A`` stacked as
@@ -292,16 +292,15 @@ class GroupedLoRA(torch.autograd.Function):
             out = lora_b[0].new_zeros(pairs.tokens, sum(widths))
         else:
             out = empty((hidden.shape[0], sum(widths)), dtype=hidden.dtype)
+        x_wide, stacked_a = x.to(hidden.dtype), torch.cat(lora_a, dim=1)
         for e, rows in pairs.spans():
-            stacked_a = torch.cat([a[e] for a in lora_a])
-            x_e = pairs.take(x, rows, gather).to(hidden.dtype)
-            t = torch.mm(x_e, stacked_a.t(), out=hidden[rows]).mul_(column_scale)
+            t = torch.mm(pairs.take(x_wide, rows, gather), stacked_a[e].t(), out=hidden[rows]).mul_(column_scale)
             u = t if row_scale is None else t * row_scale[rows, None]
-            o = torch.cat([u_i @ b[e].t() for b, u_i in zip(lora_b, u.split(ranks, dim=1))], dim=1)
+            o = out.new_empty(u.shape[0], out.shape[1]) if scatter else out[rows]
+            for b, u_i, o_i in zip(lora_b, u.split(ranks, dim=1), o.split(widths, dim=1)):
+                torch.mm(u_i, b[e].t(), out=o_i)
             if scatter:
                 out.index_add_(0, pairs.token_of[rows], o)
-            else:
-                out[rows] = o
         ctx.pairs, ctx.gather, ctx.scatter, ctx.empty = pairs, gather, scatter, empty
         ctx.ranks, ctx.widths = ranks, widths
         ctx.save_for_backward(x, row_scale, hidden, column_scale, *weights)
@@ -317,6 +316,7 @@ class GroupedLoRA(torch.autograd.Function):
             grad_x = hidden.new_zeros(x.shape) if ctx.gather else ctx.empty(tuple(x.shape), dtype=hidden.dtype)
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
         grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
+        x_wide, stacked_a = x.to(hidden.dtype), torch.cat(lora_a, dim=1)
         for e, rows in pairs.spans():
             t = hidden[rows]
             u = t if row_scale is None else t * row_scale[rows, None]
@@ -329,15 +329,14 @@ class GroupedLoRA(torch.autograd.Function):
             if grad_scale is not None:
                 grad_scale[rows] = (v * t).sum(dim=1)
             d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
-            x_e = pairs.take(x, rows, ctx.gather).to(hidden.dtype)
+            x_e = pairs.take(x_wide, rows, ctx.gather)
             for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
                 torch.mm(d_i.t(), x_e, out=da[e])
             if grad_x is not None:
-                dx = d @ torch.cat([a[e] for a in lora_a])
                 if ctx.gather:
-                    grad_x.index_add_(0, pairs.token_of[rows], dx)
+                    grad_x.index_add_(0, pairs.token_of[rows], d @ stacked_a[e])
                 else:
-                    grad_x[rows] = dx
+                    torch.mm(d, stacked_a[e], out=grad_x[rows])
         grad_weights = [g for pair in zip(grad_a, grad_b) for g in pair]
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
         return grad_x, grad_scale, None, None, None, None, None, *grad_weights
