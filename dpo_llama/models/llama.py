@@ -219,6 +219,38 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
+class SwiGLU(torch.autograd.Function):
+    """``h = silu(g) * u`` (Shazeer 2020, "GLU Variants Improve Transformer"), keeping only ``g`` and ``u`` for the
+    backward.
+
+    With ``s = sigmoid(g)`` and ``silu(g) = g s``::
+
+        dL/du = dL/dh * silu(g),    dL/dg = dL/dh * u * silu'(g),    silu'(g) = s (1 + g (1 - s))
+
+    The same operations as autograd on ``F.silu(g) * u`` (bitwise the same results), but autograd would also keep
+    ``silu(g)`` for the product's backward, a third tensor of the MLP's width; here it is recomputed instead.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(grad_h * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = grad_h * F.silu(g) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u``; in training only ``g`` and ``u`` are kept for the backward (:class:`SwiGLU`)."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return SwiGLU.apply(g, u)
+    return F.silu(g) * u
+
+
 class FeedForward(nn.Module):
     """SwiGLU MLP (Shazeer 2020): ``W_down(silu(W_gate x) * W_up x)``."""
 
@@ -229,7 +261,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpo_llama.models.llama import swiglu
+
 EXPERT_BACKENDS = ("torch", "cpu_kernel")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -630,7 +632,7 @@ class RoutedExperts(nn.Module):
     def expert_forward(self, x: torch.Tensor, expert: int, adapters: dict | None = None) -> torch.Tensor:
         """``down (silu(gate x) * up x)`` for one expert and rows ``x`` ``[n, H]``, with ``adapters``
         (:meth:`active_adapters`) if given."""
-        hidden = F.silu(self.project("gate_proj", x, expert, adapters)) * self.project("up_proj", x, expert, adapters)
+        hidden = swiglu(self.project("gate_proj", x, expert, adapters), self.project("up_proj", x, expert, adapters))
         return self.project("down_proj", hidden, expert, adapters)
 
     def project(self, name: str, x: torch.Tensor, expert: int, adapters: dict | None) -> torch.Tensor:

@@ -146,3 +146,29 @@ def test_every_preset_builds_and_unknown_is_refused():
         get_preset(name)
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("llama-9")
+
+
+def test_swiglu_matches_autograd_bitwise_and_keeps_two_tensors():
+    """swiglu = silu(g) * u with the same forward and gradients as autograd's (bitwise, bf16), while the backward
+    keeps only g and u (autograd also keeps silu(g)); float64 gradients against finite differences."""
+    import torch.nn.functional as F
+
+    from dpo_llama.models.llama import swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    g, u, grad = (torch.randn(7, 33, generator=gen).bfloat16() for _ in range(3))
+    results = []
+    for fn in (swiglu, lambda a, b: F.silu(a) * b):
+        a, b = g.clone().requires_grad_(), u.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            h = fn(a, b)
+        h.backward(grad)
+        results.append((h, a.grad, b.grad, len(saved)))
+    for ours, reference in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(ours, reference)
+    assert (results[0][3], results[1][3]) == (2, 3)
+    g64, u64 = (torch.randn(4, 5, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (g64, u64))
+    with torch.no_grad():
+        assert torch.equal(swiglu(g, u), F.silu(g) * u)
