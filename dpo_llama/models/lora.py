@@ -162,6 +162,37 @@ def as_lora_config(cfg: Any) -> LoRAConfig:
     return LoRAConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAConfig)})
 
 
+class LoRAUpdate(torch.autograd.Function):
+    """The adapter's update ``y = s · B A x`` in the adapters' dtype, keeping ``x`` in its own dtype for the backward.
+
+    With ``x`` widened to the adapters' dtype for the products, ``t = x Aᵀ`` and ``g = s · dL/dy``::
+
+        y = s · t Bᵀ,   dL/dB = gᵀ t,   dL/dt = g B,   dL/dA = (dL/dt)ᵀ x,   dL/dx = (dL/dt) A
+
+    The same products as autograd on ``s * F.linear(F.linear(x.float(), A), B)``, which would keep the float32
+    copy of ``x`` for ``dL/dA``: twice the bytes of a bfloat16 ``x``, and one copy per adapter where several read
+    the same ``x`` (the query and value projections). Here ``x`` is widened again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        t = F.linear(x.to(lora_a.dtype), lora_a)
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, t, lora_a, lora_b)
+        return scaling * F.linear(t, lora_b)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, t, lora_a, lora_b = ctx.saved_tensors
+        g = (grad_y * ctx.scaling).reshape(-1, grad_y.shape[-1])
+        t = t.reshape(-1, t.shape[-1])
+        grad_t = g @ lora_b
+        grad_a = grad_t.t() @ x.reshape(-1, x.shape[-1]).to(lora_a.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.t() @ t if ctx.needs_input_grad[2] else None
+        grad_x = (grad_t @ lora_a).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a, grad_b, None
+
+
 class LoRALinear(nn.Module):
     """``y = x Wᵀ + b + s · B A dropout(x)`` with a frozen (optionally 4-bit) ``W`` and trainable ``A``, ``B``.
 
@@ -244,8 +275,8 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``s · B A x`` in the adapters' dtype."""
-        return self.scaling * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        """``s · B A x`` in the adapters' dtype (:class:`LoRAUpdate`)."""
+        return LoRAUpdate.apply(x, self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Merged and disabled: ``x (W + sBA)ᵀ - s B A x`` (equal to the base up to rounding)."""

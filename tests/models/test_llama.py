@@ -172,3 +172,36 @@ def test_swiglu_matches_autograd_bitwise_and_keeps_two_tensors():
     assert torch.autograd.gradcheck(swiglu, (g64, u64))
     with torch.no_grad():
         assert torch.equal(swiglu(g, u), F.silu(g) * u)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32)])
+def test_rmsnorm_function_matches_autograd_and_keeps_x_in_its_dtype(x_dtype, w_dtype):
+    """RMSNormFunction = w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): the same output (bitwise)
+    and gradients (to rounding) as autograd on those operations, keeping x and r only (no float32 copy of a
+    bf16 x); float64 gradients against finite differences."""
+    from dpo_llama.models.llama import RMSNormFunction
+
+    def reference(x, w, eps):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 5, 64, generator=gen)).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(64, generator=gen)).to(w_dtype)
+    results = []
+    for fn in (RMSNormFunction.apply, reference):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(*leaves, 1e-5)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        results.append((y, leaves[0].grad, leaves[1].grad, {(t.dtype, t.numel()) for t in saved}))
+    (y, gx, gw, saved), (y_ref, gx_ref, gw_ref, saved_ref) = results
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2 if x_dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref)
+    assert (torch.float32, x.numel()) not in saved or x_dtype == torch.float32
+    assert x_dtype == torch.float32 or (torch.float32, x.numel()) in saved_ref
+    x64, w64 = torch.randn(3, 7, dtype=torch.float64).requires_grad_(), torch.randn(7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x64, w64.requires_grad_()))

@@ -374,3 +374,39 @@ def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):
             adapters.lora_B.normal_(0, 0.1)
     loaded(TOKENS).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in experts.lora.parameters())
+
+
+def test_lora_update_matches_autograd_and_keeps_x_in_its_dtype():
+    """LoRAUpdate = s * F.linear(F.linear(x.float(), A), B): the same output and gradients as autograd's (bitwise,
+    bf16 input [2, 3, 16], float32 adapters), keeping the bf16 x rather than a float32 copy; two adapters reading
+    the same x keep it once. Float64 gradients against finite differences."""
+    import torch.nn.functional as F
+
+    from dpo_llama.models.lora import LoRAUpdate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=gen).bfloat16()
+    a, b = torch.randn(4, 16, generator=gen), torch.randn(8, 4, generator=gen)
+    grad = torch.randn(2, 3, 8, generator=gen)
+    results = []
+    for fn in (lambda *t: LoRAUpdate.apply(*t, 0.5), lambda xx, aa, bb: 0.5 * F.linear(F.linear(xx.float(), aa), bb)):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(*leaves)
+        y.backward(grad)
+        results.append((y, *(t.grad for t in leaves), {(t.dtype, t.numel()) for t in saved}))
+    for ours, reference in zip(results[0][:4], results[1][:4]):
+        assert torch.equal(ours, reference)
+    assert (torch.bfloat16, x.numel()) in results[0][4] and (torch.float32, x.numel()) not in results[0][4]
+    assert (torch.float32, x.numel()) in results[1][4]
+
+    shared = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LoRAUpdate.apply(shared, a, b, 1.0) + LoRAUpdate.apply(shared, a, b, 2.0)
+    assert len({t.data_ptr() for t in saved if t.shape == x.shape}) == 1
+
+    x64, a64, b64 = (torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+                     for shape in ((3, 5), (2, 5), (4, 2)))
+    assert torch.autograd.gradcheck(lambda *t: LoRAUpdate.apply(*t, 1.5), (x64, a64, b64))
