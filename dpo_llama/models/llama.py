@@ -89,16 +89,17 @@ class ModelArgs:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``y = w * cast(x r)``, ``r = 1 / sqrt(mean(x^2) + eps)`` over the last dimension, computed in float32 (or
-    float64 for float64 ``x``) and cast back to ``x``'s dtype before the weight multiply, as the reference
-    implementations do.
+    """``y = w * cast(x r)``, ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension (of size ``D``), computed in
+    float32 (or float64 for float64 ``x``) and cast back to ``x``'s dtype before the weight multiply, as the
+    reference implementations do.
 
     Backward, with ``n = x r`` and ``g = cast(dL/dy * w)`` in that precision::
 
-        dL/dx = r (g - n mean(g n)),    dL/dw = sum over tokens of dL/dy * cast(n)
+        dL/dx = g r - x r^3 sum(g x) / D  ( = r (g - n mean(g n)) ),    dL/dw = sum over tokens of dL/dy * cast(n)
 
-    Keeps ``x`` in its own dtype and ``r`` (one value per token) for the backward; autograd on the same
-    operations would keep the float32 copy of ``x``, twice the bytes of a bfloat16 ``x``.
+    in the order autograd runs these operations, so the results are bitwise autograd's. It keeps ``x`` in its own
+    dtype and ``r`` (one value per token); autograd would keep the float32 copy of ``x``, twice the bytes of a
+    bfloat16 ``x``.
     """
 
     @staticmethod
@@ -111,13 +112,15 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        n = x.to(r.dtype) * r
+        x32 = x.to(r.dtype)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             g = (grad_y * weight).to(x.dtype).to(r.dtype)
-            grad_x = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+            grad_r = (g * x32).sum(-1, keepdim=True)
+            grad_sq = ((-0.5 * grad_r) * r.pow(3)).expand_as(x32) / x.shape[-1]
+            grad_x = (g * r + grad_sq * (2.0 * x32)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_y * n.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+            grad_weight = (grad_y * (x32 * r).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         return grad_x, grad_weight, None
 
 
