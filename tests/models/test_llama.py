@@ -203,3 +203,38 @@ def test_rmsnorm_function_matches_autograd_and_keeps_x_in_its_dtype(x_dtype, w_d
     assert x_dtype == torch.float32 or (torch.float32, x.numel()) in saved_ref
     x64, w64 = torch.randn(3, 7, dtype=torch.float64).requires_grad_(), torch.randn(7, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x64, w64.requires_grad_()))
+
+
+@pytest.mark.parametrize("start_pos, t", [(0, 6), (4, 2), (5, 1)])
+def test_causal_attention_with_a_smaller_value_head_matches_softmax_reference(start_pos, t):
+    """causal_attention with D_v < D (DeepSeek MLA: v zero-padded for SDPA's fused kernels, output cut back):
+    output and gradients equal explicit softmax(q kᵀ s + causal mask) v in float64, for a full prefix, queries
+    after a cache and one decode step; in bf16 it keeps no [B, H, T, S] attention matrix for the backward."""
+    from dpo_llama.models.llama import causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    s = start_pos + t
+    q, k = torch.randn(1, 2, t, 12, generator=gen, dtype=torch.float64), torch.randn(1, 2, s, 12, generator=gen,
+                                                                                      dtype=torch.float64)
+    v, grad = torch.randn(1, 2, s, 8, generator=gen, dtype=torch.float64), torch.randn(1, 2, t, 8, generator=gen,
+                                                                                      dtype=torch.float64)
+
+    def reference(q_, k_, v_):
+        mask = torch.arange(s)[None, :] <= torch.arange(start_pos, s)[:, None]
+        scores = (q_ @ k_.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v_
+
+    results = []
+    for fn in (lambda *a: causal_attention(*a, start_pos, scale=0.3), reference):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results.append((out, *(x.grad for x in leaves)))
+    assert results[0][0].shape == (1, 2, t, 8)
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected)
+    if t > 1:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+            causal_attention(*(x.bfloat16().requires_grad_() for x in (q, k, v)), start_pos, scale=0.3)
+        assert (1, 2, t, s) not in saved
