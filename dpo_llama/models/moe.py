@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpo_llama.models.llama import swiglu
+from dpo_llama.models.lora import LoRAUpdate
 
 EXPERT_BACKENDS = ("torch", "cpu_kernel")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -405,9 +406,9 @@ class ExpertAdapters(nn.Module):
         return list(zip(self.lora_A.unbind(0), self.lora_B.unbind(0)))
 
     def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        """``s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert (``s`` applied to the
-        ``[n, r]`` intermediate, the smallest tensor)."""
-        return F.linear(self.scaling * F.linear(self.dropout(x).float(), lora_a), lora_b)
+        """``s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert (``lora.LoRAUpdate``,
+        which keeps ``x`` in its own dtype for the backward, once for the gate and up adapters that read it)."""
+        return LoRAUpdate.apply(self.dropout(x), lora_a, lora_b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B_e A_e`` of every expert in float32, ``[E, out, in]``."""
