@@ -114,8 +114,7 @@ def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, to
             prefix, scaling = trained_adapter
             lora_a = adapter[f"{prefix}.lora_A"].to(device).float()
             lora_b = adapter[f"{prefix}.lora_B"].to(device).float()
-            delta = torch.bmm(lora_b, lora_a) if lora_a.dim() == 3 else lora_b @ lora_a
-            tensor = trained_weight(tensor, module, name, weight_dtype).float() + scaling * delta
+            tensor = trained_weight(tensor, module, name, weight_dtype).float() + scaling * (lora_b @ lora_a)
             counts["merged"] += 1
         elif key in adapter:
             tensor = adapter[key]
