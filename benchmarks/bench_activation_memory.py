@@ -10,6 +10,8 @@ calls, the two variants alternating), for:
 * ``routed experts``: one DeepSeek-V2-Lite MoE layer's routed experts (E 64, top-6, 2048 x 1408, bf16), PyTorch
   backend, 2048 tokens. Plain autograd: the gathered ``[pairs, H]`` rows split per expert, ``F.silu(g) * u``,
   the concatenated outputs times their routing weights ``index_add``-ed per token.
+* ``routed experts, LoRA r 8``: the same with rank-8 adapters on every expert's three projections; plain
+  autograd also for the adapters' update (``ExpertAdapters.delta``).
 * ``MLA attention``: SDPA over DeepSeek's MLA head sizes (q and k 192, v 128, 16 heads), bf16, 2048 tokens.
   Plain: SDPA on them as they are (its math fallback); ours: ``llama.causal_attention`` (v padded for flash).
 
@@ -68,11 +70,16 @@ def plain_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def plain_expert_delta(self: moe.ExpertAdapters, x: torch.Tensor, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor) -> torch.Tensor:
+    return F.linear(self.scaling * F.linear(self.dropout(x).float(), lora_a), lora_b)
+
+
 def plain_torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         experts: moe.RoutedExperts) -> torch.Tensor:
     pairs = moe.PairGroups(topk_ids, experts.n_experts)
-    blocks = x[pairs.token_of].split(pairs.counts)
-    outputs = [experts.expert_forward(rows, e, None) for e, rows in enumerate(blocks) if rows.shape[0]]
+    blocks, adapters = x[pairs.token_of].split(pairs.counts), experts.active_adapters()
+    outputs = [experts.expert_forward(rows, e, adapters) for e, rows in enumerate(blocks) if rows.shape[0]]
     weighted = torch.cat(outputs).float() * pairs.sorted_weights(topk_weights)[:, None]
     return torch.zeros(x.shape).index_add(0, pairs.token_of, weighted).to(x.dtype)
 
@@ -80,14 +87,17 @@ def plain_torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 @contextmanager
 def plain_autograd():
     """The plain-autograd variants patched in for the duration."""
-    saved = (RMSNorm.forward, LoRALinear.adapter_forward, llama.swiglu, moe.swiglu, moe.torch_experts)
+    saved = (RMSNorm.forward, LoRALinear.adapter_forward, moe.ExpertAdapters.delta, llama.swiglu, moe.swiglu,
+             moe.torch_experts)
     RMSNorm.forward, LoRALinear.adapter_forward = plain_rmsnorm, plain_lora_update
+    moe.ExpertAdapters.delta = plain_expert_delta
     llama.swiglu = moe.swiglu = plain_swiglu
     moe.torch_experts = plain_torch_experts
     try:
         yield
     finally:
-        RMSNorm.forward, LoRALinear.adapter_forward, llama.swiglu, moe.swiglu, moe.torch_experts = saved
+        (RMSNorm.forward, LoRALinear.adapter_forward, moe.ExpertAdapters.delta, llama.swiglu, moe.swiglu,
+         moe.torch_experts) = saved
 
 
 Case = tuple[Callable[[bool], torch.Tensor], set[int], int]  # run(plain) -> loss, parameter storages, layers
@@ -118,11 +128,17 @@ def llama_case() -> Case:
     return run, {p.untyped_storage().data_ptr() for p in model.parameters()}, 2
 
 
-def experts_case() -> Case:
+def experts_case(rank: int | None = None) -> Case:
     with torch.device("meta"):
         experts = moe.RoutedExperts(EXPERTS, HIDDEN, INTER, "torch").requires_grad_(False)
+    if rank is not None:
+        experts.add_lora(rank, scaling=2.0)
     for name, tensor in zip(moe.EXPERT_WEIGHTS, make_weights()):
         experts.load_tensor(name, tensor.contiguous())
+    if rank is not None:
+        with torch.no_grad():
+            for adapters in experts.lora.values():
+                adapters.lora_B.normal_(0, 0.01)
     x, ids, weights, _ = make_batch(2048)
     x, weights = x.requires_grad_(), weights.requires_grad_()
 
@@ -173,7 +189,7 @@ def main() -> None:
     print("| case | plain MB kept | ours MB kept | vs plain | plain fwd+bwd ms | ours fwd+bwd ms | vs plain |")
     print("|---|---|---|---|---|---|---|")
     for name, make in (("llama layer", llama_case), ("routed experts", experts_case),
-                       ("MLA attention", attention_case)):
+                       ("routed experts, LoRA r 8", lambda: experts_case(8)), ("MLA attention", attention_case)):
         results = measure(make(), args.repeats)
         (plain_mb, plain_s), (ours_mb, ours_s) = results[True], results[False]
         print(f"| {name} | {plain_mb:.1f} | {ours_mb:.1f} | {plain_mb / ours_mb:.2f} | "
