@@ -172,9 +172,13 @@ class LoRAUpdate(torch.autograd.Function):
     The same products as autograd on ``s * F.linear(F.linear(x.float(), A), B)``, which would keep the float32
     copy of ``x`` for ``dL/dA``: twice the bytes of a bfloat16 ``x``, and one copy per adapter where several read
     the same ``x`` (the query and value projections). Here ``x`` is widened again in the backward.
+
+    Under CUDA autocast (the trainer's mixed precision) the backward runs in the forward's autocast state, so its
+    products are cast as autograd's would be (``custom_fwd`` / ``custom_bwd``).
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
         t = F.linear(x.to(lora_a.dtype), lora_a)
         ctx.scaling = scaling
@@ -182,6 +186,7 @@ class LoRAUpdate(torch.autograd.Function):
         return scaling * F.linear(t, lora_b)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y: torch.Tensor):
         x, t, lora_a, lora_b = ctx.saved_tensors
         g = (grad_y * ctx.scaling).reshape(-1, grad_y.shape[-1])

@@ -410,3 +410,28 @@ def test_lora_update_matches_autograd_and_keeps_x_in_its_dtype():
     x64, a64, b64 = (torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
                      for shape in ((3, 5), (2, 5), (4, 2)))
     assert torch.autograd.gradcheck(lambda *t: LoRAUpdate.apply(*t, 1.5), (x64, a64, b64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast)")
+def test_lora_update_under_cuda_autocast_matches_autograd():
+    """The trainer's mixed precision on CUDA (bf16 autocast, float32 adapters): LoRAUpdate's backward runs in the
+    forward's autocast state, so output and gradients match autograd on the plain operations under the same
+    autocast (to bf16 rounding: the products are bf16 on both sides, the GEMM calls may differ)."""
+    import torch.nn.functional as F
+
+    from dpo_llama.models.lora import LoRAUpdate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, generator=gen).bfloat16().cuda()
+    a, b = torch.randn(8, 64, generator=gen).cuda(), torch.randn(32, 8, generator=gen).cuda()
+    grad = torch.randn(2, 3, 32, generator=gen).bfloat16().cuda()
+    results = []
+    for fn in (lambda *t: LoRAUpdate.apply(*t, 0.5), lambda xx, aa, bb: 0.5 * F.linear(F.linear(xx.float(), aa), bb)):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(*leaves)
+        y.backward(grad)
+        results.append((y, *(t.grad for t in leaves)))
+    assert [t.dtype for t in results[0]] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-2, rtol=1e-2)
