@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, load_model_with_lora
@@ -83,7 +84,7 @@ def test_dpo_after_sft_merge(ws, tmp_path, quant):
     assert merge_lora(flags(base=ws["base"], lora=tmp_path / "sft" / "ckpt", output=sft_model)) == 0
     data = tmp_path / "pref"
     assert build_preference(flags(input=ws["pairs"], ref_model=sft_model, template="deepseek", output=data,
-                                  val_ratio=0.25, quant_4bit="nf4" if quant else "none")) == 0
+                                  val_ratio=0.25, quant_4bit="nf4" if quant else "none", device="cpu")) == 0
 
     assert run_dpo(run_argv(sft_model, data, tmp_path / "dpo", max_train_steps=8, **four_bit)) == 0
     check = json.loads((tmp_path / "dpo" / "logs" / "run" / "reference_check.json").read_text())
@@ -107,7 +108,7 @@ def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed, routed_lora):
         pytest.skip("the C++ MoE kernel does not build on this machine")
     data = tmp_path / "pref"
     assert build_preference(flags(input=ws["pairs"], ref_model=ws["base"], template="deepseek", output=data,
-                                  val_ratio=0.25, experts_backend="cpu_kernel")) == 0
+                                  val_ratio=0.25, experts_backend="cpu_kernel", device="cpu")) == 0
     assert run_dpo(run_argv(ws["base"], data, tmp_path / "dpo", max_train_steps=8, experts_backend="cpu_kernel",
                             experts_transposed_copy=transposed, lora_moe_routed_experts=routed_lora)) == 0
     check = json.loads((tmp_path / "dpo" / "logs" / "run" / "reference_check.json").read_text())
@@ -118,6 +119,37 @@ def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed, routed_lora):
         adapter = load_file(tmp_path / "dpo" / "ckpt" / "step-000008" / ADAPTER_FILE)
         assert adapter["layers.1.mlp.experts.lora.up_proj.lora_B"].abs().sum() > 0
         assert merge_lora(flags(base=ws["base"], lora=tmp_path / "dpo" / "ckpt", output=tmp_path / "merged")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
+@pytest.mark.parametrize("routed_lora", [False, True], ids=["packed", "lora-on-routed-experts"])
+def test_hybrid_dpo_attention_on_cuda_experts_in_the_cpu_kernel(ws, tmp_path, routed_lora):
+    """Hybrid GPU + CPU: the model loads onto CUDA (bf16) with its routed experts packed in CPU RAM, where their
+    adapters live too; the reference log-probs and 8 DPO steps run so, the step-0 check passes (the same
+    kernel and dtype on both sides) and the loss falls."""
+    from dpo_llama.models.checkpoint import load_model
+    from dpo_llama.models.cpu_moe import kernel_available
+    from dpo_llama.models.lora import LoRAConfig
+    from dpo_llama.utils.finetune import prepare_model
+    if not kernel_available():
+        pytest.skip("the C++ MoE kernel does not build on this machine")
+    lora = LoRAConfig(lora_r=4, lora_moe_routed_experts=routed_lora)
+    model = load_model(ws["base"], "cuda", torch.bfloat16, prepare=lambda m: prepare_model(m, "cpu_kernel", lora))
+    experts = model.moe_layers()[0].experts
+    assert experts.kernel_packed is not None and experts.gate_proj is None
+    assert model.embed_tokens.weight.is_cuda and model.moe_layers()[0].gate.weight.is_cuda
+    assert (experts.lora is not None) is routed_lora
+    assert all(p.device.type == "cpu" for p in experts.parameters())
+
+    data = tmp_path / "pref"
+    assert build_preference(flags(input=ws["pairs"], ref_model=ws["base"], template="deepseek", output=data,
+                                  val_ratio=0.25, device="cuda", experts_backend="cpu_kernel")) == 0
+    assert run_dpo(run_argv(ws["base"], data, tmp_path / "dpo", max_train_steps=8, device="cuda",
+                            experts_backend="cpu_kernel", lora_moe_routed_experts=routed_lora)) == 0
+    check = json.loads((tmp_path / "dpo" / "logs" / "run" / "reference_check.json").read_text())
+    assert check["max_abs_logp_diff"] < 1e-2 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-3)
+    loss = series(read_history(tmp_path / "dpo" / "logs" / "run"), "train/loss")
+    assert np.mean(loss[-2:]) < loss[0] - 0.1
 
 
 def test_transposed_copies_need_the_cpu_kernel_backend():

@@ -343,7 +343,7 @@ def adapter_grads(fn, experts, x, ids, weights):
     experts.zero_grad()
     x, ids, weights = kernel_inputs(x, ids, weights)
     out = fn(x, ids, weights)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     return [out.detach(), x.grad, weights.grad, *(p.grad.clone() for p in experts.lora.parameters())]
 
 
