@@ -7,7 +7,8 @@ bf16 weights are saved once as a checkpoint and loaded the way ``run_dpo_lora.py
 training step of ``run_dpo_lora.py``: the sigmoid DPO loss (plus the load-balancing loss) of ``--pairs`` pairs of
 ``--seq-len``-token sequences under bf16 autocast, its backward, and an AdamW step. Variants:
 
-* ``torch``: every weight on ``--device``, experts one at a time in PyTorch (the all-GPU baseline on CUDA),
+* ``torch``: every weight on ``--device``, experts in PyTorch (the all-GPU baseline on CUDA; grouped GEMMs over
+  all experts on a GPU of compute capability 9.0+, one expert at a time elsewhere),
 * ``cpu_kernel``: the routed experts packed in CPU RAM and run by the C++ kernel (hybrid GPU + CPU on CUDA:
   hidden states cross to the host and back through pinned buffers),
 * ``cpu_kernel+copies``: the same with transposed copies of the packed experts (a faster backward).

@@ -17,7 +17,9 @@ The experts of one layer are stored stacked (``gate_proj [E, I, H]``, ``up_proj 
 differentiable in ``x`` and ``topk_weights``:
 
 * ``"torch"``: tokens are grouped by expert (argsort of the flat expert ids), each expert multiplies one
-  contiguous slice, the weighted rows are ``index_add``-ed back to their tokens.
+  contiguous slice, the weighted rows are ``index_add``-ed back to their tokens. On a CUDA GPU with grouped
+  GEMMs (compute capability 9.0+, bf16 experts, no expert adapters) the experts' products run as three
+  ``torch._grouped_mm`` calls over all experts instead of a few kernels per expert (:func:`grouped_experts`).
 * ``"cpu_kernel"``: the C++ kernel of ``dpo_llama.models.cpu_moe``. The experts are packed ONCE into the
   kernel's blocked bf16 layout in CPU RAM — as their tensors stream in while loading, or when the backend is
   selected on a loaded model — and the full-precision weights are then freed, so the experts are never
@@ -49,6 +51,7 @@ its experts (which read the same token state) and one per pair for the down adap
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
@@ -148,7 +151,8 @@ def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
     The ``T * k`` (token, expert) pairs are grouped by expert (:class:`PairGroups`), every expert's rows of
     ``x`` go through ``expert_forward`` (:class:`GatherPairs`), and the outputs, times their routing weights,
-    are summed into the rows of their tokens in float32 (:class:`ScatterPairs`).
+    are summed into the rows of their tokens in float32 (:class:`ScatterPairs`). Where grouped GEMMs run
+    (:func:`grouped_gemm_runs`: CUDA, bf16, no adapters) all experts go through :func:`grouped_experts` at once.
 
     Args:
         x: ``[T, H]`` token states.
@@ -159,9 +163,46 @@ def torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     if not pairs.spans():
         return torch.zeros_like(x)
     adapters = experts.active_adapters()
+    if adapters is None and grouped_gemm_runs(x, experts):
+        return grouped_experts(x, pairs, topk_weights, experts.gate_proj, experts.up_proj, experts.down_proj)
     blocks = GatherPairs.apply(x, pairs)
     outputs = [experts.expert_forward(rows, expert, adapters) for (expert, _), rows in zip(pairs.spans(), blocks)]
     return ScatterPairs.apply(pairs.sorted_weights(topk_weights), pairs, *outputs).to(x.dtype)
+
+
+def grouped_gemm_runs(x: torch.Tensor, experts: RoutedExperts) -> bool:
+    """Whether :func:`grouped_experts` serves these experts: full-precision bf16 experts and bf16 ``x`` on a CUDA
+    GPU of compute capability 9.0 or more (where ``torch._grouped_mm`` has its fused kernel), with rows of a
+    multiple of 16 bytes (its requirement: sizes multiple of 8)."""
+    if not x.is_cuda or experts.quant is not None or experts.gate_proj is None:
+        return False
+    if experts.dim % 8 or experts.hidden_dim % 8:
+        return False
+    dtypes = {x.dtype, experts.gate_proj.dtype, experts.up_proj.dtype, experts.down_proj.dtype}
+    return dtypes == {torch.bfloat16} and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_experts(x: torch.Tensor, pairs: PairGroups, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
+                    up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """The ``"torch"`` backend's products as grouped GEMMs: each one multiplies every expert's rows at once.
+
+    With ``X`` the ``[P, H]`` token rows of the pairs sorted by expert (:class:`PairGroups`) and expert ``e``
+    owning rows ``[offs_{e-1}, offs_e)``::
+
+        G = X W1_eᵀ,  U = X W3_eᵀ,  O = (silu(G) * U) W2_eᵀ   (row blocks of expert e, ``torch._grouped_mm``)
+        y[t] = sum over the pairs (t, j) of w[t, j] O[pair]  (float32, :class:`ScatterPairs`)
+
+    Three GEMM launches for all experts instead of a few kernels per expert: on a GPU the per-expert loop of
+    64 experts is bound by launching kernels (``benchmarks/bench_hybrid_step.py``). It holds the ``[P, H]``
+    rows and outputs whole, which the per-expert path (for CPU RAM) avoids.
+    """
+    offs = torch.tensor(pairs.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
+    whole = pairs.as_one_group()
+    (rows,) = GatherPairs.apply(x, whole)
+    hidden = swiglu(torch._grouped_mm(rows, gate_proj.transpose(1, 2), offs=offs),
+                    torch._grouped_mm(rows, up_proj.transpose(1, 2), offs=offs))
+    out = torch._grouped_mm(hidden, down_proj.transpose(1, 2), offs=offs)
+    return ScatterPairs.apply(pairs.sorted_weights(topk_weights), whole, out).to(x.dtype)
 
 
 class PairGroups:
@@ -187,6 +228,12 @@ class PairGroups:
                 spans.append((expert, slice(start, start + count)))
             start += count
         return spans
+
+    def as_one_group(self) -> PairGroups:
+        """The same sorted pairs as one group: a single span over all rows (for products over all experts)."""
+        whole = copy.copy(self)
+        whole.counts = [sum(self.counts)]
+        return whole
 
     def take(self, tensor: torch.Tensor, span: slice, by_token: bool) -> torch.Tensor:
         """The rows of ``tensor`` for the sorted pairs ``span``: the rows of their tokens if ``by_token``

@@ -121,7 +121,7 @@ def grads(fn, experts, x, ids, weights):
     experts.zero_grad()
     x.grad = weights.grad = None
     out = fn(x, ids, weights)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     return out.detach(), x.grad, weights.grad, experts.gate_proj.grad, experts.down_proj.grad
 
 
@@ -143,6 +143,51 @@ def test_torch_backend_bf16_keeps_dtype():
     assert out.dtype == torch.bfloat16
     expected = naive_experts(x.detach().bfloat16().float(), ids, weights.detach(), make_experts_from(experts))
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def grouped(experts: RoutedExperts):
+    """``grouped_experts`` on these experts, called directly (the backend uses it on CUDA only)."""
+    from dpo_llama.models.moe import PairGroups, grouped_experts
+
+    def run(x, ids, weights):
+        return grouped_experts(x, PairGroups(ids, experts.n_experts), weights, experts.gate_proj, experts.up_proj,
+                               experts.down_proj)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_per_expert_path(dtype):
+    """The grouped GEMMs (``torch._grouped_mm``, which also runs on the CPU) give the per-expert path's output and
+    gradients (x, routing weights, expert weights), with an expert that gets no token; on the CPU the backend
+    keeps the per-expert path."""
+    from dpo_llama.models.moe import grouped_gemm_runs
+    experts = make_experts(hidden=16).to(dtype)  # grouped GEMM rows: multiples of 16 bytes
+    x, ids, weights = routing_inputs()
+    x = x.detach().to(dtype).requires_grad_()
+    assert not grouped_gemm_runs(x, experts)
+    want = grads(experts, experts, x, ids, weights)
+    got = grads(grouped(experts), experts, x, ids, weights)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    assert got[3][-1].abs().sum() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_experts_match_the_cpu():
+    """On CUDA the bf16 backend runs grouped GEMMs where they have their kernel (compute capability 9.0+), the
+    per-expert path elsewhere; either gives the CPU per-expert path's output and gradients (to bf16 rounding)."""
+    from dpo_llama.models.moe import grouped_gemm_runs
+    experts = make_experts(hidden=16).to(torch.bfloat16)
+    x, ids, weights = routing_inputs()
+    x = x.detach().bfloat16().requires_grad_()
+    want = grads(experts, experts, x, ids, weights)
+    on_gpu = copy.deepcopy(experts).cuda()
+    x_gpu, weights_gpu = (t.detach().cuda().requires_grad_() for t in (x, weights))
+    assert grouped_gemm_runs(x_gpu, on_gpu) == (torch.cuda.get_device_capability() >= (9, 0))
+    got = grads(on_gpu, on_gpu, x_gpu, ids.cuda(), weights_gpu)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=3e-2, rtol=3e-2)
 
 
 def make_experts_from(experts: RoutedExperts) -> RoutedExperts:
