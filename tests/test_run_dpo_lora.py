@@ -152,35 +152,28 @@ def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tm
     assert reference_check(tmp_path / "continued")["max_abs_logp_diff"] < 1e-5
 
 
-def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path):
-    """40 pairs (30 train, 10 validation). Validation reward accuracy starts at 0 (all rewards are 0 at
-    step 0) and ends at or above 0.8 after 10 steps; the validation loss falls below ln 2."""
-    data = build(ws, tmp_path / "data", input=write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40, seed=1)))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, qlora", [("cpu", False), pytest.param("cuda", False, marks=CUDA, id="cuda-lora"),
+                                           pytest.param("cuda", True, marks=CUDA, id="cuda-qlora-nf4")])
+def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path, device, qlora):
+    """40 pairs (30 train, 10 validation), reference log-probs and policy on the same device: the step-0 check
+    passes; validation reward accuracy starts at 0 (all rewards are 0 at step 0) and ends at or above 0.8 after
+    10 steps; the validation loss falls below ln 2. On CUDA, the usual GPU run: bf16 weights, bf16 autocast,
+    float32 adapters, and with QLoRA the base weights nf4 on both sides."""
+    data = build(ws, tmp_path / "data", input=write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40, seed=1)),
+                 device=device, quant_4bit="nf4" if qlora else "none")
+    four_bit = dict(quant_4bit=True, quant_lora_4bit=True) if qlora else {}
     assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, max_train_steps=10, micro_batch_size=6,
-                            val_interval=5)) == 0
+                            val_interval=5, device=device, **four_bit)) == 0
+    check = reference_check(tmp_path)
+    assert check["max_abs_logp_diff"] < 1e-2 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-3)
     history = read_history(tmp_path / "logs" / "run")
     accuracy, loss = series(history, "val/rewards/accuracies"), series(history, "val/loss")
     assert len(accuracy) == 2 and accuracy[-1] >= 0.8
     assert loss[-1] < LN2 - 0.1 and series(history, "val/rewards/margins")[-1] > 0
     assert (tmp_path / "logs" / "run" / "reward_accuracy.png").is_file()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora-nf4"])
-def test_dpo_on_cuda_learns_the_preference(ws, tmp_path, qlora):
-    """The usual GPU run: reference log-probs and policy on CUDA (bf16 weights, bf16 autocast; with QLoRA the
-    base weights nf4 on both sides), float32 adapters. The step-0 check passes and, as on the CPU, validation
-    reward accuracy reaches 0.8 in 10 steps and the validation loss falls below ln 2."""
-    data = build(ws, tmp_path / "data", input=write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40, seed=1)),
-                 device="cuda", quant_4bit="nf4" if qlora else "none")
-    four_bit = dict(quant_4bit=True, quant_lora_4bit=True) if qlora else {}
-    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, max_train_steps=10, micro_batch_size=6,
-                            val_interval=5, device="cuda", **four_bit)) == 0
-    check = reference_check(tmp_path)
-    assert check["max_abs_logp_diff"] < 1e-2 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-3)
-    history = read_history(tmp_path / "logs" / "run")
-    accuracy, loss = series(history, "val/rewards/accuracies"), series(history, "val/loss")
-    assert accuracy[-1] >= 0.8 and loss[-1] < LN2 - 0.1
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"])
