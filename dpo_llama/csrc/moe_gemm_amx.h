@@ -35,7 +35,10 @@ DPO_TARGET_AMX inline void configure_tiles() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  // Inline asm, not _tile_loadconfig: GCC 12's intrinsic declares a read of only the first 8 bytes
+  // of cfg, so the compiler may drop or delay the stores of colsb and rows (seen here: with more
+  // code inlined around this call, the colsb stores vanished and LDTILECFG faulted, SIGSEGV).
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Tile loads do not train the hardware prefetchers well, so the products prefetch the weights.
