@@ -70,6 +70,11 @@ DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) { prefetch_lines(p, 1
 
 DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }
 
+// GCC's _tile_loadd takes the address as a plain register operand, without declaring a read of
+// memory, so the compiler may sink or drop vector stores that only tile loads read. Called between
+// such stores and the tile loads that read them.
+inline void stores_visible_to_tile_loads() { asm volatile("" : : : "memory"); }
+
 // int32 accumulators (stored in place in c) -> s_a s_w (acc - 128 colsum) for 16 rows x 32 cols.
 DPO_TARGET_AMX inline void dequantize_tile_rows(float* c, int64_t ldc, const float* a_scale,
                                                 const PackedView& w, int64_t p) {
@@ -233,6 +238,7 @@ DPO_TARGET_AMX inline void product_with_tiles(const Act& a, const uint8_t* tiles
                                               int64_t panel_bytes) {
   const int64_t row_tiles = ceil_div(a.rows, 16);
   const int64_t lda = a.ld * 2, ldc_bytes = ldc * 4;
+  stores_visible_to_tile_loads();
   for (int64_t mt = 0; mt < row_tiles; mt += 2) {
     const bool two = mt + 1 < row_tiles;
     const uint16_t* a0 = a.bf16 + mt * 16 * a.ld;
@@ -340,6 +346,7 @@ DPO_TARGET_AMX inline bool self_test() {
   alignas(64) int32_t out_i32[16 * 16];
   std::fill(ones_bf16, ones_bf16 + 16 * 32, uint16_t(0x3F80));  // 1.0 in bf16
   std::fill(ones_u8, ones_u8 + 16 * 64, uint8_t(1));
+  stores_visible_to_tile_loads();
   _tile_zero(0);
   _tile_loadd(4, ones_bf16, 64);
   _tile_loadd(6, ones_bf16, 64);
