@@ -80,9 +80,10 @@ using GemmNn = void (*)(const Act& a, const PackedView& w, int64_t col0, int64_t
                         int64_t ldc);
 // h[i] = silu(gate[i]) * up[i] for one row of the interleaved gate/up output.
 using SiluMulRow = void (*)(const float* gu, float* h, int64_t inter);
-// SwiGLU backward for one row; returns <v, h> (the routing-weight gradient).
+// SwiGLU backward for one row; returns <v, h> (the routing-weight gradient) and writes h if h_out
+// is not null.
 using SwigluBackwardRow = float (*)(const float* gu, const float* v, float weight, float* d,
-                                    int64_t inter);
+                                    int64_t inter, float* h_out);
 
 // Writes an fp32 row (times optional per-column scales) as an operand row; see generic::store_row.
 using StoreRow = void (*)(ActFormat format, const float* src, int64_t n, const float* col_scale,

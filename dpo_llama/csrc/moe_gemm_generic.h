@@ -48,9 +48,10 @@ DPO_INLINE void silu_mul_row(const float* gu, float* h, int64_t inter) {
 
 // With h = silu(g) u, s = sigmoid(g) and dh = weight * v (v = dL/d(expert output) pulled back
 // through the down projection):
-//   dg = dh * u * s * (1 + g (1 - s)),  du = dh * g * s,  returns <v, h> = dL/dweight.
+//   dg = dh * u * s * (1 + g (1 - s)),  du = dh * g * s,  returns <v, h> = dL/dweight; writes h
+// to h_out if it is not null, bitwise as silu_mul_row computes it.
 DPO_INLINE float swiglu_backward_row(const float* gu, const float* v, float weight, float* d,
-                                     int64_t inter) {
+                                     int64_t inter, float* h_out) {
   float lanes[kPanel] = {};
   for (int64_t p = 0; p < inter / kPanel; ++p) {
     const float* g = gu + p * 2 * kPanel;
@@ -59,9 +60,11 @@ DPO_INLINE float swiglu_backward_row(const float* gu, const float* v, float weig
     float* dg = d + p * 2 * kPanel;
     float* du = dg + kPanel;
     for (int j = 0; j < kPanel; ++j) {
-      const float s = 1.0f / (1.0f + fast_exp(-g[j]));
+      const float one_plus_exp = 1.0f + fast_exp(-g[j]);
+      const float s = 1.0f / one_plus_exp;
       const float dh = weight * vp[j];
       lanes[j] += vp[j] * g[j] * s * u[j];
+      if (h_out != nullptr) h_out[p * kPanel + j] = g[j] / one_plus_exp * u[j];  // as silu_mul_row
       dg[j] = dh * u[j] * s * (1.0f + g[j] * (1.0f - s));
       du[j] = dh * g[j] * s;
     }
@@ -79,6 +82,21 @@ DPO_INLINE uint16_t f32_to_bf16(float f) {
   return uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// max |src[i] * col_scale[i]| (col_scale null: 1) over i < n, in 16 running maxima: the compiler
+// does not vectorise a single running maximum (it may not reorder the comparisons), and the maximum
+// does not depend on their order.
+DPO_INLINE float max_abs(const float* src, int64_t n, const float* col_scale) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j)
+      lanes[j] = std::max(lanes[j], std::fabs(col_scale ? src[i + j] * col_scale[i + j] : src[i + j]));
+  for (; i < n; ++i) lanes[0] = std::max(lanes[0], std::fabs(col_scale ? src[i] * col_scale[i] : src[i]));
+  float amax = 0.0f;
+  for (int j = 0; j < 16; ++j) amax = std::max(amax, lanes[j]);
+  return amax;
+}
+
 // Writes src[0..n) * col_scale (if given) as one operand row of `ld` elements in `format`,
 // zero-filled past n; src == nullptr writes a zero row. u8 rows are quantized symmetrically:
 // u8 = round(x / s) + 128 with s = max|x| / 127 written to *row_scale.
@@ -94,9 +112,7 @@ DPO_INLINE void store_row(ActFormat format, const float* src, int64_t n, const f
     for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(col_scale ? src[i] * col_scale[i] : src[i]);
     for (int64_t i = n; i < ld; ++i) out[i] = 0;
   } else {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < n; ++i)
-      amax = std::max(amax, std::fabs(col_scale ? src[i] * col_scale[i] : src[i]));
+    const float amax = max_abs(src, n, col_scale);
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     uint8_t* out = static_cast<uint8_t*>(dst);
     for (int64_t i = 0; i < n; ++i) {
@@ -239,8 +255,8 @@ DPO_INLINE void gemm_nn_int8(const Act& a, const PackedView& w, int64_t col0, fl
     generic::silu_mul_row(gu, h, inter);                                                      \
   }                                                                                           \
   TARGET inline float swiglu_backward_##SUFFIX(const float* gu, const float* v, float weight, \
-                                               float* d, int64_t inter) {                     \
-    return generic::swiglu_backward_row(gu, v, weight, d, inter);                             \
+                                               float* d, int64_t inter, float* h_out) {       \
+    return generic::swiglu_backward_row(gu, v, weight, d, inter, h_out);                      \
   }                                                                                           \
   TARGET inline void store_row_##SUFFIX(ActFormat format, const float* src, int64_t n,        \
                                         const float* col_scale, int64_t ld, void* dst,        \

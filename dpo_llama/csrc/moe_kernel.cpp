@@ -14,7 +14,8 @@
 //   5. y[t] = sum_j w[t,j] o[row(t,j)] in fp32, slots in order (deterministic, no atomics).
 // Backward (v = W_down^T dy, dL/dw = <dy, o> = <v, h>):
 //   1. gather dy rows per pair; tasks (expert, 128 columns of I): v = dy W_down (transposed product),
-//   2. per pair: dL/dw = <v, h>, dh = w v (+ grad_h, the caller's gradient of the returned h),
+//   2. per pair: dL/dw = <v, h> (int8: h quantized as the down product read it), dh = w v (+ grad_h,
+//      the caller's gradient of the returned h),
 //      dg = dh u silu'(g), du = dh silu(g); [dg | du] is optionally returned (the delta's gradient),
 //   3. tasks (expert, 128 columns of H): dx_pair = [dg | du] W_gate_up (transposed product),
 //   4. dx[t] = sum_j dx_pair[row(t,j)].
@@ -692,7 +693,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& ids,
 // `scratch` (2 inter values).
 void add_hidden_grad(const Kernels& kern, const float* g_u, const float* grad_h, int64_t inter,
                      float* d, float* scratch) {
-  kern.swiglu_backward(g_u, grad_h, 1.0f, scratch, inter);
+  kern.swiglu_backward(g_u, grad_h, 1.0f, scratch, inter, nullptr);
   for (int64_t i = 0; i < 2 * inter; ++i) d[i] += scratch[i];
 }
 
@@ -703,6 +704,21 @@ void deinterleave_gate_up(const float* d, int64_t inter, float* out) {
     std::memcpy(out + p * kPanel, d + p * 2 * kPanel, kPanel * sizeof(float));
     std::memcpy(out + inter + p * kPanel, d + p * 2 * kPanel + kPanel, kPanel * sizeof(float));
   }
+}
+
+// dL/dw of one pair for int8 weights: <v, h> with h as the down product read it. The forward
+// quantized h to u8 with a per-row scale s, and the output is linear in w with that quantized h as
+// coefficient, so this is the exact derivative of the computed output (<v, h> with the unquantized
+// h, what swiglu_backward returns, is off by about 2 %). h (from swiglu_backward, computed as the
+// forward's epilogue computes it) is quantized by the forward's store_row into `row` (inter bytes).
+float routing_weight_grad_u8(const Kernels& kern, const float* h, const float* v, int64_t inter,
+                             uint8_t* row) {
+  float scale = 0.0f, lanes[kPanel] = {}, dot = 0.0f;
+  kern.store_row(ActFormat::u8, h, inter, nullptr, inter, row, &scale);
+  for (int64_t p = 0; p < inter; p += kPanel)  // kPanel sums, so that the loop vectorises
+    for (int j = 0; j < kPanel; ++j) lanes[j] += v[p + j] * float(int(row[p + j]) - 128);
+  for (int j = 0; j < kPanel; ++j) dot += lanes[j];
+  return dot * scale;
 }
 
 std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor& ids,
@@ -755,6 +771,8 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   run_tasks(ceil_div(r.rows, kChunk), [&](int64_t task) {
     std::vector<float> d(2 * inter), d_h(grad_h_ptr != nullptr ? 2 * inter : 0);
     std::vector<float> gu_row(saved.bf16 ? 2 * inter : 0);
+    std::vector<float> h(int8 ? inter : 0);
+    std::vector<uint8_t> h_row(int8 ? inter : 0);
     for (int64_t row = task * kChunk; row < std::min(r.rows, (task + 1) * kChunk); ++row) {
       const int64_t pair = r.pair_of_row[row];
       if (pair < 0) {
@@ -764,7 +782,10 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
       const float* g_u = saved.bf16
                              ? widen_bf16(gu_b16 + row * saved.ld, 2 * inter, gu_row.data())
                              : gu_f32 + row * saved.ld;
-      gw_ptr[pair] = kern.swiglu_backward(g_u, v_ptr + row * inter, w[pair], d.data(), inter);
+      const float* v_row = v_ptr + row * inter;
+      gw_ptr[pair] = kern.swiglu_backward(g_u, v_row, w[pair], d.data(), inter,
+                                          int8 ? h.data() : nullptr);
+      if (int8) gw_ptr[pair] = routing_weight_grad_u8(kern, h.data(), v_row, inter, h_row.data());
       const int64_t sorted = r.sorted_row(row, id[pair]);
       if (grad_h_ptr != nullptr)
         add_hidden_grad(kern, g_u, grad_h_ptr + sorted * inter, inter, d.data(), d_h.data());

@@ -109,21 +109,52 @@ def dequantize_int8(w: torch.Tensor) -> torch.Tensor:
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 
-def reference_with_hidden(x, ids, weights, gate, up, down, delta=None):
+def same(rows: torch.Tensor) -> torch.Tensor:
+    return rows
+
+
+def reference_with_hidden(x, ids, weights, gate, up, down, delta=None, x_operand=same, h_operand=same):
     """Float64 MoE forward with an optional gate/up delta [T, k, 2I] = [dg | du] per pair:
     g = gate x + dg, u = up x + du, h = silu(g) u, y = sum_j w (down h). Returns (y [T, H], h [T, k, I]),
-    differentiable in x, weights and delta."""
+    differentiable in x, weights and delta. ``x_operand`` and ``h_operand`` map x [T, H] and h [T k, I] to
+    the values the products read (see ``test_int8_equals_its_quantization``)."""
     x, weights = x.double(), weights.double()
     pair_expert = ids.flatten()
-    xs = x.repeat_interleave(ids.shape[1], dim=0)
+    xs = x_operand(x).repeat_interleave(ids.shape[1], dim=0)
     g = torch.einsum("pih,ph->pi", gate.double()[pair_expert], xs)
     u = torch.einsum("pih,ph->pi", up.double()[pair_expert], xs)
     if delta is not None:
         dg, du = delta.double().flatten(0, 1).chunk(2, dim=1)
         g, u = g + dg, u + du
     h = torch.nn.functional.silu(g) * u
-    o = torch.einsum("phi,pi->ph", down.double()[pair_expert], h)
+    o = torch.einsum("phi,pi->ph", down.double()[pair_expert], h_operand(h))
     return (o.view(*ids.shape, -1) * weights[..., None]).sum(dim=1), h.view(*ids.shape, -1)
+
+
+def quantized_like_the_kernel(rows: torch.Tensor) -> torch.Tensor:
+    """float32 rows -> the int8 path's operand, dequantized to float64: per row inv = 127 / max|a| and
+    q = trunc(a inv +- 0.5) (halves away from zero), in float32 arithmetic as the kernel computes them,
+    times the row scale max|a| / 127."""
+    amax = rows.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, float32_divide(127, amax), torch.zeros_like(amax))
+    scaled = rows * inv
+    quantized = torch.trunc(scaled + torch.where(scaled >= 0, 0.5, -0.5))
+    return quantized.double() * float32_divide(amax, 127).double()
+
+
+def float32_divide(a, b) -> torch.Tensor:
+    """a / b rounded once to float32, as C++ divides floats (torch divides by a scalar as a product with its
+    rounded reciprocal, which differs in the last bit, enough to move a value across a rounding boundary);
+    the float64 quotient of two float32 values rounds to the correctly rounded float32 quotient."""
+    a, b = torch.broadcast_tensors(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return (a.clone() / b.clone()).float()
+
+
+def straight_through(rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward, the identity in the backward: how the kernel differentiates its
+    quantization (dL/dx through the dequantized weights at the quantized x; dL/dw = <dy, o>, o from the
+    quantized h)."""
+    return rows + (value - rows).detach()
 
 
 def reference(x, ids, weights, gate, up, down):
@@ -176,6 +207,35 @@ def test_matches_float64_reference(force_isa, isa, weight_dtype, shape):
     for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
         assert g.dtype == torch.float32
         assert_close(g, w, tol, f"{isa}/{weight_dtype}/{shape} {name}")
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_equals_its_quantization(force_isa, isa, shape):
+    """int8 weights against a float64 emulation of what the int8 path computes: the dequantized weights,
+    x and h quantized per row as the kernel does it (``quantized_like_the_kernel``; h is the kernel's
+    own, returned by return_hidden: its float32 SiLU differs from float64's in the last bits, which would
+    move a few values across a rounding boundary), straight-through in the backward. Only fp32 rounding
+    remains, 1e-5; on AMX the backward's operands and the saved gate/up outputs are bf16 (and h is
+    rebuilt from the latter for dL/dw): 2e-2 for the gradients. The float reference test allows 3e-2
+    for the quantization itself; this one also pins the integer arithmetic (the +128 offset and the
+    column sums, the scales) and dL/dw being the derivative of the quantized forward (it was computed
+    from the unquantized h: 1 to 3 % off)."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES[shape])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype="int8")
+    got = run_kernel_hooks(x, ids, weights, None, grad, None, packed)
+    kernel_h = got[1].flatten(0, 1)
+    xr, wr = x.double().requires_grad_(), weights.double().requires_grad_()
+    y, _ = reference_with_hidden(
+        xr, ids, wr, *(dequantize_int8(w) for w in experts),
+        x_operand=lambda rows: straight_through(rows, quantized_like_the_kernel(x)),
+        h_operand=lambda rows: straight_through(rows, quantized_like_the_kernel(kernel_h)))
+    y.backward(grad.double())
+    tol_grads = 2e-2 if isa == "amx" else 1e-5
+    want = (y.detach(), xr.grad, wr.grad)
+    for name, g, w, tol in zip(("y", "grad_x", "grad_weights"), (got[0], got[2], got[3]), want, (1e-5, tol_grads, tol_grads)):
+        assert_close(g, w, tol, f"{isa}/int8/{shape} {name}")
 
 
 @pytest.mark.parametrize("shape", ["odd_sizes_top2", "busy_expert_top3"])
