@@ -38,6 +38,7 @@
 
 #include "moe_common.h"
 #include "moe_gemm_amx.h"
+#include "moe_gemm_avx2.h"
 #include "moe_gemm_avx512.h"
 #include "moe_gemm_generic.h"
 

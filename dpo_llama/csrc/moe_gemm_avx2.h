@@ -1,0 +1,103 @@
+// AVX2 transposed (backward) product, written with intrinsics: the generic loop compiled for AVX2
+// (moe_gemm_generic.h) keeps 512 partial sums per activation row, which do not fit the 16 vector
+// registers, and ran at about a tenth of this kernel's speed. Same scheme as avx512::nn_rows with
+// 8-lane vectors: each 32-byte load of a panel row holds 8 channels x G values of k (bf16 pairs,
+// or int8 quadruples), widened to G fp32 vectors and multiplied with the activations of those 8
+// channels; every output keeps 8 partial sums (one per channel mod 8), reduced once at the end.
+#pragma once
+
+#include <immintrin.h>
+
+#include "moe_common.h"
+
+namespace dpo_moe {
+namespace avx2 {
+
+// Widen 32 bytes of a panel row (8 channels x G values of k) into G fp32 vectors.
+template <int G>
+DPO_TARGET_AVX2 DPO_INLINE void widen(__m256i v, __m256* out) {
+  if constexpr (G == 2) {  // bf16 is the top half of fp32
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+  } else {  // int8: sign-extend each byte
+    out[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+    out[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+    out[2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+    out[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+  }
+}
+
+DPO_TARGET_AVX2 DPO_INLINE float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// c[i][j] = sum_n a[i][n] W[n][k] for MR <= 2 rows and the 4 columns k = G row0 + j: 4 MR
+// accumulators, MR activation vectors and G widened weight vectors fit the 16 registers.
+template <int MR, int G>
+DPO_TARGET_AVX2 inline void nn_rows(const float* a, int64_t lda, const PackedView& w, int64_t row0,
+                                    float* c, int64_t ldc) {
+  constexpr int kCols = 4, kGroupRows = kCols / G;
+  __m256 acc[MR][kCols];
+#pragma GCC unroll 2
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t panels = w.n / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint8_t* base = w.panel(p) + row0 * kRowBytes;
+#pragma GCC unroll 4
+    for (int quarter = 0; quarter < 4; ++quarter) {
+      __m256 x[MR];
+#pragma GCC unroll 2
+      for (int i = 0; i < MR; ++i) x[i] = _mm256_loadu_ps(a + i * lda + p * kPanel + quarter * 8);
+#pragma GCC unroll 2
+      for (int r = 0; r < kGroupRows; ++r) {
+        __m256 wv[G];
+        widen<G>(_mm256_loadu_si256(
+                     reinterpret_cast<const __m256i*>(base + r * kRowBytes + quarter * 32)),
+                 wv);
+#pragma GCC unroll 4
+        for (int q = 0; q < G; ++q)
+#pragma GCC unroll 2
+          for (int i = 0; i < MR; ++i)
+            acc[i][r * G + q] = _mm256_fmadd_ps(x[i], wv[q], acc[i][r * G + q]);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) c[i * ldc + j] = reduce_add(acc[i][j]);
+}
+
+// Transposed product for the 32 columns [col0, col0 + 32) (see gemm_nn_bf16_avx2).
+template <int G>
+DPO_TARGET_AVX2 inline void gemm_nn(const Act& a, const PackedView& w, int64_t col0, float* c,
+                                    int64_t ldc) {
+  for (int64_t j0 = 0; j0 < kPanel; j0 += 4)
+    for (int64_t m0 = 0; m0 < a.rows; m0 += 2) {
+      const float* am = a.f32 + m0 * a.ld;
+      const int64_t row0 = (col0 + j0) / G;
+      if (a.rows - m0 >= 2)
+        nn_rows<2, G>(am, a.ld, w, row0, c + m0 * ldc + j0, ldc);
+      else
+        nn_rows<1, G>(am, a.ld, w, row0, c + m0 * ldc + j0, ldc);
+    }
+}
+
+}  // namespace avx2
+
+// c[m][j] = sum_n A[m][n] W[n][col0 + j] for j < cols (a multiple of 32), A in fp32 rows; for
+// int8 weights the activations arrive already multiplied by the channel scales s_w[n].
+DPO_TARGET_AVX2 inline void gemm_nn_bf16_avx2(const Act& a, const PackedView& w, int64_t col0,
+                                              int64_t cols, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < cols; j += kPanel) avx2::gemm_nn<2>(a, w, col0 + j, c + j, ldc);
+}
+DPO_TARGET_AVX2 inline void gemm_nn_int8_avx2(const Act& a, const PackedView& w, int64_t col0,
+                                              int64_t cols, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < cols; j += kPanel) avx2::gemm_nn<4>(a, w, col0 + j, c + j, ldc);
+}
+
+}  // namespace dpo_moe
