@@ -1,7 +1,7 @@
 // Portable kernels written as plain loops over the packed layout. They are force-inlined into
-// thin wrappers compiled twice: once with the build's generic flags ("portable") and once with
-// target("avx2,fma") ("avx2"), where the compiler vectorises the fixed-width inner loops; the
-// AVX2 transposed product has its own kernel (moe_gemm_avx2.h).
+// thin wrappers compiled with the build's generic flags ("portable"); the epilogues and the int8
+// forward product also with target("avx2,fma") ("avx2", where the compiler vectorises the
+// fixed-width inner loops) and the epilogues with the AVX-512 target.
 #pragma once
 
 #include <cmath>
@@ -230,9 +230,8 @@ DPO_INLINE void gemm_nn_int8(const Act& a, const PackedView& w, int64_t col0, fl
 
 }  // namespace generic
 
-// The same generic code compiled for several targets (the AVX2 transposed product is in
-// moe_gemm_avx2.h).
-#define DPO_GENERIC_NT(SUFFIX, TARGET)                                                        \
+// The generic products compiled with the build's flags (AVX2 has its own, moe_gemm_avx2.h).
+#define DPO_GENERIC_GEMMS(SUFFIX, TARGET)                                                     \
   TARGET inline void gemm_nt_bf16_##SUFFIX(const Act& a, const PackedView& w, int64_t p0,    \
                                            int64_t p1, float* c, int64_t ldc) {              \
     generic::gemm_nt_bf16(a, w, p0, p1, c, ldc);                                              \
@@ -240,9 +239,7 @@ DPO_INLINE void gemm_nn_int8(const Act& a, const PackedView& w, int64_t col0, fl
   TARGET inline void gemm_nt_int8_##SUFFIX(const Act& a, const PackedView& w, int64_t p0,    \
                                            int64_t p1, float* c, int64_t ldc) {              \
     generic::gemm_nt_int8(a, w, p0, p1, c, ldc);                                              \
-  }
-
-#define DPO_GENERIC_NN(SUFFIX, TARGET)                                                        \
+  }                                                                                           \
   TARGET inline void gemm_nn_bf16_##SUFFIX(const Act& a, const PackedView& w, int64_t col0,  \
                                            int64_t cols, float* c, int64_t ldc) {             \
     for (int64_t j = 0; j < cols; j += kPanel)                                                \
@@ -269,9 +266,7 @@ DPO_INLINE void gemm_nn_int8(const Act& a, const PackedView& w, int64_t col0, fl
   }
 
 #define DPO_NO_TARGET
-DPO_GENERIC_NT(portable, DPO_NO_TARGET)
-DPO_GENERIC_NT(avx2, DPO_TARGET_AVX2)
-DPO_GENERIC_NN(portable, DPO_NO_TARGET)
+DPO_GENERIC_GEMMS(portable, DPO_NO_TARGET)
 DPO_GENERIC_EPILOGUES(portable, DPO_NO_TARGET)
 DPO_GENERIC_EPILOGUES(avx2, DPO_TARGET_AVX2)
 DPO_GENERIC_EPILOGUES(avx512, DPO_TARGET_AVX512)
