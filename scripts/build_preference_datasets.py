@@ -72,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
-    p.add_argument("--experts-backend", default="torch", choices=["torch", "cpu_kernel"],
-                   help="MoE models: routed experts in PyTorch or the C++ CPU kernel (use the policy's choice)")
+    p.add_argument("--experts-backend", default="torch", choices=["torch", "cpu_kernel", "cpu_kernel_int8"],
+                   help="MoE models: routed experts in PyTorch or the C++ CPU kernel, bf16 or int8 weights "
+                        "(use the policy's choice)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per reference batch")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per reference batch")
     p.add_argument("--output", default=demo.PREFERENCE_DATASET, help="output directory")

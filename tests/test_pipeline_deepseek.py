@@ -97,19 +97,22 @@ def test_dpo_after_sft_merge(ws, tmp_path, quant):
     assert np.mean(loss[-2:]) < loss[0] - 0.1
 
 
-@pytest.mark.parametrize("transposed, routed_lora", [(False, False), (True, False), (False, True)],
-                         ids=["packed", "with-transposed-copies", "lora-on-routed-experts"])
-def test_dpo_with_cpu_kernel_experts(ws, tmp_path, transposed, routed_lora):
+@pytest.mark.parametrize("backend, transposed, routed_lora",
+                         [("cpu_kernel", False, False), ("cpu_kernel", True, False), ("cpu_kernel", False, True),
+                          ("cpu_kernel_int8", False, True)],
+                         ids=["packed", "with-transposed-copies", "lora-on-routed-experts", "int8-with-lora"])
+def test_dpo_with_cpu_kernel_experts(ws, tmp_path, backend, transposed, routed_lora):
     """Routed experts in the C++ kernel for both the reference log-probs and DPO (with and without transposed
-    weight copies, and with LoRA on the routed experts too): the step-0 check passes (same kernel, same
-    log-probs) and the loss falls; the expert adapters are saved and merge into a plain checkpoint."""
+    weight copies, with LoRA on the routed experts too, and as int8): the step-0 check passes (same kernel,
+    same log-probs) and the loss falls; the expert adapters are saved and merge into a plain checkpoint."""
     from dpo_llama.models.cpu_moe import kernel_available
     if not kernel_available():
         pytest.skip("the C++ MoE kernel does not build on this machine")
     data = tmp_path / "pref"
     assert build_preference(flags(input=ws["pairs"], ref_model=ws["base"], template="deepseek", output=data,
-                                  val_ratio=0.25, experts_backend="cpu_kernel", device="cpu")) == 0
-    assert run_dpo(run_argv(ws["base"], data, tmp_path / "dpo", max_train_steps=8, experts_backend="cpu_kernel",
+                                  val_ratio=0.25, experts_backend=backend, device="cpu")) == 0
+    assert json.loads((data / "meta.json").read_text())["reference"]["experts_backend"] == backend
+    assert run_dpo(run_argv(ws["base"], data, tmp_path / "dpo", max_train_steps=8, experts_backend=backend,
                             experts_transposed_copy=transposed, lora_moe_routed_experts=routed_lora)) == 0
     check = json.loads((tmp_path / "dpo" / "logs" / "run" / "reference_check.json").read_text())
     assert check["max_abs_logp_diff"] < 1e-4 and check["sigmoid_loss"] == pytest.approx(LN2, abs=1e-5)

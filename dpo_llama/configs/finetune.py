@@ -24,8 +24,9 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
         default="auto", metadata={"help": "Dtype of the frozen weights; auto = bf16 on CUDA, fp32 on CPU."})
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute each block's activations in the backward pass (saves memory)."})
-    experts_backend: Literal["torch", "cpu_kernel"] = field(
-        default="torch", metadata={"help": "MoE models: routed experts in PyTorch, or in the C++ CPU kernel."})
+    experts_backend: Literal["torch", "cpu_kernel", "cpu_kernel_int8"] = field(
+        default="torch", metadata={"help": "MoE models: routed experts in PyTorch, or in the C++ CPU kernel with "
+                                           "bf16 or int8 weights (int8: half the CPU memory; a quantized model)."})
     experts_transposed_copy: bool = field(default=False, metadata={
         "help": "With experts_backend=cpu_kernel: keep transposed copies of the experts too (a faster backward "
                 "through them, at twice their CPU memory)."})

@@ -47,7 +47,7 @@ from torch import nn
 
 from dpo_llama.models.llama import (Attention, DecoderLM, FeedForward, KVCache, RMSNorm, apply_rope, causal_attention,
                                     rope_frequencies, rope_tables)
-from dpo_llama.models.moe import (EXPERT_BACKENDS, TOPK_METHODS, RoutedExperts, batch_aux_loss, load_cpu_kernel,
+from dpo_llama.models.moe import (EXPERT_BACKENDS, KERNEL_WEIGHT_DTYPES, TOPK_METHODS, RoutedExperts, batch_aux_loss, load_cpu_kernel,
                                   routing_weights, select_experts, sequence_aux_loss)
 
 MODEL_TYPES = ("deepseek", "deepseek_v2")
@@ -95,8 +95,8 @@ class DeepseekArgs:
             "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}``.
         max_seq_len: Longest sequence the rotary tables and KV cache are built for.
         tie_word_embeddings: Share the embedding matrix with the output head.
-        experts_backend: How routed experts are computed: ``"torch"`` or ``"cpu_kernel"`` (a run-time choice;
-            see ``DeepseekTransformer.set_experts_backend``).
+        experts_backend: How routed experts are computed: ``"torch"``, ``"cpu_kernel"`` or ``"cpu_kernel_int8"``
+            (a run-time choice; see ``DeepseekTransformer.set_experts_backend``).
     """
 
     model_type: str = "deepseek_v2"
@@ -404,23 +404,23 @@ class DeepseekTransformer(DecoderLM):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
 
     def set_experts_backend(self, name: str, transposed_copy: bool = False) -> None:
-        """Selects how routed experts are computed: ``"torch"`` or ``"cpu_kernel"``.
+        """Selects how routed experts are computed: ``"torch"``, ``"cpu_kernel"`` or ``"cpu_kernel_int8"``.
 
-        When the C++ kernel cannot be built or loaded here (no compiler, say), ``"cpu_kernel"`` falls back to
+        When the C++ kernel cannot be built or loaded here (no compiler, say), the kernel backends fall back to
         ``"torch"`` with a ``RuntimeWarning`` that gives the reason; ``args.experts_backend`` records what runs.
         ``transposed_copy`` (``"cpu_kernel"`` only) keeps transposed copies of the packed experts: the backward
         through the experts runs about 1.2x faster for twice their CPU memory.
         """
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
-        if name == "cpu_kernel":
+        if name in KERNEL_WEIGHT_DTYPES:
             try:
                 load_cpu_kernel()
             except RuntimeError as err:
                 warnings.warn(f"{err}. Falling back to experts_backend='torch'.", RuntimeWarning, stacklevel=2)
                 name = "torch"
         for moe in self.moe_layers():
-            moe.experts.set_backend(name, transposed_copy and name == "cpu_kernel")
+            moe.experts.set_backend(name, transposed_copy and name in KERNEL_WEIGHT_DTYPES)
         self.args.experts_backend = name
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:

@@ -254,6 +254,35 @@ def test_cpu_kernel_backend_equals_torch_backend(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_kernel_int8_backend_runs_the_int8_kernel():
+    """``"cpu_kernel_int8"`` packs the experts as int8 and computes exactly what the kernel computes on those
+    weights (forward and gradients), within the int8 quantization of the bf16 backend; it keeps no transposed
+    copies, and packed experts refuse another backend."""
+    cpu_kernel_or_skip()
+    from dpo_llama.models import cpu_moe
+    experts = make_experts().requires_grad_(False)
+    int8 = copy.deepcopy(experts)
+    with pytest.raises(ValueError, match="transposed copies are for bf16 experts"):
+        copy.deepcopy(experts).set_backend("cpu_kernel_int8", transposed_copy=True)
+    packed = cpu_moe.PackedExperts.from_weights(experts.gate_proj, experts.up_proj, experts.down_proj,
+                                                weight_dtype="int8")
+    int8.set_backend("cpu_kernel_int8")
+    experts.set_backend("cpu_kernel")
+    assert int8.kernel_packed.weight_dtype == "int8" and int8.gate_proj is None
+    routing = routing_inputs()
+    inputs = kernel_inputs(*routing)
+    got = backward_of(int8(*inputs), inputs[0], inputs[2])
+    inputs = kernel_inputs(*routing)
+    direct = backward_of(cpu_moe.cpu_moe(inputs[0], inputs[1], inputs[2], packed), inputs[0], inputs[2])
+    inputs = kernel_inputs(*routing)
+    bf16 = backward_of(experts(*inputs), inputs[0], inputs[2])
+    for a, b, c in zip(got, direct, bf16):
+        assert torch.equal(a, b)
+        assert (a - c).abs().max() <= 0.05 * c.abs().max()
+    with pytest.raises(RuntimeError, match="packed for 'cpu_kernel_int8'.*reload the model"):
+        int8.set_backend("cpu_kernel")
+
+
 def test_cpu_kernel_transposed_copies_give_the_same_gradients():
     cpu_kernel_or_skip()
     experts = make_experts().requires_grad_(False)
