@@ -31,6 +31,7 @@ import torch
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model, parse_dtype
 from dpo_llama.models.lora import find_adapter, load_lora, quantize_frozen_layers, read_lora_config
+from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.finetune import prepare_model
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
-    p.add_argument("--experts-backend", default="torch", choices=["torch", "cpu_kernel", "cpu_kernel_int8"],
+    p.add_argument("--experts-backend", default="torch", choices=EXPERT_BACKENDS,
                    help="MoE models: routed experts in PyTorch or the C++ CPU kernel, bf16 or int8 weights "
                         "(use the policy's choice)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per reference batch")

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define DPO_INLINE inline __attribute__((always_inline))
@@ -166,6 +167,19 @@ void run_tasks(int64_t n, const F& f, void (*on_exit)() = nullptr) {
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
     if (on_exit != nullptr) on_exit();
   });
+}
+
+// Calls f(std::integral_constant<int, R>) with R = min(rows, Max) for rows >= 1: the ISA kernels'
+// row-block templates (registers hold R rows of accumulators) for a runtime row count.
+template <int Max, class F>
+DPO_INLINE void with_rows(int64_t rows, const F& f) {
+  if constexpr (Max == 1) {
+    f(std::integral_constant<int, 1>());
+  } else if (rows >= Max) {
+    f(std::integral_constant<int, Max>());
+  } else {
+    with_rows<Max - 1>(rows, f);
+  }
 }
 
 }  // namespace dpo_moe

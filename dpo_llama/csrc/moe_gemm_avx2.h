@@ -106,27 +106,12 @@ DPO_TARGET_AVX2 inline void nt_bf16_rows(const float* a, int64_t lda, const uint
 // qlen 128, about 12 rows per expert: 6 % slower with 8 here, equal with 16).
 constexpr int64_t kQuarterMinRows = 16;
 
-// Calls f(std::integral_constant<int, R>) for the runtime row count 1 <= rows <= 8.
-template <class F>
-DPO_INLINE void with_rows(int64_t rows, const F& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 6: f(std::integral_constant<int, 6>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    default: f(std::integral_constant<int, 8>()); break;
-  }
-}
-
 DPO_TARGET_AVX2 inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0, int64_t p1,
                                          float* c, int64_t ldc) {
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < a.rows; m0 += 8)
       for (int quarter = 0; quarter < 4; ++quarter)
-        with_rows(a.rows - m0, [&](auto mr) {
+        with_rows<8>(a.rows - m0, [&](auto mr) {
           nt_bf16_rows<decltype(mr)::value>(a.f32 + m0 * a.ld, a.ld, w.panel(p),
                                             w.rows_per_panel(), quarter,
                                             c + m0 * ldc + (p - p0) * kPanel + quarter * 8, ldc);
@@ -138,14 +123,11 @@ template <int G>
 DPO_TARGET_AVX2 inline void gemm_nn(const Act& a, const PackedView& w, int64_t col0, float* c,
                                     int64_t ldc) {
   for (int64_t j0 = 0; j0 < kPanel; j0 += 4)
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 2) {
-      const float* am = a.f32 + m0 * a.ld;
-      const int64_t row0 = (col0 + j0) / G;
-      if (a.rows - m0 >= 2)
-        nn_rows<2, G>(am, a.ld, w, row0, c + m0 * ldc + j0, ldc);
-      else
-        nn_rows<1, G>(am, a.ld, w, row0, c + m0 * ldc + j0, ldc);
-    }
+    for (int64_t m0 = 0; m0 < a.rows; m0 += 2)
+      with_rows<2>(a.rows - m0, [&](auto mr) {
+        nn_rows<decltype(mr)::value, G>(a.f32 + m0 * a.ld, a.ld, w, (col0 + j0) / G,
+                                        c + m0 * ldc + j0, ldc);
+      });
 }
 
 }  // namespace avx2

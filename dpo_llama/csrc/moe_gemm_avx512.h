@@ -18,32 +18,13 @@
 namespace dpo_moe {
 namespace avx512 {
 
-// Calls f(std::integral_constant<int, R>) for the runtime row count 1 <= rows <= 12.
-template <class F>
-DPO_INLINE void with_rows(int64_t rows, const F& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 6: f(std::integral_constant<int, 6>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 9: f(std::integral_constant<int, 9>()); break;
-    case 10: f(std::integral_constant<int, 10>()); break;
-    case 11: f(std::integral_constant<int, 11>()); break;
-    default: f(std::integral_constant<int, 12>()); break;
-  }
-}
-
 // Calls block(std::integral_constant<int, MR>, m0, p) for every panel p in [p0, p1) and every block
 // of up to 12 rows starting at row m0: the loops of each forward product around its MR-row kernel.
 template <class Block>
 DPO_INLINE void for_row_blocks(int64_t rows, int64_t p0, int64_t p1, const Block& block) {
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < rows; m0 += 12)
-      with_rows(rows - m0, [&](auto mr) { block(mr, m0, p); });
+      with_rows<12>(rows - m0, [&](auto mr) { block(mr, m0, p); });
 }
 
 // c[i][0..32) = acc[i][0] | acc[i][1] for MR rows: the fp32 accumulators of a panel's 32 channels.
@@ -231,11 +212,9 @@ DPO_TARGET_AVX512 inline void gemm_nn(const Act& a, const PackedView& w, int64_t
       const float* am = a.f32 + m0 * a.ld;
       float* cm = c + m0 * ldc + j0;
       const int64_t row0 = (col0 + j0) / G;
-      switch (std::min(kRowsPerBlock, a.rows - m0)) {
-        case 1: nn_rows<1, G>(am, a.ld, w, row0, cm, ldc); break;
-        case 2: nn_rows<2, G>(am, a.ld, w, row0, cm, ldc); break;
-        default: nn_rows<3, G>(am, a.ld, w, row0, cm, ldc); break;
-      }
+      with_rows<kRowsPerBlock>(a.rows - m0, [&](auto mr) {
+        nn_rows<decltype(mr)::value, G>(am, a.ld, w, row0, cm, ldc);
+      });
     }
 }
 

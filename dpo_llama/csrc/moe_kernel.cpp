@@ -784,9 +784,9 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
                              ? widen_bf16(gu_b16 + row * saved.ld, 2 * inter, gu_row.data())
                              : gu_f32 + row * saved.ld;
       const float* v_row = v_ptr + row * inter;
-      gw_ptr[pair] = kern.swiglu_backward(g_u, v_row, w[pair], d.data(), inter,
-                                          int8 ? h.data() : nullptr);
-      if (int8) gw_ptr[pair] = routing_weight_grad_u8(kern, h.data(), v_row, inter, h_row.data());
+      const float v_dot_h = kern.swiglu_backward(g_u, v_row, w[pair], d.data(), inter,
+                                                 int8 ? h.data() : nullptr);
+      gw_ptr[pair] = int8 ? routing_weight_grad_u8(kern, h.data(), v_row, inter, h_row.data()) : v_dot_h;
       const int64_t sorted = r.sorted_row(row, id[pair]);
       if (grad_h_ptr != nullptr)
         add_hidden_grad(kern, g_u, grad_h_ptr + sorted * inter, inter, d.data(), d_h.data());

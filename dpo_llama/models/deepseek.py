@@ -47,8 +47,8 @@ from torch import nn
 
 from dpo_llama.models.llama import (Attention, DecoderLM, FeedForward, KVCache, RMSNorm, apply_rope, causal_attention,
                                     rope_frequencies, rope_tables)
-from dpo_llama.models.moe import (EXPERT_BACKENDS, KERNEL_WEIGHT_DTYPES, TOPK_METHODS, RoutedExperts, batch_aux_loss, load_cpu_kernel,
-                                  routing_weights, select_experts, sequence_aux_loss)
+from dpo_llama.models.moe import (EXPERT_BACKENDS, KERNEL_WEIGHT_DTYPES, TOPK_METHODS, RoutedExperts, batch_aux_loss,
+                                  load_cpu_kernel, routing_weights, select_experts, sequence_aux_loss)
 
 MODEL_TYPES = ("deepseek", "deepseek_v2")
 YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",

@@ -234,7 +234,8 @@ def test_int8_equals_its_quantization(force_isa, isa, shape):
     y.backward(grad.double())
     tol_grads = 2e-2 if isa == "amx" else 1e-5
     want = (y.detach(), xr.grad, wr.grad)
-    for name, g, w, tol in zip(("y", "grad_x", "grad_weights"), (got[0], got[2], got[3]), want, (1e-5, tol_grads, tol_grads)):
+    tols = (1e-5, tol_grads, tol_grads)
+    for name, g, w, tol in zip(("y", "grad_x", "grad_weights"), (got[0], got[2], got[3]), want, tols):
         assert_close(g, w, tol, f"{isa}/int8/{shape} {name}")
 
 
