@@ -33,7 +33,10 @@ use with generic flags; the instruction set is picked at run time (``available_i
   (``avx512_bf16_kernel()``); ``DPO_LLAMA_MOE_AVX512_BF16=fma|dpbf16`` forces one. The backward runs
   fp32 FMA on widened bf16 weights either way; VNNI for the int8 forward, fp32 FMA on widened int8
   weights for its backward;
-* ``avx2`` and ``portable``: the same plain C++ compiled for AVX2+FMA or for the build's baseline.
+* ``avx2``: intrinsics products with 256-bit vectors: fp32 FMA on weights widened on the fly, and for
+  the int8 forward exact integer sums (``vpmaddubsw`` on signed activations, no VNNI needed); the rest
+  is the plain C++ compiled for AVX2+FMA;
+* ``portable``: the plain C++ compiled for the build's baseline.
 
 ``DPO_LLAMA_MOE_ISA=amx|avx512|avx2|portable`` forces one (an error if this CPU cannot run it).
 

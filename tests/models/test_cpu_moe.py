@@ -239,6 +239,31 @@ def test_int8_equals_its_quantization(force_isa, isa, shape):
         assert_close(g, w, tol, f"{isa}/int8/{shape} {name}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_sums_at_the_extremes(force_isa, isa):
+    """int8 operands at their extremes, where a 16-bit intermediate sum would saturate: x[t] = s and every
+    gate/up row = s for a +-1 sign pattern s, so x and the weights quantize to +-127 with equal signs
+    (every product 127 * 127, u8 activations 1 and 255); every down row = 1 and h is constant per row, so h
+    quantizes to 127 (u8 255). The avx2 forward adds products in pairs in 16 bits (vpmaddubsw), at most
+    2 * 127 * 127 = 32258 with signed activations but 2 * 255 * 127 with u8 ones, past 32767. All values are
+    exact, so the forward equals the float64 reference up to fp32 rounding: g = u = H, h = silu(H) H,
+    y[t] = sum_j w[t, j] I h: 1e-5."""
+    force_isa(isa)
+    experts, hidden, inter, tokens = 3, 256, 96, 19
+    sign = torch.where(torch.arange(hidden) % 3 == 0, -1.0, 1.0)
+    gate = sign.expand(experts, inter, hidden).clone()
+    down = torch.ones(experts, hidden, inter)
+    x = sign.expand(tokens, hidden).clone()
+    ids = torch.tensor([[0, 1]] * tokens)
+    weights = torch.rand(tokens, 2, generator=torch.Generator().manual_seed(0))
+    packed = moe.PackedExperts.from_weights(gate, gate, down, weight_dtype="int8")
+    with torch.no_grad():
+        got = moe.cpu_moe(x, ids, weights, packed)
+    h = torch.nn.functional.silu(torch.tensor(float(hidden), dtype=torch.float64)) * hidden
+    want = (weights.double().sum(dim=1) * inter * h)[:, None].expand(tokens, hidden)
+    assert_close(got, want, 1e-5, f"{isa}/int8 extremes y")
+
+
 @pytest.mark.parametrize("shape", ["odd_sizes_top2", "busy_expert_top3"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_transposed_copy_matches_float64_reference(force_isa, isa, shape):
