@@ -77,6 +77,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -103,6 +104,9 @@ _PAD = 64  # H and I are zero-padded to a multiple of this (AMX int8 tiles cover
 # Generic flags only: the AMX/AVX-512/AVX2 code carries per-function target attributes.
 _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
+# torch's build lock (``<build dir>/lock``) outlives a build killed mid-way, and every later build
+# then waits for it forever; a build takes about 30 s, so a lock this old is left over.
+_STALE_LOCK_S = 600
 
 
 def load_extension(verbose: bool = True) -> ModuleType:
@@ -121,9 +125,24 @@ def load_extension(verbose: bool = True) -> ModuleType:
     Raises:
         RuntimeError: No C++ compiler, or the build failed.
     """
-    if verbose and _compile.cache_info().currsize == 0 and not _is_built():
-        print("compiling the MoE CPU kernel (first use, ~30 s)...", flush=True)
+    if _compile.cache_info().currsize == 0 and not _is_built():
+        if verbose:
+            print("compiling the MoE CPU kernel (first use, ~30 s)...", flush=True)
+        _clear_stale_lock(Path(_build_directory()) / "lock")
     return _compile()
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove torch's build lock if an interrupted build left it (older than ``_STALE_LOCK_S``); else say
+    what a build is waiting for, since torch waits on the lock silently."""
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > _STALE_LOCK_S:
+            lock.unlink()
+            print(f"removed {lock}, left {age / 60:.0f} min ago by an interrupted build", file=sys.stderr)
+        else:
+            print(f"waiting for {lock} (another build of the MoE kernel; if none is running, delete it)",
+                  file=sys.stderr)
 
 
 @functools.cache
@@ -156,11 +175,15 @@ def build_spec() -> dict:
 
 
 def _is_built() -> bool:
-    from torch.utils import cpp_extension
-
     if importlib.util.find_spec(_prebuilt_module()) is not None:
         return True
-    return any(Path(cpp_extension._get_build_directory(_extension_name(), verbose=False)).glob("*.so"))
+    return any(Path(_build_directory()).glob("*.so"))
+
+
+def _build_directory() -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(_extension_name(), verbose=False)
 
 
 @functools.cache

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -651,6 +652,21 @@ def test_bad_inputs_raise_value_error(extension):
         moe.cpu_moe(x, ids + 8, weights, packed)
     with pytest.raises(ValueError, match="x must be"):
         moe.cpu_moe(x[:, :-1], ids, weights, packed)
+
+
+def test_stale_build_lock_is_removed(tmp_path, capsys):
+    """torch waits forever on a build lock that a killed build left behind: a lock older than _STALE_LOCK_S is
+    removed, a fresh one (another build may hold it) stays, with a message naming it."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    moe._clear_stale_lock(lock)
+    assert lock.exists() and str(lock) in capsys.readouterr().err
+    old = time.time() - moe._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    moe._clear_stale_lock(lock)
+    assert not lock.exists() and "interrupted build" in capsys.readouterr().err
+    moe._clear_stale_lock(lock)
+    assert capsys.readouterr().err == ""
 
 
 def test_forced_isa_validation(extension, monkeypatch):
