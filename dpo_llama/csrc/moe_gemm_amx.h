@@ -298,6 +298,7 @@ DPO_TARGET_AMX inline void gemm_nn_bf16(const Act& a, const PackedView& w, int64
 // measured (A/B against the rewrite, forward + backward): 1.24x at qlen 32 (3 rows per expert),
 // 1.16x at 128 (12 rows), 1.05x at 256 (24 rows); with up to 64 rows, 17 % slower at 512 (48 rows).
 constexpr int64_t kSplitMaxRows = 32;
+static_assert(kSplitMaxRows <= 4 * 8, "split_strip accumulates at most 4 token blocks of 8 rows");
 constexpr int64_t kSplitPrefetchPanels = 8;
 
 // Writes the split B tiles of the activations: tile (tb, nb) row i holds, for the 8 rows m of

@@ -104,8 +104,9 @@ _PAD = 64  # H and I are zero-padded to a multiple of this (AMX int8 tiles cover
 # Generic flags only: the AMX/AVX-512/AVX2 code carries per-function target attributes.
 _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
-# torch's build lock (``<build dir>/lock``) outlives a build killed mid-way, and every later build
-# then waits for it forever; a build takes about 30 s, so a lock this old is left over.
+# torch takes its build lock (``<build dir>/lock``) on every JIT load, built or not; a process killed
+# while holding it leaves it behind, and every later load waits for it forever. A build takes about
+# 30 s, so a lock this old is left over.
 _STALE_LOCK_S = 600
 
 
@@ -125,24 +126,22 @@ def load_extension(verbose: bool = True) -> ModuleType:
     Raises:
         RuntimeError: No C++ compiler, or the build failed.
     """
-    if _compile.cache_info().currsize == 0 and not _is_built():
-        if verbose:
-            print("compiling the MoE CPU kernel (first use, ~30 s)...", flush=True)
-        _clear_stale_lock(Path(_build_directory()) / "lock")
+    if verbose and _compile.cache_info().currsize == 0 and not _is_built():
+        print("compiling the MoE CPU kernel (first use, ~30 s)...", flush=True)
     return _compile()
 
 
 def _clear_stale_lock(lock: Path) -> None:
-    """Remove torch's build lock if an interrupted build left it (older than ``_STALE_LOCK_S``); else say
-    what a build is waiting for, since torch waits on the lock silently."""
+    """Remove torch's build lock if an interrupted load left it (older than ``_STALE_LOCK_S``); else say
+    what the load is waiting for, since torch waits on the lock silently."""
     with contextlib.suppress(FileNotFoundError):
         age = time.time() - lock.stat().st_mtime
         if age > _STALE_LOCK_S:
             lock.unlink()
-            print(f"removed {lock}, left {age / 60:.0f} min ago by an interrupted build", file=sys.stderr)
+            print(f"removed {lock}, left {age / 60:.0f} min ago by an interrupted build or load", file=sys.stderr)
         else:
-            print(f"waiting for {lock} (another build of the MoE kernel; if none is running, delete it)",
-                  file=sys.stderr)
+            print(f"waiting for {lock} (another process building or loading the MoE kernel; if there is none,"
+                  " delete it)", file=sys.stderr)
 
 
 @functools.cache
@@ -193,6 +192,7 @@ def _compile() -> ModuleType:
     if importlib.util.find_spec(_prebuilt_module()) is not None:
         return importlib.import_module(_prebuilt_module())
     spec = build_spec()
+    _clear_stale_lock(Path(_build_directory()) / "lock")
     try:
         return cpp_extension.load(
             name=spec["name"],
