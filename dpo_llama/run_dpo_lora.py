@@ -22,8 +22,8 @@ from pathlib import Path
 from dpo_llama.configs.dpo_lora import DPOLoRAConfig
 from dpo_llama.models.lora import find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
-from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, kto_loss, num_units,
-                                 paired_loss, reference_check)
+from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss,
+                                 num_units, paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, load_policy, resolve_dtype,
                                       run_main, trainable_summary)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
@@ -96,7 +96,8 @@ def run(cfg: DPOLoRAConfig):
     save_trainable, load_trainable = adapter_callbacks(model, {"ckpt_dir": cfg.pretrain_ckpt_dir,
                                                                "train_data_dir": cfg.train_data_dir})
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
-                 load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens, plots=PLOTS)
+                 load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,
+                 example_length=example_length, plots=PLOTS)
 
 
 def main(argv=None) -> int:

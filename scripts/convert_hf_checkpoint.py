@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
@@ -26,6 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print("error: --output must differ from --input (the HF checkpoint's files would be overwritten)",
+              file=sys.stderr)
+        return 1
     try:
         config = read_hf_config(args.input)
         model_args, tensors = hf_args_and_tensors(args.input, config, parse_dtype(args.dtype))

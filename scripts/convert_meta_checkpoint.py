@@ -48,6 +48,10 @@ def default_tokenizer(meta_dir: str) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print("error: --output must differ from --input (the Meta checkpoint's files would be overwritten)",
+              file=sys.stderr)
+        return 1
     tokenizer = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.input)
     try:
         model_args, shards = load_meta(args.input, args.max_seq_len)

@@ -190,6 +190,14 @@ def test_every_loss_type_trains_with_finite_losses(ws, tmp_path, loss_type):
     assert all(expected in history[step] for step in (1, 2, 3))
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "kto"])
+def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
+    """--group-by-length (a base-config flag) batches examples of similar length for every loss type."""
+    data = build(ws, tmp_path / "kto", input=ws["kto"]) if loss_type == "kto" else ws["data"]
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, loss_type=loss_type, group_by_length=True)) == 0
+    assert all(np.isfinite(series(read_history(tmp_path / "logs" / "run"), "train/loss")))
+
+
 def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
     """--no-reference data: refused for sigmoid, trained on by simpo. Paired data for kto, KTO data for a
     paired loss: refused."""

@@ -32,6 +32,8 @@ from torch import nn
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_GLOB = "model-*-of-*.safetensors"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -145,7 +147,9 @@ class ShardedWriter:
     """Writes tensors into safetensors shards of at most ``max_shard_bytes``, holding one shard in memory.
 
     Shards are written under temporary names; ``close()`` renames them to ``model-0000i-of-0000N.safetensors``
-    and writes the index (or a single ``model.safetensors`` when one shard suffices).
+    and writes the index (or a single ``model.safetensors`` when one shard suffices). Weight files of an earlier
+    checkpoint in the same directory are removed, the index first: ``weight_files`` prefers an index, so a stale
+    one would load the old weights in place of a new single file.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
@@ -185,8 +189,16 @@ class ShardedWriter:
             self._tmp_name(i).unlink(missing_ok=True)
 
     def close(self) -> list[Path]:
-        """Finalises file names and the index; returns the files written."""
+        """Finalises file names and the index, removes stale weight files; returns the files written."""
         self.flush()
+        stale = {self.out_dir / WEIGHTS_FILE, *self.out_dir.glob(SHARD_GLOB)}
+        (self.out_dir / INDEX_FILE).unlink(missing_ok=True)
+        files = self._finalise()
+        for path in stale - set(files):
+            path.unlink(missing_ok=True)
+        return files
+
+    def _finalise(self) -> list[Path]:
         if len(self.shards) == 1:
             final = self.out_dir / WEIGHTS_FILE
             os.replace(self._tmp_name(0), final)
@@ -248,6 +260,10 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     files = writer.close()
     (out_dir / PARAMS_FILE).write_text(json.dumps(args.to_dict(), indent=2))
     files.append(out_dir / PARAMS_FILE)
+    if tokenizer_files:  # an old tokenizer.json left beside a new tokenizer.model would be loaded first
+        copied = {Path(f).name for f in tokenizer_files}
+        for name in set(TOKENIZER_FILES) - copied:
+            (out_dir / name).unlink(missing_ok=True)
     for tok_file in tokenizer_files:
         files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),

@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import iter_safetensors
+from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors
 from dpo_llama.models.llama import ModelArgs
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:

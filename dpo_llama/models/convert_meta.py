@@ -54,8 +54,10 @@ def meta_args(params: dict[str, Any], vocab_size: int, max_seq_len: int | None =
     """Maps Meta's ``params.json`` to ``ModelArgs``.
 
     ``vocab_size`` comes from the embedding (LLaMA-2 writes -1). ``use_scaled_rope`` selects LLaMA-3.1 scaling
-    with ``rope_scaling_factor`` (default 8). ``max_seq_len`` defaults to 4096 (rope_theta 1e4), 8192
-    (LLaMA-3) or 131072 (scaled rope).
+    with ``rope_scaling_factor`` (default 8, the factor Meta's reference code applies to every scaled-rope model).
+    Hugging Face's LLaMA-3.2 1B / 3B configs use factor 32 while Meta's ``params.json`` names none: add
+    ``"rope_scaling_factor": 32.0`` to it, or convert the Hugging Face checkpoint, to match them.
+    ``max_seq_len`` defaults to 4096 (rope_theta 1e4), 8192 (LLaMA-3) or 131072 (scaled rope).
     """
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
              "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len", "max_batch_size"}

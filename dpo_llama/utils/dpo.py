@@ -65,6 +65,13 @@ def num_units(batch: dict[str, torch.Tensor]) -> int:
     return len(batch["desirable"]) if "desirable" in batch else len(batch["tokens"]) // 2
 
 
+def example_length(example: dict) -> int:
+    """Row length an example brings to a batch (for ``--group-by-length``): prompt plus its longer response."""
+    if "completion" in example:
+        return len(example["prompt"]) + len(example["completion"])
+    return len(example["prompt"]) + max(len(example["chosen"]), len(example["rejected"]))
+
+
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Token positions processed by the policy forward passes (padding included)."""
     return batch["tokens"].numel() + (batch["kl_tokens"].numel() if "kl_tokens" in batch else 0)

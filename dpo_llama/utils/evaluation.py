@@ -24,16 +24,18 @@ from dpo_llama.utils.templates import render_conversation, stop_ids
 
 @torch.inference_mode()
 def preference_accuracy(model, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> float:
-    """Share of tokenized pairs (``preference_data`` examples) with ``log π(chosen) > log π(rejected)``."""
+    """Share of tokenized pairs (``preference_data`` examples) with ``log π(chosen) > log π(rejected)``, measured
+    in eval mode (no dropout); the model's train / eval mode is restored afterwards."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     wins = 0
     for start in range(0, len(examples), batch_size):
-        batch = collate_pairs([{**e, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
-                               for e in examples[start:start + batch_size]], pad_id)
+        batch = collate_pairs(examples[start:start + batch_size], pad_id)
         sums, _ = sequence_logps(model, batch["tokens"].to(device), batch["mask"].to(device))
         half = len(sums) // 2
         wins += int((sums[:half] > sums[half:]).sum())
+    model.train(was_training)
     return wins / len(examples)
 
 

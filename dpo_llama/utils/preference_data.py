@@ -77,12 +77,16 @@ def render_continuation(prompt: list[dict], continuation: list[dict], prompt_ids
 
 
 def truncate_prompt(ids: list[int], mask: list[bool], keep: int, bos_id: int | None) -> tuple[list, list]:
-    """Keeps the last ``keep`` prompt tokens, preserving a leading BOS."""
+    """Keeps the last ``keep`` prompt tokens, preserving a leading BOS.
+
+    The first kept token is never scored, since no position precedes it: a cut without BOS (chatml) can start
+    inside an earlier assistant turn that ``score_all`` scores.
+    """
     if len(ids) <= keep:
         return ids, mask
     if ids and ids[0] == bos_id and keep > 1:
         return ids[:1] + ids[len(ids) - keep + 1:], mask[:1] + mask[len(mask) - keep + 1:]
-    return ids[len(ids) - keep:], mask[len(mask) - keep:]
+    return ids[len(ids) - keep:], [False] * min(keep, 1) + mask[len(mask) - keep + 1:]
 
 
 def fit_lengths(prompt: tuple[list, list], continuations: list[tuple[list, list]], max_seq_len: int,

@@ -28,6 +28,25 @@ def test_sharded_hf_checkpoint_converts_and_matches_logits(tmp_path):
         torch.testing.assert_close(load_model(out)(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
 
 
+def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsys):
+    """Converting again into the same --output replaces the earlier checkpoint: a stale index would win over a new
+    single file (and an old tokenizer.json over a new tokenizer.model), so they are removed. Converting into
+    --input itself is refused."""
+    hf_dir, out = tmp_path / "hf", tmp_path / "ours"
+    make_hf_llama(hf_dir)
+    assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
+    assert len(weight_files(out)) > 1
+    (hf_dir / "tokenizer.model").write_bytes(b"sentencepiece model")
+    (out / "tokenizer.json").write_text("{}")
+    assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--dtype", "bf16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "params.json", "tokenizer.model"]
+    assert load_model(out).embed_tokens.weight.dtype == torch.bfloat16
+    assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
+    assert not (out / "model.safetensors").exists() and len(weight_files(out)) > 1
+    assert convert_hf(["--input", str(hf_dir), "--output", str(hf_dir)]) == 1
+    assert "--output must differ from --input" in capsys.readouterr().err
+
+
 def test_meta_two_shard_checkpoint_equals_hf_conversion(tmp_path):
     hf_model = make_hf_llama(tmp_path / "hf")
     write_meta_checkpoint(hf_model, tmp_path / "meta", n_shards=2)

@@ -14,8 +14,8 @@ import torch
 from dpo_llama.models.deepseek import DeepseekTransformer
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.presets import get_preset
-from dpo_llama.utils.dpo import (batch_tokens, collate_pairs, collate_unpaired, kto_loss, num_units, paired_loss,
-                                 policy_logps, reference_check, with_aux_loss)
+from dpo_llama.utils.dpo import (batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss, num_units,
+                                 paired_loss, policy_logps, reference_check, with_aux_loss)
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_data import add_kl_pairs
 
@@ -141,6 +141,13 @@ def kto_batch(model, examples) -> dict:
         batch["ref_logps"] = sequence_logps(model, batch["tokens"], batch["mask"])[0]
         batch["ref_kl_logps"] = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"])[0]
     return batch
+
+
+def test_example_length_is_the_longest_row_an_example_adds():
+    """--group-by-length sorts by the row an example adds to its batch: prompt + the longer response (3 + 2 and
+    2 + 3 for PAIRS), prompt + completion for KTO (2 + 2, 3 + 1, 1 + 2)."""
+    assert [example_length(e) for e in PAIRS] == [5, 5]
+    assert [example_length(e) for e in kto_examples()] == [4, 4, 3]
 
 
 def test_collate_unpaired_pairs_each_prompt_with_the_next_completion():

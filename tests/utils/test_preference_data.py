@@ -36,7 +36,7 @@ from dpo_llama.utils.raw_data import ParseReport
 from dpo_llama.utils.templates import render_conversation
 from tests.data_fixtures import FIXTURES, assistant, user
 from tests.pipeline_fixtures import tokenizer_files
-from tests.tokenizer_fixtures import make_sentencepiece
+from tests.tokenizer_fixtures import make_hf_tokenizer, make_sentencepiece
 
 LONG = 4096  # no truncation
 
@@ -227,6 +227,26 @@ def test_pairs_identical_or_empty_after_truncation_are_dropped_and_counted(token
                                 report)
     assert len(examples) == 1 and report.rows_kept == 1
     assert dict(report.skipped) == {"identical responses after truncation": 1, "empty response after truncation": 1}
+
+
+def test_a_cut_prompt_never_scores_its_first_token(tmp_path):
+    """chatml has no BOS: with score_all, keeping the prompt's last tokens can start inside an earlier answer.
+    That first token has no position before it to predict it from, so it is not scored (the reference
+    precompute refuses such a sequence); the rest of the kept answer still is."""
+    chatml = load_tokenizer(make_hf_tokenizer(tmp_path, "chatml"))
+    pair = PreferencePair([user("Hello"), assistant("The quick brown fox jumps over the lazy dog, again."),
+                           user("What is the capital of France?")], [assistant("Paris.")], [assistant("Rome.")], "x")
+    full = as_lists(tokenize_pair(pair, chatml, "chatml", LONG, LONG, True))
+    response = max(len(full["chosen"]), len(full["rejected"]))
+    keep = next(k for k in range(2, len(full["prompt"])) if full["prompt_mask"][-k] and full["prompt_mask"][-k + 1])
+    cut = tokenize_pair(pair, chatml, "chatml", keep + response, keep, True)
+    assert cut["prompt"].tolist() == full["prompt"][-keep:]
+    assert cut["prompt_mask"].tolist() == [False] + full["prompt_mask"][-keep + 1:]
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=chatml.vocab_size)).eval()
+    sequences = all_sequences([cut], keep + response)
+    logps = compute_reference_logps(model, sequences, chatml.pad_id, "cpu", tmp_path / "cache", {"k": 1})
+    assert np.isfinite(logps).all()
 
 
 def fixture_sequences(tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
