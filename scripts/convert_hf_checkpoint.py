@@ -3,7 +3,8 @@
     python scripts/convert_hf_checkpoint.py --input ~/hf/Llama-3.1-8B-Instruct --output ckpt/llama-3.1-8b-instruct
 
 Supports ``model_type`` "llama" (LLaMA-2/3/3.1/3.2, TinyLlama) and the DeepSeek MoE families ("deepseek",
-"deepseek_v2"). Tensors are streamed one at a time; the output is sharded like the input.
+"deepseek_v2"). Tensors are streamed one at a time; the output is split into shards of at most ``--max-shard-gb``
+GiB (default 4), with ``model.safetensors.index.json`` when there is more than one.
 """
 
 from __future__ import annotations

@@ -742,9 +742,12 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
   const Routing r = route(ids, w13.size(0));
   const SavedGateUp saved = saved_gate_up(kern, inter);
+  // Any row stride: the forward returns a view of rows padded to saved.ld, and a saved-tensor hook
+  // (e.g. torch.autograd.graph.save_on_cpu) may hand back a compact copy.
   TORCH_CHECK(gu.dim() == 2 && gu.size(0) == r.rows && gu.size(1) == 2 * inter &&
-                  gu.stride(0) == saved.ld && gu.stride(1) == 1 && gu.scalar_type() == saved.dtype,
+                  gu.stride(1) == 1 && gu.stride(0) >= 2 * inter && gu.scalar_type() == saved.dtype,
               "saved gate/up activations do not match the routing");
+  const int64_t ld_gu = gu.stride(0);
   const int64_t pair_count = r.tokens * r.top_k;
   const float* grad_h_ptr = pair_rows_or_null(grad_h, pair_count, inter, "grad_h");
   at::Tensor dgu = return_grad_gate_up ? empty_cached({pair_count, 2 * inter}, at::kFloat)
@@ -784,8 +787,8 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
         continue;
       }
       const float* g_u = saved.bf16
-                             ? widen_bf16(gu_b16 + row * saved.ld, 2 * inter, gu_row.data())
-                             : gu_f32 + row * saved.ld;
+                             ? widen_bf16(gu_b16 + row * ld_gu, 2 * inter, gu_row.data())
+                             : gu_f32 + row * ld_gu;
       const float* v_row = v_ptr + row * inter;
       const float v_dot_h = kern.swiglu_backward(g_u, v_row, w[pair], d.data(), inter,
                                                  int8 ? h.data() : nullptr);

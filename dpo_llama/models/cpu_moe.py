@@ -481,7 +481,8 @@ class _CpuMoeFunction(torch.autograd.Function):
     """Autograd wrapper: forward/backward run in C++ on CPU.
 
     Gradients for x, topk_weights and the optional gate/up delta; the optional output h is differentiable
-    (its gradient is added to dL/dh inside the kernel's backward).
+    (its gradient is added to dL/dh inside the kernel's backward). The backward is not differentiable: with
+    ``create_graph=True`` it raises instead of returning gradients that silently lack a second derivative.
     """
 
     @staticmethod
@@ -522,6 +523,9 @@ class _CpuMoeFunction(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the C++ backward would return gradients without a graph
+            raise RuntimeError("cpu_moe has no second derivative (its backward runs in C++): create_graph=True is "
+                               "not supported; use experts_backend='torch' for higher-order gradients")
         ids, weights32, gate_up_out = ctx.saved_tensors
         packed = ctx.packed
         if grad_y is None:  # only h reached the loss
@@ -557,8 +561,8 @@ def _check_inputs(
 ) -> None:
     if x.dim() != 2 or x.shape[1] != packed.hidden_size:
         raise ValueError(f"x must be [T, {packed.hidden_size}], got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {x.dtype}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.is_floating_point():
         raise ValueError(f"topk_ids must be an integer [T, k] tensor with T = {x.shape[0]}, "
                          f"got {tuple(topk_ids.shape)}")
@@ -593,7 +597,7 @@ def cpu_moe(
     are copied back to their devices, in the backward too.
 
     Args:
-        x: ``[T, H]`` float32 or bfloat16.
+        x: ``[T, H]`` float tensor (bfloat16 reaches the kernel as it is, other dtypes as float32).
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``.
         topk_weights: ``[T, k]`` routing weights (any float dtype).
         packed: The layer's experts from ``PackedExperts.from_weights``.

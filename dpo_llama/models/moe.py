@@ -624,6 +624,9 @@ class RoutedExperts(nn.Module):
         if tuple(tensor.shape) != self.shape_of(name):
             raise ValueError(f"shape mismatch for experts.{name}: got {tuple(tensor.shape)}, "
                              f"expected {self.shape_of(name)}")
+        if self.kernel_packed is not None:
+            raise RuntimeError(f"these experts are packed for the {self.backend!r} backend; load new weights into a "
+                               "freshly built model (load_model)")
         if self.lora is not None:
             for adapters in self.lora.values():
                 adapters.materialize(tensor.device)
@@ -659,9 +662,14 @@ class RoutedExperts(nn.Module):
                 raise RuntimeError(f"experts backend {name!r} needs unmerged LoRA adapters: call unmerge first")
             if transposed_copy and KERNEL_WEIGHT_DTYPES[name] != "bf16":
                 raise ValueError("transposed copies are for bf16 experts (experts_backend='cpu_kernel')")
+        previous = self.backend, self.transposed_copy
         self.backend, self.transposed_copy = name, transposed_copy
         if name in KERNEL_WEIGHT_DTYPES and self.gate_proj is not None and not self.gate_proj.is_meta:
-            self.pack_for_kernel()
+            try:
+                self.pack_for_kernel()
+            except BaseException:  # a refused switch changes nothing
+                self.backend, self.transposed_copy = previous
+                raise
 
     def pack_for_kernel(self) -> None:
         """Packs the (frozen) experts into the kernel's CPU layout and frees the full-precision weights."""

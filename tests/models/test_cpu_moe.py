@@ -334,6 +334,45 @@ def test_bf16_inputs_keep_dtype(force_isa, isa):
         assert_close(g, w, 3e-2, f"{isa}/bf16 input {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_float_inputs_run_as_float32(extension, dtype):
+    """fp16 (a GPU model without bf16) and fp64 x go through the kernel as float32: the results equal the float32
+    run on the same values, in x's dtype."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    x = x.to(dtype)
+    got = run_kernel(x, ids, weights, grad, packed)
+    want = run_kernel(x.float(), ids, weights, grad.to(dtype).float(), packed)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+
+
+def test_backward_takes_saved_tensors_that_a_hook_copied(extension):
+    """The forward saves its gate/up products as a view of padded rows; a saved-tensor hook that copies them
+    (torch.autograd.graph.save_on_cpu, a clone) hands the backward compact rows, which it reads as well."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    want = run_kernel(x, ids, weights, grad, packed)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        got = run_kernel(x, ids, weights, grad, packed)
+    with torch.autograd.graph.save_on_cpu():
+        offloaded = run_kernel(x, ids, weights, grad, packed)
+    for g, o, w in zip(got, offloaded, want):
+        assert torch.equal(g, w) and torch.equal(o, w)
+
+
+def test_create_graph_is_refused(extension):
+    """The backward runs in C++, so its gradients have no graph: create_graph=True raises instead of letting a
+    gradient penalty silently miss its second derivative."""
+    experts, x, ids, weights, _ = make_case(*SHAPES["top6"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    x = x.clone().requires_grad_()
+    y = moe.cpu_moe(x, ids, weights, packed)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_bf16_rows_equal_their_float32_widening(extension, force_isa, isa, weight_dtype):
@@ -652,6 +691,8 @@ def test_bad_inputs_raise_value_error(extension):
         moe.cpu_moe(x, ids + 8, weights, packed)
     with pytest.raises(ValueError, match="x must be"):
         moe.cpu_moe(x[:, :-1], ids, weights, packed)
+    with pytest.raises(ValueError, match="x must be a float tensor"):
+        moe.cpu_moe(x.long(), ids, weights, packed)
 
 
 def test_stale_build_lock_is_removed(tmp_path, capsys):

@@ -311,6 +311,21 @@ def test_cpu_kernel_packs_once_and_frees_the_full_precision_weights():
         experts.set_backend("torch")
 
 
+def test_a_refused_kernel_switch_changes_nothing():
+    """Trainable experts cannot be packed (the kernel computes no weight gradients): the switch raises and the
+    experts stay on the torch backend, still usable; packed experts refuse new weights with a clear message."""
+    cpu_kernel_or_skip()
+    experts = make_experts()
+    with pytest.raises(RuntimeError, match="computes no gradients for expert weights"):
+        experts.set_backend("cpu_kernel")
+    assert experts.backend == "torch" and experts.kernel_packed is None
+    with torch.no_grad():
+        experts(*routing_inputs())
+    experts.requires_grad_(False).set_backend("cpu_kernel")
+    with pytest.raises(RuntimeError, match="packed for the 'cpu_kernel' backend.*load_model"):
+        experts.load_tensor("gate_proj", torch.zeros(experts.shape_of("gate_proj")))
+
+
 def test_cpu_kernel_experts_are_packed_while_loading(tmp_path):
     """With the backend chosen before the weights stream in, each layer's experts arrive on the CPU and are
     packed as soon as all three matrices are there: no full-precision expert weight survives loading."""
