@@ -27,8 +27,9 @@ lora_moe_routed_experts     ``mlp.experts``: per expert, adapters on its gate, u
 lora_head                   ``lm_head`` (absent with tied embeddings, so no effect there)
 ==========================  =====================================================================
 
-The MoE router ``mlp.gate`` is never adapted nor quantized. With ``lora_moe_routed_experts``,
-``quant_lora_4bit`` stores the routed experts 4-bit too (they are then LoRA layers).
+The MoE router ``mlp.gate`` is never adapted nor quantized. The routed experts (most of a MoE model's weights)
+are stored 4-bit by ``quant_4bit``, with or without adapters (``quant_lora_4bit`` alone also stores adapted
+experts 4-bit), as the reference builder's ``--quant-4bit`` stores them, so that policy and reference match.
 
 4-bit: ``quant_4bit`` turns every other frozen ``nn.Linear`` into a :class:`~dpo_llama.models.quant.Linear4bit`
 and ``quant_lora_4bit`` stores the frozen base inside LoRA layers 4-bit. ``lm_head`` (its logits decide
@@ -110,7 +111,8 @@ class LoRAConfig:
     train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
     quant_4bit: bool = field(
-        default=False, metadata={"help": "Store the frozen non-LoRA linears 4-bit (lm_head, embeddings stay full)."})
+        default=False, metadata={"help": "Store the frozen non-LoRA linears and all routed MoE experts 4-bit "
+                                          "(lm_head, embeddings stay full)."})
     quant_lora_4bit: bool = field(
         default=False, metadata={"help": "Store the frozen base weight inside LoRA layers 4-bit (QLoRA)."})
     quant_4bit_double: bool = field(

@@ -457,10 +457,11 @@ class ExpertAdapters(nn.Module):
         """
         return list(zip(self.lora_A.unbind(0), self.lora_B.unbind(0)))
 
-    def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         """``s · B_e A_e dropout(x)`` in float32 for rows ``x`` ``[n, in]`` of one expert (``lora.LoRAUpdate``,
-        which keeps ``x`` in its own dtype for the backward, once for the gate and up adapters that read it)."""
-        return LoRAUpdate.apply(self.dropout(x), lora_a, lora_b, self.scaling)
+        which keeps ``x`` in its own dtype for the backward, once for the gate and up adapters that read it);
+        without dropout if ``dropout`` is False (the update merged into the weights, taken back out)."""
+        return LoRAUpdate.apply(self.dropout(x) if dropout else x, lora_a, lora_b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B_e A_e`` of every expert in float32, ``[E, out, in]``."""
@@ -719,8 +720,9 @@ class RoutedExperts(nn.Module):
             from dpo_llama.models.quant import linear_4bit
             out = linear_4bit(x, self.packed[name][expert])
         if adapters is not None:
-            delta = self.lora[name].delta(x, *adapters[name][expert])
-            out = out + (self.adapter_sign * delta).to(out.dtype)
+            sign = self.adapter_sign  # -1: the merged update, without dropout as merged, is taken back out
+            delta = self.lora[name].delta(x, *adapters[name][expert], dropout=sign > 0)
+            out = out + (sign * delta).to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -480,6 +480,22 @@ def test_expert_adapters_merge_unmerge_and_disable():
     torch.testing.assert_close(experts.gate_proj, base.gate_proj, atol=1e-6, rtol=0)
 
 
+def test_merged_then_disabled_experts_are_the_base_in_train_mode():
+    """With dropout the adapters' update is random in train mode; merged, it entered the weights without dropout,
+    so disabling takes it back out without dropout too: the base experts, exactly up to rounding."""
+    experts = make_experts().requires_grad_(False)
+    base = copy.deepcopy(experts)
+    experts.add_lora(r=3, scaling=0.5, dropout=0.5)
+    with torch.no_grad():
+        for adapters in experts.lora.values():
+            adapters.lora_B.normal_(std=0.5)
+    x, ids, weights = (t.detach() for t in routing_inputs())
+    experts.merge()
+    experts.adapter_enabled = False
+    experts.train()
+    torch.testing.assert_close(experts(x, ids, weights), base(x, ids, weights), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("isa", ["portable", "amx"])
 def test_cpu_kernel_with_adapters_equals_torch_backend(monkeypatch, isa):
     """The kernel with adapters (delta before the SiLU, h returned, [dg | du] back) against the torch backend:
