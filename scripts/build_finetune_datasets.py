@@ -3,7 +3,7 @@
     python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/oasst.jsonl \
         --tokenizer checkpoints/llama-2-7b-chat/tokenizer.model --template llama2 --output datasets/sft
 
-Formats (auto-detected per file from its first row, or forced with --format): alpaca (instruction/input/output),
+Formats (auto-detected per file from its first recognisable row, or forced with --format): alpaca (instruction/input/output),
 sharegpt (conversations: [{from, value}]), messages (OpenAI/TRL [{role, content}]), hh (HH-RLHF chosen
 transcripts), dolly (instruction/context/response). Files: .json, .jsonl, .jsonl.gz/.json.gz, .parquet.
 Every assistant turn is a training target; everything else is masked. Conversations longer than --max-seq-len
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dpo_llama.configs import demo
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.dataset_io import length_stats, split_train_val, write_dataset
+from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.sft import tokenize_conversations
 from dpo_llama.utils.sft_formats import SFT_FORMATS, load_sft_records
 from dpo_llama.utils.templates import TEMPLATE_NAMES
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
+        check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         tokenizer = load_tokenizer(args.tokenizer)
         records, report = load_sft_records(args.input, args.format, args.max_samples)
         with tqdm(total=len(records), desc="tokenizing", unit="conv", disable=None) as progress:

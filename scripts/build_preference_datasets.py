@@ -35,7 +35,7 @@ from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.finetune import prepare_model
-from dpo_llama.utils.dataset_io import length_stats, split_train_val, write_dataset
+from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
                                              is_unpaired_dataset, model_fingerprint, store_reference,
                                              tokenize_records)
@@ -111,8 +111,8 @@ def tokenize_and_split(args, tokenizer):
         raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")
     train, validation = split_train_val(examples, args.val_ratio, args.seed)
     if is_unpaired_dataset(examples):
-        for split in (train, validation):
-            add_kl_pairs(split)
+        for split, other in ((train, validation), (validation, train)):
+            add_kl_pairs(split, other[0] if other else None)
     return train, validation, report
 
 
@@ -127,6 +127,10 @@ def add_reference(args, train, validation, tokenizer) -> dict:
     fingerprint = model_fingerprint(model, args.ref_model, args.lora and find_adapter(args.lora)[0], dtype_name,
                                     tokenizer, args.template)
     sequences = all_sequences(train, args.max_seq_len) + all_sequences(validation, args.max_seq_len)
+    longest = max(len(ids) for ids, _ in sequences)
+    if longest > model.args.max_seq_len:
+        raise ValueError(f"the longest sequence has {longest} tokens but the reference model {args.ref_model} takes "
+                         f"at most {model.args.max_seq_len}: pass --max-seq-len {model.args.max_seq_len} or less")
     logps = compute_reference_logps(model, sequences, tokenizer.pad_id, device, Path(args.output) / CACHE_DIR,
                                     {"reference": fingerprint["digest"]}, args.batch_tokens, args.batch_size)
     store_reference(train, logps[:2 * len(train)])
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
+        check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         tokenizer = load_tokenizer(args.tokenizer or args.ref_model)
         train, validation, report = tokenize_and_split(args, tokenizer)
         fingerprint = None if args.no_reference else add_reference(args, train, validation, tokenizer)

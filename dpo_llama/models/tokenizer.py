@@ -61,7 +61,16 @@ class Tokenizer(ABC):
     files: tuple[Path, ...]
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text``; BOS / EOS are added only when asked for."""
+        """Token ids of ``text``; BOS / EOS are added only when asked for.
+
+        Raises:
+            ValueError: ``text`` is not valid Unicode (a lone UTF-16 surrogate such as JSON's ``"\\ud83d"``,
+                found in scraped data), which neither tokenizer library can encode.
+        """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text is not valid Unicode ({error.reason} at character {error.start})") from None
         ids = self._encode_text(text)
         if bos:
             if self.bos_id is None:

@@ -24,13 +24,19 @@ VAL_FILE = "validation.pkl"
 META_FILE = "meta.json"
 
 
-def split_train_val(items: list, val_ratio: float, seed: int) -> tuple[list, list]:
-    """Shuffles ``items`` with ``seed`` and holds out ``round(val_ratio * n)`` of them (at least 1 if ratio > 0)."""
+def check_val_ratio(val_ratio: float) -> None:
+    """Raises ``ValueError`` unless ``0 <= val_ratio < 1``."""
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+
+
+def split_train_val(items: list, val_ratio: float, seed: int) -> tuple[list, list]:
+    """Shuffles ``items`` with ``seed`` and holds out ``round(val_ratio * n)`` of them: at least 1 if the ratio is
+    positive, at most ``n - 1`` (training keeps at least one)."""
+    check_val_ratio(val_ratio)
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(val_ratio * len(items))) if val_ratio > 0 and len(items) > 1 else 0
+    n_val = min(max(1, round(val_ratio * len(items))), len(items) - 1) if val_ratio > 0 and len(items) > 1 else 0
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 

@@ -53,6 +53,12 @@ from dpo_llama.utils.templates import render_conversation
 TokenSequence = tuple[np.ndarray, np.ndarray]  # (token ids, score mask) of one full sequence
 
 
+# Reasons this module drops an example for (counted as they are; other errors count as "template error").
+RETOKENIZED = "the prompt tokenizes differently once the response follows it"
+IDENTICAL = "identical responses after truncation"
+EMPTY = "empty response after truncation"
+
+
 def last_turn_only(mask: list[bool]) -> list[bool]:
     """Keeps only the last run of True values (the final assistant turn)."""
     end = len(mask)
@@ -69,7 +75,7 @@ def render_continuation(prompt: list[dict], continuation: list[dict], prompt_ids
     """Token ids and score mask of a continuation after ``prompt_ids``, plus the prompt's own mask."""
     ids, mask = render_conversation(prompt + continuation, tokenizer, template)
     if ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("the prompt tokenizes differently once the response follows it")
+        raise ValueError(RETOKENIZED)
     cont_mask = mask[len(prompt_ids):]
     if not score_all:
         return ids[len(prompt_ids):], last_turn_only(cont_mask), [False] * len(prompt_ids)
@@ -124,9 +130,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer: Tokenizer, template: str, max
         (prompt_ids, prompt_mask), [(chosen_ids, chosen_mask), (rejected_ids, rejected_mask)], max_seq_len,
         max_prompt_len, tokenizer.bos_id)
     if chosen_ids == rejected_ids:
-        raise ValueError("identical responses after truncation")
+        raise ValueError(IDENTICAL)
     if not any(chosen_mask) or not any(rejected_mask):
-        raise ValueError("empty response after truncation")
+        raise ValueError(EMPTY)
     return {"prompt": int32(prompt_ids), "prompt_mask": boolean(prompt_mask), "chosen": int32(chosen_ids),
             "chosen_mask": boolean(chosen_mask), "rejected": int32(rejected_ids),
             "rejected_mask": boolean(rejected_mask)}
@@ -141,7 +147,7 @@ def tokenize_unpaired(example: UnpairedExample, tokenizer: Tokenizer, template: 
     (prompt_ids, prompt_mask), [(ids, mask)] = fit_lengths((prompt_ids, prompt_mask), [(ids, mask)],
                                                            max_seq_len, max_prompt_len, tokenizer.bos_id)
     if not any(mask):
-        raise ValueError("empty response after truncation")
+        raise ValueError(EMPTY)
     return {"prompt": int32(prompt_ids), "prompt_mask": boolean(prompt_mask), "completion": int32(ids),
             "completion_mask": boolean(mask), "desirable": bool(example.desirable)}
 
@@ -154,19 +160,21 @@ def tokenize_records(records: Sequence, tokenizer: Tokenizer, template: str, max
     for record in tqdm(records, desc="tokenizing", unit="ex", disable=None):
         try:
             examples.append(tokenize(record, tokenizer, template, max_seq_len, max_prompt_len, score_all))
-        except ValueError as err:
-            report.drop(record.source, str(err))
+        except ValueError as err:  # this module's own reasons are short and stable; others carry row text
+            reason = str(err)
+            report.drop(record.source, *((reason,) if reason in (RETOKENIZED, IDENTICAL, EMPTY) else ("template error", reason)))
     return examples
 
 
-def add_kl_pairs(examples: list[dict]) -> None:
+def add_kl_pairs(examples: list[dict], spare: dict | None = None) -> None:
     """Gives every KTO example the completion of its neighbour ``(i + 1) mod n`` as its mismatched completion.
 
     As in TRL, the KL reference point z0 is estimated from prompts paired with completions written for other
-    prompts; shifting by one guarantees a different example whenever there are two or more.
+    prompts; shifting by one guarantees a different example whenever there are two or more. A lone example
+    takes the completion of ``spare`` (an example of the other split) if given.
     """
     for i, example in enumerate(examples):
-        other = examples[(i + 1) % len(examples)]
+        other = spare if len(examples) == 1 and spare is not None else examples[(i + 1) % len(examples)]
         example["kl_completion"], example["kl_completion_mask"] = other["completion"], other["completion_mask"]
 
 

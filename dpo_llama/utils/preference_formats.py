@@ -162,9 +162,16 @@ def hh_split(row: dict) -> Split:
 
 
 def trl_split(row: dict) -> Split:
-    """TRL standard row (``prompt`` / ``chosen`` / ``rejected`` strings) -> ``(prompt, chosen, rejected)``."""
+    """TRL standard row (``prompt`` / ``chosen`` / ``rejected`` strings) -> ``(prompt, chosen, rejected)``.
+
+    A prompt that is an HH-RLHF transcript up to its last ``Assistant:`` (Dahoas/rm-static, Dahoas/full-hh-rlhf:
+    ``"\\n\\nHuman: ...\\n\\nAssistant:"``) is split into its turns, as the HH format would.
+    """
+    prompt = text_field(row, "prompt")
+    if prompt.lstrip().startswith("Human:") and prompt.rstrip().endswith("\n\nAssistant:"):
+        return hh_split({side: prompt + text_field(row, side) for side in ("chosen", "rejected")})
     return (
-        user(text_field(row, "prompt")),
+        user(prompt),
         assistant(text_field(row, "chosen")),
         assistant(text_field(row, "rejected")),
     )
@@ -340,8 +347,8 @@ def load_preference_records(
 
     Args:
         paths: One data file or several (see :func:`~dpo_llama.utils.raw_data.iter_rows`).
-        format: A name from :data:`PREFERENCE_FORMAT_KEYS`, or ``"auto"`` to detect it from each
-            file's first row.
+        format: A name from :data:`PREFERENCE_FORMAT_KEYS`, or ``"auto"`` to detect it in each
+            file from its first row of a known format.
         max_samples: Keep at most this many records in total.
         shp_min_score_ratio: Keep an SHP pair only if :func:`shp_score_ratio` is at least this.
 

@@ -183,12 +183,13 @@ def read_records(
 ) -> tuple[list, ParseReport]:
     """Turn the rows of several files into records, skipping and counting bad rows.
 
-    Each file gets its own row parser, chosen from its first row by ``parser_for`` (this is where
-    format auto-detection happens). A parser returns a record or raises :class:`BadRowError`.
+    Each file gets its own row parser, chosen by ``parser_for`` from its first row that it accepts (this is where
+    format auto-detection happens; rows before that one are skipped as ``"format not recognised"``). A parser
+    returns a record or raises :class:`BadRowError`.
 
     Args:
         paths: One data file or several.
-        parser_for: Maps a file's first row to the function ``(row, location) -> record``.
+        parser_for: Maps a row to the function ``(row, location) -> record``, or raises ``ValueError``.
         max_samples: Stop after this many records in total (``None``: read everything).
 
     Returns:
@@ -196,7 +197,7 @@ def read_records(
 
     Raises:
         ValueError: A file yields no usable row (the message names the file and the top
-            reasons), or ``parser_for`` rejects a file's first row.
+            reasons), or ``parser_for`` rejects every row of a file (its message for the first row).
     """
     records: list = []
     report = ParseReport()
@@ -204,10 +205,15 @@ def read_records(
         if max_samples is not None and len(records) >= max_samples:
             break
         file_report = ParseReport(files=[str(path)])
-        parse = None
+        parse, detection_error = None, None
         for row, location in iter_rows(path, file_report):
-            if parse is None:
-                parse = _parser_for_file(path, row, parser_for)
+            if parse is None:  # the first row that parser_for accepts decides; rows before it are skipped
+                try:
+                    parse = parser_for(row)
+                except ValueError as err:
+                    detection_error = detection_error or f"{path}: {err}"
+                    file_report.skip(location, "format not recognised", str(err))
+                    continue
             try:
                 records.append(parse(row, location))
             except BadRowError as err:
@@ -216,6 +222,8 @@ def read_records(
             file_report.rows_kept += 1
             if max_samples is not None and len(records) >= max_samples:
                 break
+        if parse is None and detection_error is not None:
+            raise ValueError(detection_error)
         if file_report.rows_kept == 0:
             raise ValueError(_no_usable_rows_message(path, file_report))
         report.merge(file_report)
@@ -228,13 +236,6 @@ def _as_path_list(paths: PathLike | Sequence[PathLike]) -> list[PathLike]:
     if not paths:
         raise ValueError("no data files given")
     return list(paths)
-
-
-def _parser_for_file(path: Path, first_row: dict, parser_for: Callable[[dict], RowParser]) -> RowParser:
-    try:
-        return parser_for(first_row)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
 
 
 def _no_usable_rows_message(path: Path, file_report: ParseReport) -> str:

@@ -264,7 +264,7 @@ def format_detection_error(row: dict, matches: list[str], known: dict[str, str])
     """Error text for a row whose format could not be detected (``matches``: the candidates)."""
     problem = "is ambiguous between formats " + ", ".join(matches) if matches else "matches no known format"
     formats = "; ".join(f"{name} ({keys})" for name, keys in known.items())
-    return f"row with keys {sorted(row)} {problem}. Known formats: {formats}. Pass format= explicitly."
+    return f"row with keys {sorted(row)} {problem}. Known formats: {formats}. Pass --format (format= in Python) explicitly."
 
 
 def sft_parser(format: str) -> Callable[[dict, str], Conversation]:
@@ -292,8 +292,8 @@ def load_sft_records(
 
     Args:
         paths: One data file or several (see :func:`~dpo_llama.utils.raw_data.iter_rows`).
-        format: A name from :data:`SFT_FORMATS`, or ``"auto"`` to detect it from each file's
-            first row.
+        format: A name from :data:`SFT_FORMATS`, or ``"auto"`` to detect it in each file from
+            its first row of a known format.
         max_samples: Keep at most this many records in total.
 
     Returns:

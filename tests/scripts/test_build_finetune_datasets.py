@@ -172,6 +172,23 @@ def test_several_files_and_validation_split(tmp_path, tokenizer_paths):
     assert meta["rows"]["rows_kept"] == 6 and meta["rows"]["rows_skipped"] == 3 + 1
 
 
+def test_invalid_unicode_rows_are_skipped_and_train_is_never_empty(tmp_path, tokenizer_paths, capsys):
+    """A lone surrogate escape (valid JSON, seen in scraped data) is counted and skipped, not a crash; a ratio that
+    would hold out everything keeps one example for training; a bad ratio is refused before any tokenization."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "Broken emoji \\ud83d here", "input": "", "output": "ok"}\n'
+                    + "".join(json.dumps({"instruction": f"Q{i}", "input": "", "output": f"A{i}"}) + "\n"
+                              for i in range(3)))
+    for style in ("llama2", "llama3"):
+        rc, out = run_builder(tmp_path / style, tokenizer_paths[style], style, [data], val_ratio=0.9)
+        assert rc == 0
+        meta = json.loads((out / META_FILE).read_text())
+        assert meta["counts"] == {"train": 1, "validation": 2}
+        assert meta["rows"]["skipped_by_reason"] == {"template error": 1}
+    assert run_builder(tmp_path / "bad", tokenizer_paths["llama2"], "llama2", [data], val_ratio=1.0)[0] == 1
+    assert "val_ratio must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_truncation_keeps_the_start_and_drops_examples_without_assistant_tokens(tmp_path, tokenizer_paths,
                                                                                   capsys):
     """With --max-seq-len L every example is its full rendering cut to the first L tokens; a conversation

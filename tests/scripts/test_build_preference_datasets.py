@@ -207,3 +207,14 @@ def test_a_tokenizer_larger_than_the_reference_vocabulary_is_refused(reference, 
     other = make_sentencepiece(tmp_path / "tok", vocab_size=450)
     assert build(reference, tmp_path / "d", [FIXTURES / "trl_preference.jsonl"], tokenizer=other) == 1
     assert "the tokenizer has 450 ids but the reference model" in capsys.readouterr().err
+
+
+def test_sequences_longer_than_the_reference_takes_are_refused_before_its_pass(reference, tmp_path, capsys):
+    """The tiny reference takes 256 positions: longer sequences (allowed by --max-seq-len) stop the build with the
+    limit to pass, before any reference batch runs, and nothing is written."""
+    long_answer = " ".join(["the sky is blue"] * 80)
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Describe the sky.", "chosen": long_answer,
+                                                  "rejected": "It is green."}])
+    assert build(reference, tmp_path / "out", [data], max_seq_len=1024) == 1
+    assert "takes at most 256: pass --max-seq-len 256 or less" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

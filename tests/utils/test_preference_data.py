@@ -249,6 +249,26 @@ def test_a_cut_prompt_never_scores_its_first_token(tmp_path):
     assert np.isfinite(logps).all()
 
 
+def test_a_lone_kto_example_takes_its_kl_completion_from_the_spare():
+    """With one example in a split, the shift by one would pair it with its own completion: it takes the spare's."""
+    examples = [{"completion": np.array([i]), "completion_mask": np.array([True])} for i in range(3)]
+    add_kl_pairs(examples[:1], spare=examples[2])
+    assert examples[0]["kl_completion"].tolist() == [2]
+    add_kl_pairs(examples[:2], spare=examples[2])
+    assert [e["kl_completion"].tolist() for e in examples[:2]] == [[1], [0]]
+
+
+def test_template_errors_are_counted_under_one_reason(tmp_path):
+    """A chatml answer starting with a newline merges with the role header into one token: the pair is dropped as
+    "template error" (its text only in the details), so that many such rows make one count, not one key each."""
+    chatml = load_tokenizer(make_hf_tokenizer(tmp_path, "chatml"))
+    pairs = [PreferencePair([user(f"Q{i}")], [assistant(f"\nAnswer {i}")], [assistant("No.")], f"x:{i}")
+             for i in range(2)]
+    report = ParseReport(rows_kept=2)
+    assert tokenize_records(pairs, chatml, "chatml", LONG, LONG, False, report) == []
+    assert dict(report.skipped) == {"template error": 2}
+
+
 def fixture_sequences(tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """The chosen / rejected sequences of three fixture files (lengths ~15 to ~60)."""
     examples = []

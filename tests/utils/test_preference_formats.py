@@ -6,6 +6,8 @@ with short made-up text, plus a few bad rows of the kinds found in the real data
 
 import math
 
+import json
+
 import pytest
 
 from dpo_llama.utils.preference_formats import (
@@ -74,6 +76,19 @@ def test_trl_standard():
         f"{path}:3: identical chosen and rejected",
         f"{path}:4: non-string content (field 'chosen' is list)",
     ]
+
+
+def test_trl_rows_with_an_hh_transcript_prompt_are_split_into_turns(tmp_path):
+    """Dahoas/rm-static rows: the prompt is an HH transcript up to its last "Assistant:"; it is split into turns
+    (as the hh format would), not kept as one user message with the markers inside."""
+    path = tmp_path / "rm_static.jsonl"
+    path.write_text(json.dumps({"prompt": "\n\nHuman: What is the capital of France?\n\nAssistant: Paris."
+                                          "\n\nHuman: And Italy?\n\nAssistant:",
+                                "chosen": " Rome.", "rejected": " Milan."}) + "\n")
+    records, _ = load_preference_records(path)
+    assert records == [PreferencePair([user("What is the capital of France?"), assistant("Paris."),
+                                       user("And Italy?")], [assistant("Rome.")], [assistant("Milan.")],
+                                      f"{path}:1")]
 
 
 def test_trl_conversational_explicit_prompt():

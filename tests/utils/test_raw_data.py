@@ -221,6 +221,19 @@ def test_read_records_file_without_usable_rows_is_an_error(tmp_path):
         read_records(empty, lambda first_row: _positive)
 
 
+def test_read_records_detects_the_format_from_the_first_row_it_accepts(tmp_path):
+    """A first row of no known format (here n = 0 is "unknown") is skipped and counted; the next row decides."""
+    path = _numbers(tmp_path, "a.jsonl", [0, 1, 2])
+
+    def detect(row):
+        if row["n"] == 0:
+            raise ValueError("unknown format")
+        return _positive
+
+    records, report = read_records(path, detect)
+    assert [n for n, _ in records] == [1, 2] and report.skipped == {"format not recognised": 1}
+
+
 def test_read_records_names_the_file_when_its_format_is_rejected(tmp_path):
     path = _numbers(tmp_path, "a.jsonl", [1])
 
