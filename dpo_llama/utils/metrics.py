@@ -5,7 +5,8 @@ A run writes everything under ``<log_dir>/<run_name>/``:
 - ``events.out.tfevents.*``: TensorBoard scalars tagged ``train/<name>`` and ``val/<name>``
   (e.g. ``train/loss``, ``train/rewards/accuracies``, ``val/loss``);
 - ``metrics.jsonl``: one JSON object per :meth:`MetricsLogger.log` call, ``{"step": n, tag: value, ...}``
-  (a step with training and validation metrics spans two lines);
+  (a step with training and validation metrics spans two lines; after ``--resume`` the steps restored from the
+  checkpoint are written back one line per step, so read the file by merging the records of each step);
 - ``<title>.png``: line plots written by :meth:`MetricsLogger.save_plots`.
 """
 

@@ -26,8 +26,10 @@ all RNG states are restored.
 """
 
 import contextlib
+import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -43,13 +45,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import save_config
+from dpo_llama.utils.cli import config_to_dict, save_config
 from dpo_llama.utils.metrics import MetricsLogger, PlotSpec
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 DEFAULT_PLOTS: tuple[PlotSpec, ...] = (("loss", ("train/loss", "val/loss")),)
 GROUP_WINDOW_BATCHES = 50  # length grouping sorts windows of this many micro-batches
+# Settings a resumed run may change: the schedule and optimizer hyperparameters (applied from the resumed step on),
+# logging, checkpointing, where and how the same math runs. Any other difference from the checkpoint's
+# config.json (data, batching, seed, model, adapters, loss) would mix two runs, and is refused.
+RESUME_ADJUSTABLE = frozenset({
+    "max_train_steps", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "adam_betas", "adam_eps",
+    "grad_clip", "log_interval", "val_interval", "val_batches", "ckpt_interval", "ckpt_dir", "log_dir", "run_name",
+    "resume", "device", "mixed_precision", "activation_checkpointing", "experts_backend", "experts_transposed_copy",
+    "allow_reference_mismatch", "reference_check_tolerance",
+})
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]]
@@ -253,17 +264,45 @@ def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step-{step:06d}"
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``ckpt_dir``, or None.
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in ``ckpt_dir``, highest step first.
 
     Only ``step-<digits>`` directories holding a ``trainer_state.pt`` count, so unfinished
     temporary directories are ignored.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        return None
+        return []
     found = [p for p in ckpt_dir.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
-    return max(found, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")), reverse=True)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``ckpt_dir``, or None."""
+    return next(iter(complete_checkpoints(ckpt_dir)), None)
+
+
+def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"name: saved -> current"`` for every setting outside ``RESUME_ADJUSTABLE`` that differs between a
+    checkpoint's config and this run's, both as JSON values (settings only one of them has are skipped;
+    ``*_dir`` paths are compared resolved, so ``./data`` and ``data`` agree)."""
+    current = json.loads(json.dumps(current))
+
+    def value(name: str, raw: Any) -> Any:
+        return str(Path(raw).resolve()) if name.endswith("_dir") and isinstance(raw, str) and raw else raw
+
+    return [f"{name}: {saved[name]!r} -> {current[name]!r}" for name in sorted(saved.keys() & current.keys())
+            if name not in RESUME_ADJUSTABLE and value(name, saved[name]) != value(name, current[name])]
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flushes every file of ``directory`` and the directory itself to disk (a rename is durable only then)."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -352,6 +391,9 @@ class Trainer:
     ) -> None:
         if cfg.group_by_length and example_length is None:
             raise ValueError("group_by_length=True needs an example_length callable")
+        if cfg.warmup_steps >= cfg.max_train_steps:
+            tqdm.write(f"warning: warmup_steps {cfg.warmup_steps} >= max_train_steps {cfg.max_train_steps}: the "
+                       "learning rate only warms up and never decays to min_lr_ratio x learning_rate")
         self.cfg = cfg
         self.model = model
         self.train_set = train_set
@@ -477,8 +519,36 @@ class Trainer:
         }
         torch.save(state, tmp / STATE_FILE)
         save_config(self.cfg, tmp / CONFIG_FILE)
+        fsync_tree(tmp)
+        if final.exists():  # incomplete or unreadable (a complete one would have been resumed from)
+            shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_tree(final.parent)
         return final
+
+    def _load_newest_readable(self, checkpoints: list[Path]) -> tuple[Path, dict[str, Any]]:
+        """Loads the trainable weights of the newest checkpoint that reads back, refusing one whose config differs
+        from this run's beyond ``RESUME_ADJUSTABLE``; returns it and its trainer state.
+
+        Raises:
+            ValueError: the newest readable checkpoint was trained with other settings, or none reads back.
+        """
+        for checkpoint in checkpoints:
+            config_path = checkpoint / CONFIG_FILE
+            if config_path.is_file():
+                mismatches = resume_mismatches(json.loads(config_path.read_text()), config_to_dict(self.cfg))
+                if mismatches:
+                    raise ValueError(f"--resume: {checkpoint} was trained with other settings (checkpoint -> this "
+                                     "run):\n  " + "\n  ".join(mismatches) + "\nresume with the checkpoint's "
+                                     "settings, or start a new run in another --ckpt-dir")
+            try:
+                state = load_trainer_state(checkpoint)
+                self.load_trainable(checkpoint)
+            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+                tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")
+                continue
+            return checkpoint, state
+        raise ValueError(f"--resume: no checkpoint in {self.cfg.ckpt_dir} reads back (see the warnings above)")
 
     def _restore(self) -> list[dict[str, float]]:
         """Load the latest checkpoint when ``cfg.resume``; return its metric history.
@@ -487,20 +557,23 @@ class Trainer:
             FileExistsError: ``ckpt_dir`` holds checkpoints but ``cfg.resume`` is False
                 (a fresh run would mix its checkpoints with an older run's).
         """
-        latest = latest_checkpoint(self.cfg.ckpt_dir)
-        if latest is None:
+        checkpoints = complete_checkpoints(self.cfg.ckpt_dir)
+        if not checkpoints:
             if self.cfg.resume:
                 tqdm.write(f"resume: no checkpoint in {self.cfg.ckpt_dir}, starting from step 0")
             return []
         if not self.cfg.resume:
             raise FileExistsError(
-                f"{self.cfg.ckpt_dir} already holds checkpoints (latest {latest.name}); "
+                f"{self.cfg.ckpt_dir} already holds checkpoints (latest {checkpoints[0].name}); "
                 "pass --resume to continue that run, or choose another --ckpt-dir"
             )
-        state = load_trainer_state(latest)
-        self.load_trainable(latest)
+        latest, state = self._load_newest_readable(checkpoints)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)  # this run's lr, betas, eps and weight decay, even if they changed
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                           self.scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)  # this run's schedule, even if it changed

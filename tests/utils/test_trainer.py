@@ -248,6 +248,36 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     assert [json.loads(line)["step"] for line in jsonl if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_path):
+    """A resumed run may change the schedule and optimizer hyperparameters (they apply from the resumed step on,
+    as the saved config.json says); a different batch size or seed would mix two runs and is refused, naming
+    each difference."""
+    data = make_dataset([1, 2, 3, 4, 5, 6], seed=5)
+    run(make_cfg(tmp_path, max_train_steps=2, ckpt_interval=2), ToyModel(seed=7), data)
+    changed = dict(learning_rate=1e-4, adam_betas=(0.5, 0.6), adam_eps=1e-3, weight_decay=0.1, max_train_steps=3)
+    model = ToyModel(seed=7)
+    resumed = run(make_cfg(tmp_path, resume=True, **changed), model, data)
+    assert resumed.history[-1]["train/lr"] == pytest.approx(1e-4)
+    state = load_trainer_state(tmp_path / "ckpt" / "step-000003")["optimizer"]["param_groups"][0]
+    assert state["betas"] == (0.5, 0.6) and state["eps"] == 1e-3 and state["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match=r"other settings(.|\n)*micro_batch_size: 2 -> 3\n  seed: 0 -> 4"):
+        run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
+
+
+def test_resume_falls_back_over_an_unreadable_checkpoint(tmp_path, capsys):
+    """A torn trainer_state.pt in the newest checkpoint (a crash before the data reached the disk) is reported and
+    the one before it resumed; saving that step again replaces the torn directory."""
+    data = make_dataset([1, 2, 3, 4, 5, 6], seed=5)
+    full = run(make_cfg(tmp_path / "full", max_train_steps=4), ToyModel(seed=7), data)
+    run(make_cfg(tmp_path, max_train_steps=4, ckpt_interval=2), ToyModel(seed=7), data)
+    torn = tmp_path / "ckpt" / "step-000004" / "trainer_state.pt"
+    torn.write_bytes(torn.read_bytes()[:100])
+    resumed = run(make_cfg(tmp_path, resume=True, max_train_steps=4, ckpt_interval=2), ToyModel(seed=9), data)
+    assert "step-000004 does not read back" in capsys.readouterr().out
+    assert losses(resumed.history) == losses(full.history)
+    assert load_trainer_state(tmp_path / "ckpt" / "step-000004")["step"] == 4
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, max_train_steps=8, ckpt_interval=2)
     model = ToyModel(seed=8)
