@@ -3,9 +3,10 @@
     python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/oasst.jsonl \
         --tokenizer checkpoints/llama-2-7b-chat/tokenizer.model --template llama2 --output datasets/sft
 
-Formats (auto-detected per file from its first recognisable row, or forced with --format): alpaca (instruction/input/output),
-sharegpt (conversations: [{from, value}]), messages (OpenAI/TRL [{role, content}]), hh (HH-RLHF chosen
-transcripts), dolly (instruction/context/response). Files: .json, .jsonl, .jsonl.gz/.json.gz, .parquet.
+Formats (auto-detected per file from its first recognisable row, or forced with --format): alpaca
+(instruction/input/output), sharegpt (conversations: [{from, value}]), messages (OpenAI/TRL [{role, content}]),
+hh (HH-RLHF chosen transcripts), dolly (instruction/context/response). Files: .json, .jsonl, .jsonl.gz/.json.gz,
+.parquet.
 Every assistant turn is a training target; everything else is masked. Conversations longer than --max-seq-len
 keep their first --max-seq-len tokens; those left with no assistant token are dropped and counted.
 With no arguments it builds the embedded demo's SFT data.

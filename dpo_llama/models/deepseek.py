@@ -317,12 +317,14 @@ class DeepseekMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router on ``x [N, H]``: float32 ``scores [N, E]``, ``topk_ids [N, k]``, ``topk_weights [N, k]``."""
         a = self.args
-        scores = F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # float32 under mixed precision too, as in the reference
+            scores = F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
         topk_scores, topk_ids = select_experts(scores, a.num_experts_per_tok, a.topk_method, a.n_group, a.topk_group)
         return scores, topk_ids, routing_weights(topk_scores, a.norm_topk_prob, a.routed_scaling_factor)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``(y [B, T, H], aux_loss or None)`` for ``x`` ``[B, T, H]``."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(y [B, T, H], aux_loss or None)`` for ``x`` ``[B, T, H]``; ``valid`` ``[B, T]`` marks the real
+        (unpadded) tokens that the balancing loss counts (default: all)."""
         bsz, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)
         scores, topk_ids, topk_weights = self.route(flat)
@@ -333,9 +335,10 @@ class DeepseekMoE(nn.Module):
         if self.training and self.args.aux_loss_alpha > 0:
             if self.args.seq_aux:
                 aux = sequence_aux_loss(scores.view(bsz, seqlen, -1), topk_ids.view(bsz, seqlen, -1),
-                                        self.args.aux_loss_alpha)
+                                        self.args.aux_loss_alpha, valid)
             else:
-                aux = batch_aux_loss(scores, topk_ids, self.args.aux_loss_alpha)
+                aux = batch_aux_loss(scores, topk_ids, self.args.aux_loss_alpha,
+                                     None if valid is None else valid.reshape(-1))
         return y, aux
 
 
@@ -349,12 +352,12 @@ class DeepseekBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = DeepseekMoE(args) if args.is_moe_layer(layer_id) else FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the block output and the MoE balancing loss (``None`` for dense blocks or when not computed)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
         if isinstance(self.mlp, DeepseekMoE):
-            y, aux = self.mlp(self.post_attention_layernorm(h))
+            y, aux = self.mlp(self.post_attention_layernorm(h), valid)
             return h + y, aux
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
@@ -379,12 +382,13 @@ class DeepseekTransformer(DecoderLM):
         self.register_buffer("rope_cos", cos * attention_factor, persistent=False)
         self.register_buffer("rope_sin", sin * attention_factor, persistent=False)
 
-    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Runs every block over ``h``, collecting the MoE balancing losses into ``last_aux_losses``."""
+    def run_layers(self, h: torch.Tensor, start_pos: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs every block over ``h``, collecting the MoE balancing losses (over the ``valid`` tokens) into
+        ``last_aux_losses``."""
         cos, sin = self.rope_slice(start_pos, h.shape[1])
         self.last_aux_losses = []
         for layer in self.layers:
-            h, aux = self.run_block(layer, h, cos, sin, start_pos)
+            h, aux = self.run_block(layer, h, cos, sin, start_pos, valid)
             if aux is not None:
                 self.last_aux_losses.append(aux)
         return h

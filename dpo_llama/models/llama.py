@@ -352,8 +352,9 @@ class DecoderLM(nn.Module):
         """(Re)builds the ``rope_cos`` / ``rope_sin`` buffers, e.g. after loading from the meta device."""
         raise NotImplementedError
 
-    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Runs the blocks over the embeddings ``h`` of positions ``start_pos..``."""
+    def run_layers(self, h: torch.Tensor, start_pos: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs the blocks over the embeddings ``h`` of positions ``start_pos..``; ``valid`` ``[B, T]`` marks the
+        real (unpadded) tokens, for what counts tokens across the batch (a MoE balancing loss)."""
         raise NotImplementedError
 
     def rope_slice(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,9 +370,14 @@ class DecoderLM(nn.Module):
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
 
-    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Returns the final hidden states ``[B, T, dim]`` (after the last RMSNorm), without the output head."""
-        return self.norm(self.run_layers(self.embed_tokens(tokens), start_pos))
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0,
+                       lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the final hidden states ``[B, T, dim]`` (after the last RMSNorm), without the output head.
+
+        ``lengths`` ``[B]``: real tokens per right-padded row, if the batch is padded (default: no padding).
+        """
+        valid = None if lengths is None else torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+        return self.norm(self.run_layers(self.embed_tokens(tokens), start_pos, valid))
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Applies the output head to any hidden states ``[..., dim]`` -> ``[..., vocab]``."""
@@ -410,8 +416,8 @@ class Transformer(DecoderLM):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
-        cos, sin = self.rope_slice(start_pos, h.shape[1])
+    def run_layers(self, h: torch.Tensor, start_pos: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        cos, sin = self.rope_slice(start_pos, h.shape[1])  # dense layers: padding needs no special care
         for layer in self.layers:
             h = self.run_block(layer, h, cos, sin, start_pos)
         return h

@@ -111,32 +111,42 @@ def routing_weights(topk_scores: torch.Tensor, norm_topk_prob: bool, routed_scal
     return topk_scores * routed_scaling_factor
 
 
-def sequence_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -> torch.Tensor:
+def sequence_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek's sequence-level load-balancing loss (``seq_aux=True``).
 
-    For each sequence ``b`` of ``T`` tokens with ``k`` experts per token among ``E``:
+    For each sequence ``b`` of ``T_b`` real (unpadded) tokens with ``k`` experts per token among ``E``:
 
-        ce_{b,i}  = count_{b,i} / (T k / E)          # how often expert i was chosen, 1 = perfectly balanced
+        ce_{b,i}  = count_{b,i} / (T_b k / E)        # how often expert i was chosen, 1 = perfectly balanced
         P_{b,i}   = mean_t s_{b,t,i}                  # mean router probability of expert i
         aux       = alpha * mean_b sum_i ce_{b,i} P_{b,i}
 
+    Padding is left out of the counts and means: every pad position holds the same token, routed to the same
+    experts, so counting it would penalise those experts by how much the batch happens to be padded.
     Gradients flow through the scores only (the counts are constants).
 
     Args:
         scores: ``[B, T, E]`` softmax router scores.
         topk_ids: ``[B, T, k]`` chosen experts.
         alpha: The loss weight ``aux_loss_alpha``.
+        valid: Optional ``[B, T]`` bool, True on real tokens (default: all).
     """
     batch, seq_len, n_experts = scores.shape
+    if valid is None:
+        valid = torch.ones(batch, seq_len, dtype=torch.bool, device=scores.device)
+    weight = valid.float()
+    tokens = weight.sum(dim=1).clamp(min=1)
     ids = topk_ids.reshape(batch, -1)
-    ones = torch.ones_like(ids, dtype=torch.float32)
+    ones = weight[:, :, None].expand(-1, -1, topk_ids.shape[-1]).reshape(batch, -1)
     counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(1, ids, ones)
-    ce = counts / (ids.shape[1] / n_experts)
-    return alpha * (ce * scores.mean(dim=1)).sum(dim=1).mean()
+    ce = counts / (tokens[:, None] * topk_ids.shape[-1] / n_experts)
+    mean_scores = (scores * weight[:, :, None]).sum(dim=1) / tokens[:, None]
+    return alpha * (ce * mean_scores).sum(dim=1).mean()
 
 
-def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -> torch.Tensor:
-    """DeepSeek's token-level load-balancing loss (``seq_aux=False``), over all ``N`` tokens of the batch.
+def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek's token-level load-balancing loss (``seq_aux=False``), over the ``N`` real tokens of the batch.
 
     ``f_i = E * (number of choices of expert i) / (N k)``, ``P_i = mean_t s_{t,i}``, ``aux = alpha * sum_i f_i P_i``.
 
@@ -144,7 +154,10 @@ def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float) -
         scores: ``[N, E]`` softmax router scores.
         topk_ids: ``[N, k]`` chosen experts.
         alpha: The loss weight ``aux_loss_alpha``.
+        valid: Optional ``[N]`` bool, True on real tokens (padding is left out, see :func:`sequence_aux_loss`).
     """
+    if valid is not None:
+        scores, topk_ids = scores[valid], topk_ids[valid]
     n_experts = scores.shape[-1]
     fraction = F.one_hot(topk_ids.reshape(-1), n_experts).float().mean(dim=0)
     return alpha * (scores.mean(dim=0) * fraction * n_experts).sum()

@@ -32,18 +32,20 @@ PLOTS = (
 )
 
 
-def pad_batch(sequences: Sequence[TokenSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, T]`` tokens and score mask from ``(ids, mask)`` sequences."""
+def pad_batch(sequences: Sequence[TokenSequence],
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N, T]`` right-padded tokens and score mask, and ``[N]`` lengths, from ``(ids, mask)`` sequences."""
     return (pad_sequences([ids for ids, _ in sequences], pad_id, torch.long),
-            pad_sequences([mask for _, mask in sequences], False, torch.bool))
+            pad_sequences([mask for _, mask in sequences], False, torch.bool),
+            torch.tensor([len(ids) for ids, _ in sequences]))
 
 
 def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen sequences in rows ``0..B-1``, rejected in ``B..2B-1``, plus the stored reference log-probs when
     the data has them (data built with ``--no-reference`` serves only the reference-free losses)."""
     chosen, rejected = zip(*(paired_sequences(e) for e in examples))
-    tokens, mask = pad_batch([*chosen, *rejected], pad_id)
-    batch = {"tokens": tokens, "mask": mask}
+    tokens, mask, lengths = pad_batch([*chosen, *rejected], pad_id)
+    batch = {"tokens": tokens, "mask": mask, "lengths": lengths}
     if "ref_chosen_logps" in examples[0]:
         batch["ref_chosen"] = torch.tensor([float(e["ref_chosen_logps"]) for e in examples])
         batch["ref_rejected"] = torch.tensor([float(e["ref_rejected_logps"]) for e in examples])
@@ -52,9 +54,10 @@ def collate_pairs(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tens
 
 def collate_unpaired(examples: Sequence[dict], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     """KTO batch: the completions, their mismatched KL sequences, labels and reference log-probs."""
-    tokens, mask = pad_batch([completion_sequence(e) for e in examples], pad_id)
-    kl_tokens, kl_mask = pad_batch([kl_sequence(e, max_seq_len) for e in examples], pad_id)
-    return {"tokens": tokens, "mask": mask, "kl_tokens": kl_tokens, "kl_mask": kl_mask,
+    tokens, mask, lengths = pad_batch([completion_sequence(e) for e in examples], pad_id)
+    kl_tokens, kl_mask, kl_lengths = pad_batch([kl_sequence(e, max_seq_len) for e in examples], pad_id)
+    return {"tokens": tokens, "mask": mask, "lengths": lengths, "kl_tokens": kl_tokens, "kl_mask": kl_mask,
+            "kl_lengths": kl_lengths,
             "desirable": torch.tensor([bool(e["desirable"]) for e in examples]),
             "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples]),
             "ref_kl_logps": torch.tensor([float(e["ref_kl_logps"]) for e in examples])}
@@ -79,7 +82,7 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> PreferenceLogps:
     """One forward over the 2B sequences; returns the pairs' summed log-probs and token counts."""
-    sums, counts = sequence_logps(model, batch["tokens"], batch["mask"])
+    sums, counts = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch.get("lengths"))
     n = num_units(batch)
     return PreferenceLogps(policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
                            ref_chosen_logps=batch.get("ref_chosen"), ref_rejected_logps=batch.get("ref_rejected"),
@@ -112,8 +115,8 @@ def paired_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[
 def kto_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict]:
     """Summed KTO loss of an unpaired batch; the policy's KL-pair log-probs carry no gradient (as in TRL)."""
     with torch.no_grad():
-        policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"])[0]
-    policy, _ = sequence_logps(model, batch["tokens"], batch["mask"])
+        policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"], lengths=batch.get("kl_lengths"))[0]
+    policy, _ = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch.get("lengths"))
     logps = KTOLogps(policy_logps=policy, ref_logps=batch["ref_logps"], is_desirable=batch["desirable"],
                      policy_kl_logps=policy_kl, ref_kl_logps=batch["ref_kl_logps"])
     out, kl = kto_batch_loss(logps, cfg)

@@ -48,8 +48,8 @@ def token_logps(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logps(model, tokens: torch.Tensor, score_mask: torch.Tensor,
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, tokens: torch.Tensor, score_mask: torch.Tensor, chunk_size: int = 1024,
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the scored tokens of each sequence.
 
     Args:
@@ -59,13 +59,15 @@ def sequence_logps(model, tokens: torch.Tensor, score_mask: torch.Tensor,
             predecessor and must be False. The first response token IS scored (it is predicted from the last
             prompt position) — the ancestor DPO-LLaMA dropped it.
         chunk_size: See ``token_logps``.
+        lengths: Optional ``[B]`` real tokens per right-padded row (a MoE model's balancing loss leaves the
+            padding out).
 
     Returns:
         ``(sums, counts)``: float32 ``[B]`` summed log-probs and int64 ``[B]`` number of scored tokens.
     """
     if score_mask[:, 0].any():
         raise ValueError("score_mask[:, 0] must be False: the first token has no preceding position")
-    hidden = model.forward_hidden(tokens)
+    hidden = model.forward_hidden(tokens) if lengths is None else model.forward_hidden(tokens, lengths=lengths)
     scored = score_mask[:, 1:]
     logps = token_logps(model.output_logits, hidden[:, :-1][scored], tokens[:, 1:][scored], chunk_size)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(scored)[scored]

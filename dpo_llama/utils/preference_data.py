@@ -162,7 +162,8 @@ def tokenize_records(records: Sequence, tokenizer: Tokenizer, template: str, max
             examples.append(tokenize(record, tokenizer, template, max_seq_len, max_prompt_len, score_all))
         except ValueError as err:  # this module's own reasons are short and stable; others carry row text
             reason = str(err)
-            report.drop(record.source, *((reason,) if reason in (RETOKENIZED, IDENTICAL, EMPTY) else ("template error", reason)))
+            own = reason in (RETOKENIZED, IDENTICAL, EMPTY)
+            report.drop(record.source, *((reason,) if own else ("template error", reason)))
     return examples
 
 

@@ -66,9 +66,10 @@ def pad_sequences(arrays: Sequence[np.ndarray], pad_value, dtype: torch.dtype) -
 
 
 def collate_sft(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``tokens`` ``[B, T]`` and ``mask`` ``[B, T]`` (False on padding)."""
+    """Right-padded ``tokens`` ``[B, T]``, ``mask`` ``[B, T]`` (False on padding) and ``lengths`` ``[B]``."""
     return {"tokens": pad_sequences([e["tokens"] for e in examples], pad_id, torch.long),
-            "mask": pad_sequences([e["mask"] for e in examples], False, torch.bool)}
+            "mask": pad_sequences([e["mask"] for e in examples], False, torch.bool),
+            "lengths": torch.tensor([len(e["tokens"]) for e in examples])}
 
 
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], aux_loss_weight: float = 1.0):
@@ -77,7 +78,7 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], aux_loss_weight: 
     For MoE models the router's load-balancing loss (already scaled by its alpha) is added once per target
     token, so that after the trainer's division it enters the step loss with weight ``aux_loss_weight``.
     """
-    logps, counts = sequence_logps(model, batch["tokens"], batch["mask"])
+    logps, counts = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch.get("lengths"))
     loss_sum = -logps.sum()
     metrics = {}
     aux = model.aux_loss() if hasattr(model, "aux_loss") else None

@@ -264,7 +264,8 @@ def format_detection_error(row: dict, matches: list[str], known: dict[str, str])
     """Error text for a row whose format could not be detected (``matches``: the candidates)."""
     problem = "is ambiguous between formats " + ", ".join(matches) if matches else "matches no known format"
     formats = "; ".join(f"{name} ({keys})" for name, keys in known.items())
-    return f"row with keys {sorted(row)} {problem}. Known formats: {formats}. Pass --format (format= in Python) explicitly."
+    return (f"row with keys {sorted(row)} {problem}. Known formats: {formats}. "
+            "Pass --format (format= in Python) explicitly.")
 
 
 def sft_parser(format: str) -> Callable[[dict, str], Conversation]:

@@ -281,6 +281,24 @@ def test_activation_checkpointing_gives_same_gradients(name):
         torch.testing.assert_close(checkpointed[name_], plain[name_], atol=1e-6, rtol=1e-5)
 
 
+def test_aux_loss_of_a_padded_row_equals_its_unpadded_loss():
+    """With ``lengths``, a row's balancing loss does not depend on how much the batch padded it (DPO pads chosen
+    and rejected rows to each other's length); the router stays float32 under bf16 autocast."""
+    model = tiny_model("tiny-deepseek-v2", aux_loss_alpha=0.1).train()
+    tokens = torch.randint(0, 512, (1, 9))
+    model(tokens)
+    alone = model.aux_loss()
+    padded = torch.cat([tokens, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+    model.forward_hidden(padded, lengths=torch.tensor([9]))
+    torch.testing.assert_close(model.aux_loss(), alone)
+    moe = model.moe_layers()[0]
+    x = torch.randn(5, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = moe.route(x)[0]
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, moe.route(x)[0], atol=0, rtol=0)
+
+
 def test_aux_loss_is_the_sum_over_moe_layers_of_the_latest_training_forward():
     model = tiny_model("tiny-deepseek-v2", n_layers=3, aux_loss_alpha=0.1).train()
     inputs = []

@@ -85,6 +85,17 @@ def test_batch_aux_loss_hand_example():
     assert batch_aux_loss(SCORES.view(4, 2), IDS.view(4, 1), 0.01).item() == pytest.approx(0.01)
 
 
+def test_aux_losses_leave_padding_out():
+    """Sequence 1 padded by a third position (a pad token routed to expert 0): with ``valid`` both losses equal the
+    hand examples above, which saw no padding; without it the pad would count."""
+    scores = torch.cat([SCORES, torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]]])], dim=1)
+    ids = torch.cat([IDS, torch.zeros(2, 1, 1, dtype=torch.long)], dim=1)
+    valid = torch.tensor([[True, True, False], [True, True, False]])
+    assert sequence_aux_loss(scores, ids, 0.01, valid).item() == pytest.approx(0.0115)
+    assert sequence_aux_loss(scores, ids, 0.01).item() != pytest.approx(0.0115)
+    assert batch_aux_loss(scores.view(6, 2), ids.view(6, 1), 0.01, valid.view(6)).item() == pytest.approx(0.01)
+
+
 def test_aux_loss_gradient_flows_through_scores_only():
     """d aux / d P_{b,i} = alpha * ce_{b,i} / B, spread evenly over the T tokens: d / d s_{b,t,i} = alpha ce / (B T)."""
     scores = SCORES.clone().requires_grad_()

@@ -60,6 +60,7 @@ def test_collate_pairs_puts_chosen_rows_first_then_rejected():
                                       [False, False, False, True, False], [False, False, True, True, False]]
     assert batch["ref_chosen"].tolist() == [-1.0, -3.0] and batch["ref_rejected"].tolist() == [-2.0, -4.0]
     assert num_units(batch) == 2 and batch_tokens(batch) == 20
+    assert batch["lengths"].tolist() == [5, 5, 4, 4]  # real tokens per row: the MoE balancing loss skips padding
 
 
 def test_collate_pairs_without_reference_serves_reference_free_losses(model):
