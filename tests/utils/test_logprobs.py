@@ -63,3 +63,20 @@ def test_token_logps_handles_empty_input(model):
 def test_position_zero_cannot_be_scored(model):
     with pytest.raises(ValueError, match="position"):
         sequence_logps(model, torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_chunk_logits_are_recomputed_when_only_the_head_trains():
+    """LoRA on lm_head alone: the hidden states need no gradient but the head does. Each chunk's [chunk, vocab]
+    logits must still be recomputed in the backward instead of kept (all chunks together are [tokens, vocab]):
+    nothing that large is saved for the backward, and the gradient equals the unchunked one."""
+    torch.manual_seed(0)
+    head, hidden, targets = torch.nn.Linear(16, 512), torch.randn(12, 16), torch.randint(0, 512, (12,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logps = token_logps(head, hidden, targets, chunk_size=4)
+    assert max(saved) < 4 * 512
+    logps.sum().backward()
+    chunked = head.weight.grad.clone()
+    head.zero_grad()
+    head(hidden).log_softmax(-1).gather(-1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(chunked, head.weight.grad, atol=1e-5, rtol=1e-5)
