@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dpo_llama.configs import demo
 from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils.cli import at_least
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.sft import tokenize_conversations
 from dpo_llama.utils.sft_formats import SFT_FORMATS, load_sft_records
@@ -35,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=str(demo.TOKENIZER),
                         help="tokenizer.model, tokenizer.json or a checkpoint directory (default: demo tokenizer)")
     parser.add_argument("--template", default=demo.TEMPLATE, choices=TEMPLATE_NAMES, help="chat template")
-    parser.add_argument("--max-seq-len", type=int, default=512, help="longest example in tokens (default: 512)")
-    parser.add_argument("--max-samples", type=int, default=None, help="use at most this many records")
+    parser.add_argument("--max-seq-len", type=at_least(2), default=512, help="longest example in tokens (default: 512)")
+    parser.add_argument("--max-samples", type=at_least(1), default=None, help="use at most this many records")
     parser.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     parser.add_argument("--output", default=demo.SFT_DATASET, help=f"output directory (default: {demo.SFT_DATASET})")

@@ -34,8 +34,9 @@ from dpo_llama.models.lora import find_adapter, load_lora, quantize_frozen_layer
 from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.finetune import prepare_model
+from dpo_llama.utils.cli import at_least, parse_bool
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
+from dpo_llama.utils.finetune import prepare_model
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
                                              is_unpaired_dataset, model_fingerprint, store_reference,
                                              tokenize_records)
@@ -56,19 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip reference log-probs (only for the reference-free losses simpo and orpo)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the --ref-model's)")
     p.add_argument("--template", default=demo.TEMPLATE, choices=TEMPLATE_NAMES, help="chat template")
-    p.add_argument("--max-seq-len", type=int, default=512, help="prompt + longer response, in tokens")
-    p.add_argument("--max-prompt-len", type=int, default=256, help="the prompt may be cut down to this length")
+    p.add_argument("--max-seq-len", type=at_least(2), default=512, help="prompt + longer response, in tokens")
+    p.add_argument("--max-prompt-len", type=at_least(1), default=256, help="the prompt may be cut down to this length")
     p.add_argument("--score-all-assistant-turns", action="store_true",
                    help="score every assistant turn of the trajectories (M-DPO) instead of only the final one")
     p.add_argument("--shp-min-score-ratio", type=float, default=2.0, help="SHP: keep pairs with score ratio >= this")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most this many records")
+    p.add_argument("--max-samples", type=at_least(1), default=None, help="use at most this many records")
     p.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     p.add_argument("--quant-4bit", default="none", choices=["none", "nf4", "fp4"],
                    help="quantize the reference's frozen linear layers as the policy will be (ignored with --lora: "
                         "the adapter's own settings apply)")
     p.add_argument("--quant-4bit-blocksize", type=int, default=64, help="4-bit block size")
-    p.add_argument("--quant-4bit-double", type=lambda s: s.lower() == "true", default=True, help="double quant")
+    p.add_argument("--quant-4bit-double", type=parse_bool, default=True, help="double quant")
     p.add_argument("--quant-4bit-compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="4-bit compute")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
@@ -76,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts-backend", default="torch", choices=EXPERT_BACKENDS,
                    help="MoE models: routed experts in PyTorch or the C++ CPU kernel, bf16 or int8 weights "
                         "(use the policy's choice)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per reference batch")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per reference batch")
+    p.add_argument("--batch-tokens", type=at_least(1), default=8192, help="padded tokens per reference batch")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="sequences per reference batch")
     p.add_argument("--output", default=demo.PREFERENCE_DATASET, help="output directory")
     return p.parse_args(argv)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
+from dpo_llama.utils.cli import at_least
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="HF model directory (config.json + model*.safetensors)")
     parser.add_argument("--output", required=True, help="output directory for the dpo_llama checkpoint")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES], help="cast weights (default: keep)")
-    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest output shard in GiB (default: 4)")
+    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
+                        help="largest output shard in GiB (default: 4)")
     return parser.parse_args(argv)
 
 

@@ -36,6 +36,7 @@ from dpo_llama.models.convert_hf import tokenizer_files
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
                                    apply_lora, check_adapter, find_adapter, read_adapter, read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
+from dpo_llama.utils.cli import at_least
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dtype of the written weights (default: keep each base tensor's dtype)")
     parser.add_argument("--device", default="cpu",
                         help="device for the re-quantization and merge arithmetic, e.g. cuda (default: cpu)")
-    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest output shard in GiB (default: 4)")
+    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
+                        help="largest output shard in GiB (default: 4)")
     return parser.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ import sentencepiece as spm
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_meta import load_meta, meta_tensors
+from dpo_llama.utils.cli import at_least
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,11 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="Meta checkpoint directory (consolidated.*.pth + params.json)")
     parser.add_argument("--output", required=True, help="output directory for the dpo_llama checkpoint")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES], help="cast weights (default: keep)")
-    parser.add_argument("--max-seq-len", type=int, default=None,
+    parser.add_argument("--max-seq-len", type=at_least(1), default=None,
                         help="context length (default: 4096 LLaMA-2, 8192 LLaMA-3, 131072 LLaMA-3.1+)")
     parser.add_argument("--tokenizer", nargs="+", default=None,
                         help="tokenizer file(s) to copy (default: tokenizer.model from --input if present)")
-    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest output shard in GiB (default: 4)")
+    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
+                        help="largest output shard in GiB (default: 4)")
     return parser.parse_args(argv)
 
 

@@ -26,6 +26,7 @@ from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import find_adapter, load_model_with_lora
 from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils.cli import at_least
 from dpo_llama.utils.demo_task import load_eval_problems, reward, user_prompt
 from dpo_llama.utils.evaluation import generation_rewards, preference_accuracy
 from dpo_llama.utils.preference_data import tokenize_records
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage and a small evaluation")
     parser.add_argument("--extra-loss", default="ipo", choices=["none", "ipo", "simpo", "robust", "hinge", "orpo"],
                         help="also train this loss on the same data and report it (default: ipo)")
-    parser.add_argument("--eval-prompts", type=int, default=None,
+    parser.add_argument("--eval-prompts", type=at_least(1), default=None,
                         help="number of held-out prompts to answer (default: all)")
     return parser.parse_args(argv)
 

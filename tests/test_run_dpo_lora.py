@@ -198,6 +198,19 @@ def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
     assert all(np.isfinite(series(read_history(tmp_path / "logs" / "run"), "train/loss")))
 
 
+@pytest.mark.parametrize("flags_, message", [
+    ({"loss_type": "ipo", "label_smoothing": 0.2}, "label_smoothing is used by loss_type sigmoid and robust only"),
+    ({"label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
+    ({"loss_type": "kto", "desirable_weight": -1.0}, "desirable_weight and undesirable_weight must be >= 0"),
+    ({"lora_scaling": 0.0}, "lora_scaling must be > 0"),
+])
+def test_settings_that_would_train_nothing_or_backwards_are_refused(ws, tmp_path, capsys, flags_, message):
+    """Each would run to the end and exit 0 (no signal, an ignored flag, or a loss that trains backwards)."""
+    with pytest.raises(SystemExit):
+        run_dpo(dpo_argv(ws, tmp_path, **flags_))
+    assert message in capsys.readouterr().err
+
+
 def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
     """--no-reference data: refused for sigmoid, trained on by simpo. Paired data for kto, KTO data for a
     paired loss: refused."""

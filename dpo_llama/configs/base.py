@@ -5,8 +5,20 @@ override the defaults (for example ``ckpt_dir="./checkpoints/sft"``). A subclass
 defines ``__post_init__`` must call ``super().__post_init__()`` to keep the checks below.
 """
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def reject_non_finite(config) -> None:
+    """Raises ``ValueError`` naming the first float field (or float in a tuple field) that is NaN or infinite:
+    such values pass every ``<`` / ``>`` check, and would train nothing or fail many steps later."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{f.name} must be finite, got {value}")
 
 
 @dataclass
@@ -59,6 +71,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values the trainer cannot use, naming the field."""
+        reject_non_finite(self)
+        for name in ("ckpt_dir", "log_dir", "run_name"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         positive = ("max_train_steps", "micro_batch_size", "gradient_accumulation_steps", "log_interval")
         for name in positive:
             if getattr(self, name) < 1:

@@ -49,5 +49,15 @@ class DPOLoRAConfig(FinetuneConfig):
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing is used by loss_type sigmoid and robust only, not {self.loss_type!r}")
+        if min(self.desirable_weight, self.undesirable_weight) < 0 or not (self.desirable_weight
+                                                                             or self.undesirable_weight):
+            raise ValueError("desirable_weight and undesirable_weight must be >= 0, not both 0, got "
+                             f"{self.desirable_weight} and {self.undesirable_weight}")
+        if self.reference_check_tolerance < 0:
+            raise ValueError(f"reference_check_tolerance must be >= 0, got {self.reference_check_tolerance}")
         if self.loss_type not in (*LOSS_TYPES, "kto"):
             raise ValueError(f"loss_type must be one of {(*LOSS_TYPES, 'kto')}, got {self.loss_type!r}")

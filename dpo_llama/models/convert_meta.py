@@ -74,7 +74,7 @@ def meta_args(params: dict[str, Any], vocab_size: int, max_seq_len: int | None =
         n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
         hidden_dim=meta_hidden_dim(params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
-        max_seq_len=max_seq_len or default_len)
+        max_seq_len=default_len if max_seq_len is None else max_seq_len)
 
 
 def our_key(meta_key: str) -> str:

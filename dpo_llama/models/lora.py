@@ -128,6 +128,8 @@ class LoRAConfig:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be > 0 (or none), got {self.lora_alpha}")
+        if self.lora_scaling <= 0:
+            raise ValueError(f"lora_scaling must be > 0, got {self.lora_scaling}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.quant_4bit_compute_dtype not in DTYPES:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,6 +36,22 @@ def parse_bool(text: str) -> bool:
     if lowered in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` (int or float) and refuses values below ``minimum`` (and, for
+    floats, NaN and infinity), e.g. ``type=at_least(1)`` for a length."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _optional_inner(tp: Any) -> Any:
@@ -135,6 +152,7 @@ def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentPa
         raise TypeError(f"{config_cls!r} is not a dataclass")
     parser = argparse.ArgumentParser(
         description=description or config_cls.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the docstring's example commands intact
         epilog="Every flag may also be spelled with underscores, e.g. --max_train_steps.",
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
@@ -159,7 +177,7 @@ def _lists_to_tuples(config_cls: type, values: dict[str, Any]) -> dict[str, Any]
 
 def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
     """Exit with an argparse error that suggests the closest known flag."""
-    known = [s for action in parser._actions for s in action.option_strings]
+    known = [s for action in parser._actions for s in action.option_strings if "_" not in s]  # the dashed spellings
     flag = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), unknown[0])
     match = difflib.get_close_matches(flag, known, n=1)
     hint = f"; did you mean {match[0]}?" if match else ""

@@ -1,5 +1,6 @@
 """Tests for dpo_llama.utils.cli: dataclass -> command line, and config JSON."""
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -7,7 +8,7 @@ from typing import Literal, Optional
 import pytest
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import config_to_dict, load_config, parse_config, save_config
+from dpo_llama.utils.cli import at_least, config_to_dict, load_config, parse_config, save_config
 
 
 @dataclass
@@ -129,6 +130,27 @@ def test_train_config_flags_and_validation(capsys):
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--min-lr-ratio", "2"])
     assert "min_lr_ratio must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-clip", "nan"], "grad_clip must be finite"),
+    (["--learning-rate", "inf"], "learning_rate must be finite"),
+    (["--adam-betas", "0.9", "nan"], "adam_betas must be finite"),
+    (["--run-name", ""], "run_name must not be empty"),
+    (["--seed", "-1"], "seed must be in [0, 2**32)"),
+])
+def test_train_config_refuses_non_finite_empty_and_out_of_range_values(capsys, argv, message):
+    """NaN passes every < / > check (grad clipping silently off, a loss that turns NaN steps later): refused."""
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, argv)
+    assert message in capsys.readouterr().err
+
+
+def test_at_least_parses_and_bounds_numbers():
+    assert at_least(2)("7") == 7 and at_least(1e-6, float)("0.5") == 0.5
+    for parse, text in ((at_least(2), "1"), (at_least(2), "x"), (at_least(0.0, float), "nan")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
 
 
 def test_required_field_and_unsupported_type():
