@@ -18,14 +18,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
 
     ``temperature == 0`` is greedy (argmax). Otherwise tokens are drawn from ``softmax(logits / temperature)``
     restricted to the nucleus (Holtzman et al. 2020): the smallest set of most likely tokens whose total
-    probability reaches ``top_p``.
+    probability reaches ``top_p`` (always the most likely token; ``top_p >= 1`` keeps every token).
     """
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(descending=True)
-    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs > top_p
-    sorted_probs[outside_nucleus] = 0.0
+    if top_p < 1.0:  # at 1.0 float32 rounding of the cumulative sum would drop the least likely tokens
+        outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before them already reaches p
+        outside_nucleus[0] = False
+        sorted_probs[outside_nucleus] = 0.0
     choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
     return int(order[choice])
 

@@ -178,7 +178,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.token_to_id(piece)
 
     def _special_id(self, config: dict, key: str, fallbacks: tuple[str, ...], config_path: Path) -> int | None:
-        """Id of the token ``config[key]`` names, else of the first fallback name in the vocabulary."""
+        """Id of the token ``config[key]`` names; ``None`` if the key is there but null (a model without that
+        token, e.g. no BOS); else, the key absent, the first fallback name in the vocabulary."""
+        if key in config and config[key] is None:
+            return None
         name = config_token(config, key, config_path)
         if name is not None:
             token = self._tok.token_to_id(name)

@@ -182,6 +182,8 @@ def llama2_turns(messages: Sequence[dict]) -> list[str]:
         if message["role"] != expected:
             raise ValueError(f"llama2 needs roles alternating user/assistant/... (after an optional system "
                              f"message); message {index + has_system} is {message['role']!r}")
+    if not turns:
+        raise ValueError("llama2 needs at least one user message (its system prompt goes into the first one)")
     contents = [message["content"] for message in turns]
     if has_system:
         contents[0] = LLAMA2_SYSTEM.format(system=messages[0]["content"]) + contents[0]

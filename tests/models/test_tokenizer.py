@@ -115,6 +115,14 @@ def test_chatml_tokenizer_without_bos_refuses_bos(tmp_path):
         tokenizer.encode("Hi", bos=True)
 
 
+def test_config_with_a_null_bos_means_no_bos(tmp_path):
+    """``"bos_token": null`` (as Qwen writes it) says the model has no BOS: no well-known name is guessed."""
+    make_hf_tokenizer(tmp_path, "llama3")
+    config_path = tmp_path / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "bos_token": None}))
+    assert load_tokenizer(tmp_path).bos_id is None
+
+
 def test_config_naming_a_missing_token_is_an_error(tmp_path):
     make_hf_tokenizer(tmp_path, "llama3")
     config_path = tmp_path / "tokenizer_config.json"

@@ -279,6 +279,8 @@ def test_llama2_rejects_orders_it_cannot_express(tokenizers):
         render_conversation([SYSTEM, ANSWER_1], tok, "llama2")
     with pytest.raises(ValueError, match="only open an assistant turn after a user message"):
         render_conversation([USER_1, ANSWER_1], tok, "llama2", add_generation_prompt=True)
+    with pytest.raises(ValueError, match="at least one user message"):
+        render_conversation([SYSTEM], tok, "llama2")
 
 
 def test_prompt_must_end_with_a_user_message(tokenizers):
