@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from dpo_llama.configs.dpo_lora import DPOLoRAConfig
-from dpo_llama.models.lora import find_adapter
+from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss,
                                  num_units, paired_loss, reference_check)
@@ -93,8 +93,8 @@ def run(cfg: DPOLoRAConfig):
         if meta["reference"] is not None and not resuming:
             measure_reference(cfg, model, train_set, collate, device)
     print(f"{cfg.loss_type} on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
-    save_trainable, load_trainable = adapter_callbacks(model, {"ckpt_dir": cfg.pretrain_ckpt_dir,
-                                                               "train_data_dir": cfg.train_data_dir})
+    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir,
+                                                                        train_data_dir=cfg.train_data_dir))
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
                  load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,
                  example_length=example_length, plots=PLOTS)

@@ -16,6 +16,7 @@ import sys
 from functools import partial
 
 from dpo_llama.configs.sft_lora import SFTLoRAConfig
+from dpo_llama.models.lora import base_info
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
 from dpo_llama.utils.finetune import adapter_callbacks, check_tokenizer, load_policy, run_main, trainable_summary
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
@@ -32,7 +33,7 @@ def run(cfg: SFTLoRAConfig):
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     model = load_policy(cfg, device)
     print(f"SFT on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
-    save_trainable, load_trainable = adapter_callbacks(model, {"ckpt_dir": cfg.pretrain_ckpt_dir})
+    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir))
     return train(cfg, model, train_set, partial(collate_sft, pad_id=tokenizer.pad_id),
                  partial(sft_loss, aux_loss_weight=cfg.aux_loss_weight), target_tokens,
                  save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set or None,

@@ -30,7 +30,8 @@ import torch
 
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model, parse_dtype
-from dpo_llama.models.lora import find_adapter, load_lora, quantize_frozen_layers, read_lora_config
+from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, quantize_frozen_layers,
+                                   read_lora_config)
 from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
@@ -88,6 +89,7 @@ def load_reference(args, device: torch.device, dtype_name: str):
     lora_cfg, lora_dir = None, None
     if args.lora:
         lora_dir = find_adapter(args.lora)[0]
+        check_adapter_base(lora_dir, args.ref_model)
         lora_cfg, _ = read_lora_config(lora_dir)
 
     def prepare(model):

@@ -8,15 +8,19 @@ dtype); for routed MoE experts with adapters (``lora_moe_routed_experts``), ``W'
 expert. When the adapter was trained on a 4-bit base (``quant_lora_4bit`` / ``quant_4bit`` in its
 lora_config.json), the trained model never saw ``W`` but its 4-bit round trip ``Ŵ``; the script re-quantizes
 those weights with the same settings (from the dtype they had in training) and writes ``Ŵ + s · B A`` for LoRA
-layers and ``Ŵ`` for the other 4-bit layers, so the merged model reproduces the trained one. Biases / norms
-trained with the adapter replace the base ones. Tokenizer files are copied from the base.
+layers and ``Ŵ`` for the other 4-bit layers, so the merged model reproduces the trained one. The output has the
+dtype the trained model computed in (``weight_dtype`` in lora_config.json, e.g. float32 for a CPU run on a bf16
+base: bf16 would round ``s · B A`` away again); ``--dtype keep`` keeps each base tensor's stored dtype. Biases /
+norms trained with the adapter replace the base ones. Tokenizer files are copied from the base.
 
 --lora takes an adapter directory (adapter.safetensors + lora_config.json) or a training run's ckpt_dir
 holding step-XXXXXX/ checkpoints, of which the highest step with an adapter is used.
 
 Tensors are streamed one at a time (memory: one tensor plus one output shard). The script refuses (exit
-status 1, one line on stderr) an adapter that does not match the base: another model_type or params,
-missing or unexpected adapter tensors, wrong shapes, or no adapter at all.
+status 1, one line on stderr) an adapter that does not match the base: another model_type or params, other
+base weights than the adapter was trained on (the trainers record their SHA-256; e.g. a DPO adapter merged into
+the pretrained base instead of the SFT model it continued; ``--allow-other-base`` overrides), missing or
+unexpected adapter tensors, wrong shapes, or no adapter at all.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensor
                                          read_params, save_checkpoint, weight_files)
 from dpo_llama.models.convert_hf import tokenizer_files
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
-                                   apply_lora, check_adapter, find_adapter, read_adapter, read_lora_config)
+                                   apply_lora, check_adapter, check_adapter_base, find_adapter, read_adapter,
+                                   read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
 from dpo_llama.utils.cli import at_least
 
@@ -47,8 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"with step-XXXXXX/ sub-directories, the highest step is used (default: {demo.SFT_CKPT})")
     parser.add_argument("--output", default=demo.SFT_MERGED,
                         help=f"output directory for the merged checkpoint (default: {demo.SFT_MERGED})")
-    parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES],
-                        help="dtype of the written weights (default: keep each base tensor's dtype)")
+    parser.add_argument("--dtype", default="trained", choices=["trained", "keep", *DTYPES],
+                        help="dtype of the written weights: trained = the dtype the adapter's model computed in "
+                             "(its lora_config.json weight_dtype; default), keep = each base tensor's stored dtype")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="merge even if --base's weights differ from those the adapter was trained on")
     parser.add_argument("--device", default="cpu",
                         help="device for the re-quantization and merge arithmetic, e.g. cuda (default: cpu)")
     parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
@@ -133,6 +141,8 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     lora_dir, note = find_adapter(args.lora)
     cfg, base = read_lora_config(lora_dir)
     model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
+    if not args.allow_other_base:
+        check_adapter_base(lora_dir, base_dir)
     if output.resolve() in (base_dir.resolve(), lora_dir.resolve()):
         raise ValueError(f"--output {output} must differ from the base and adapter directories")
     adapter = read_adapter(lora_dir)
@@ -140,7 +150,8 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     check_adapter(adapter, adapter_shapes(model), str(lora_dir / ADAPTER_FILE))
     weight_dtype = getattr(torch, base.get("weight_dtype", "float32"))
     counts = {"merged": 0, "trained": 0, "4-bit": 0}
-    tensors = merged_tensors(base_dir, model, adapter, weight_dtype, parse_dtype(args.dtype), args.device, counts)
+    out_dtype = weight_dtype if args.dtype == "trained" else parse_dtype(args.dtype)
+    tensors = merged_tensors(base_dir, model, adapter, weight_dtype, out_dtype, args.device, counts)
     summary = save_checkpoint(output, model_args, tensors, tokenizer_files(base_dir),
                               max_shard_bytes=int(args.max_shard_gb * 1024**3))
     return summary, f"{lora_dir} ({note})", counts, cfg

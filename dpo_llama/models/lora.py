@@ -59,7 +59,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, load_model
+from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantize_4bit, replace_linears_4bit)
 
@@ -617,6 +617,27 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.adapter_enabled = enabled
 
 
+def base_info(ckpt_dir: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """What ``save_lora`` records of the base an adapter trains on: its path and the SHA-256 of its weights
+    (``checkpoint_fingerprint``), which :func:`check_adapter_base` compares wherever the adapter is loaded."""
+    return {"ckpt_dir": str(ckpt_dir), "weights_sha256": checkpoint_fingerprint(ckpt_dir), **extra}
+
+
+def check_adapter_base(lora_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> None:
+    """Refuses to put an adapter on other base weights than it was trained on: a DPO adapter merged into the
+    pretrained base instead of the SFT model it continued, or an SFT adapter loaded onto its own merge, load
+    without any shape error. Adapters saved without ``weights_sha256`` are not checked.
+
+    Raises:
+        ValueError: the recorded base weights differ from ``ckpt_dir``'s.
+    """
+    info = read_lora_config(lora_dir)[1].get("info") or {}
+    recorded = info.get("weights_sha256")
+    if recorded and recorded != checkpoint_fingerprint(ckpt_dir):
+        raise ValueError(f"the adapter {lora_dir} was trained on other base weights than {ckpt_dir} (its base: "
+                         f"{info.get('ckpt_dir')}): load it onto that base")
+
+
 def load_model_with_lora(ckpt_dir: str | os.PathLike, cfg: LoRAConfig | None = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                          lora_dir: str | os.PathLike | None = None) -> nn.Module:
@@ -633,6 +654,8 @@ def load_model_with_lora(ckpt_dir: str | os.PathLike, cfg: LoRAConfig | None = N
         if lora_dir is None:
             raise ValueError("give a LoRA config, or a lora_dir to read it from")
         cfg, _ = read_lora_config(lora_dir)
+    if lora_dir is not None:
+        check_adapter_base(lora_dir, ckpt_dir)
     model = load_model(ckpt_dir, device, dtype, prepare=lambda m: apply_lora(m, cfg))
     if lora_dir is not None:
         load_lora(model, lora_dir)

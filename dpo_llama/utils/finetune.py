@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from dpo_llama.models.checkpoint import DTYPES, load_model
-from dpo_llama.models.lora import LoRAConfig, apply_lora, as_lora_config, load_lora, read_lora_config, save_lora
+from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check_adapter_base, load_lora,
+                                   read_lora_config, save_lora)
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils.cli import parse_config
 from dpo_llama.utils.trainer import NonFiniteLossError
@@ -51,6 +52,7 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
     dtype = resolve_dtype(cfg.dtype, device)
     lora_cfg = as_lora_config(cfg)
     if lora_dir is not None:
+        check_adapter_base(lora_dir, cfg.pretrain_ckpt_dir)
         lora_cfg, _ = read_lora_config(lora_dir)
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)

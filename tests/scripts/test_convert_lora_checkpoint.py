@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import iter_safetensors, load_model, read_params, save_model, weight_files
 from dpo_llama.models.llama import Transformer
-from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, load_model_with_lora,
-                                   lora_layers, merge_lora, save_lora)
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, base_info,
+                                   load_model_with_lora, lora_layers, merge_lora, save_lora)
 from dpo_llama.models.presets import get_preset
 from scripts.convert_lora_checkpoint import main as convert_lora
 from scripts.convert_lora_checkpoint import parse_args
@@ -145,6 +145,25 @@ def test_mismatches_are_refused(base_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "merged").exists()
+
+
+def test_other_base_weights_are_refused_and_the_output_keeps_the_trained_dtype(base_dir, tmp_path, capsys):
+    """The trainers record the base's SHA-256 (``base_info``): the same adapter on another base of the same shape
+    (a DPO adapter merged into the pretrained model instead of its SFT merge) is refused, here and when loaded,
+    unless --allow-other-base. The default output dtype is the trained one (float32 on this bf16 base); --dtype
+    keep writes the base's bf16."""
+    save_model(Transformer(get_preset("tiny")).to(torch.bfloat16), tmp_path / "bf16", [])
+    model = load_model_with_lora(tmp_path / "bf16", LoRAConfig(**MLP_AND_ATTN), dtype=torch.float32)
+    save_lora(model, tmp_path / "adapter", model.lora_config, base_info(tmp_path / "bf16"))
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "a") == 1
+    assert "was trained on other base weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="other base weights"):
+        load_model_with_lora(base_dir, lora_dir=tmp_path / "adapter")
+    assert run(tmp_path / "bf16", tmp_path / "adapter", tmp_path / "trained") == 0
+    assert {t.dtype for _, t in iter_safetensors(weight_files(tmp_path / "trained"))} == {torch.float32}
+    assert run(tmp_path / "bf16", tmp_path / "adapter", tmp_path / "keep", "--dtype", "keep") == 0
+    assert {t.dtype for _, t in iter_safetensors(weight_files(tmp_path / "keep"))} == {torch.bfloat16}
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "forced", "--allow-other-base") == 0
 
 
 def test_output_over_the_base_is_refused(base_dir, tmp_path, capsys):
