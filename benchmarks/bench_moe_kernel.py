@@ -105,7 +105,7 @@ def torch_loop(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: 
         rows = token[start : start + count]
         xe = x[rows]
         h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)
-        y = y.index_add(0, rows, (h @ down[e].T) * slot_weight[start : start + count, None])
+        y.index_add_(0, rows, (h @ down[e].T) * slot_weight[start : start + count, None])
         start += count
     return y
 
@@ -319,7 +319,8 @@ def measure(qlen: int, setups: dict, repeats: int) -> dict[str, tuple[float, flo
 def weight_memory(setups: dict) -> dict[str, str]:
     """The "weights GB" column: ``{method: text}``."""
     memory = {"ours-bf16": packed_gb(setups["bf16"]), "ours-bf16-T": packed_gb(setups["bf16-T"]),
-              "ours-int8": packed_gb(setups["int8"]), "torch-loop": 0.0}
+              "ours-int8": packed_gb(setups["int8"]),
+              "torch-loop": sum(w.numel() * w.element_size() for w in setups["weights"]) / 1e9}
     column = {name: f"{gb:.2f}" for name, gb in memory.items()}
     kt = setups["kt"]
     column["kt-bf16"] = "nan" if kt is None else f"{kt.forward_gb:.2f} \\| {kt.sft_gb:.2f}"
@@ -349,6 +350,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and kt-kernel threads)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     args = parser.parse_args()
+    args.qlen = sorted(args.qlen)  # the RESULT line reports the largest
     torch.set_num_threads(args.threads)
     load_extension()
     print(f"threads={args.threads} isa={selected_isa()}{avx512_bf16_summary()} available={available_isas()} "
