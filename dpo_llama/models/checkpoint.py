@@ -80,10 +80,18 @@ def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields ``(key, tensor)`` pairs one tensor at a time from safetensors files."""
+    """Yields ``(key, tensor)`` pairs one tensor at a time from safetensors files.
+
+    Raises:
+        ValueError: a key stored in two of the files (which copy would win is not defined).
+    """
+    seen: dict[str, str] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
+                if key in seen:
+                    raise ValueError(f"weight {key!r} is stored in both {seen[key]} and {path.name}")
+                seen[key] = path.name
                 yield key, f.get_tensor(key)
 
 
@@ -176,8 +184,8 @@ class ShardedWriter:
         """Writes the pending tensors as the next temporary shard."""
         if not self.pending:
             return
-        save_file(self.pending, str(self._tmp_name(len(self.shards))), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
+        self.shards.append(list(self.pending))  # first, so that abort() also removes a shard cut short
+        save_file(self.pending, str(self._tmp_name(len(self.shards) - 1)), metadata={"format": "pt"})
         self.pending, self.pending_bytes = {}, 0
 
     def _tmp_name(self, index: int) -> Path:
@@ -254,10 +262,10 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
         for key, tensor in checked_tensors(args, tensors):
             writer.add(key, tensor)
             dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        files = writer.close()  # inside: writing the last (often the only) shard can be interrupted too
     except BaseException:
         writer.abort()
         raise
-    files = writer.close()
     (out_dir / PARAMS_FILE).write_text(json.dumps(args.to_dict(), indent=2))
     files.append(out_dir / PARAMS_FILE)
     if tokenizer_files:  # an old tokenizer.json left beside a new tokenizer.model would be loaded first

@@ -58,9 +58,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_dataset(out_dir: str | os.PathLike, train: list[dict], validation: list[dict], meta: dict) -> None:
-    """Writes the three files of a dataset directory (meta last, so a complete meta means a complete dataset)."""
+    """Writes the three files of a dataset directory, meta last and an older meta removed first: a directory with
+    a meta is complete, and a rebuild interrupted half-way is read as no dataset, never as new data under an old
+    meta (whose reference fingerprint would no longer describe the log-probs)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)
     save_pickle(train, out_dir / TRAIN_FILE)
     save_pickle(validation, out_dir / VAL_FILE)
     write_json(out_dir / META_FILE, meta)

@@ -235,6 +235,7 @@ def sequences_digest(sequences: Sequence[TokenSequence]) -> str:
     """SHA-256 of the token ids and masks, to tell whether a cached precompute belongs to this data."""
     digest = hashlib.sha256()
     for ids, mask in sequences:
+        digest.update(len(ids).to_bytes(8, "little"))  # so that no two different lists hash alike
         digest.update(ids.tobytes())
         digest.update(mask.tobytes())
     return digest.hexdigest()

@@ -26,6 +26,7 @@ from dpo_llama.utils.preference_data import (
     length_sorted_batches,
     model_fingerprint,
     reference_fingerprint,
+    sequences_digest,
     store_reference,
     tokenize_pair,
     tokenize_records,
@@ -247,6 +248,13 @@ def test_a_cut_prompt_never_scores_its_first_token(tmp_path):
     sequences = all_sequences([cut], keep + response)
     logps = compute_reference_logps(model, sequences, chatml.pad_id, "cpu", tmp_path / "cache", {"k": 1})
     assert np.isfinite(logps).all()
+
+
+def test_sequences_digest_tells_apart_lists_with_the_same_bytes():
+    """Two lists whose arrays concatenate to the same bytes (one sequence of 2 tokens, two of 1) differ."""
+    one = [(np.array([5, 1793], dtype=np.int32), np.array([False, True]))]
+    two = [(np.array([5], dtype=np.int32), np.array([True])), (np.array([7], dtype=np.int32), np.array([True]))]
+    assert sequences_digest(one) != sequences_digest(two)
 
 
 def test_a_lone_kto_example_takes_its_kl_completion_from_the_spare():

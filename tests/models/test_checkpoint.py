@@ -1,0 +1,31 @@
+"""dpo_llama.models.checkpoint: what an interrupted save leaves, and weights stored twice."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dpo_llama.models import checkpoint
+from dpo_llama.models.checkpoint import iter_safetensors, save_model
+from dpo_llama.models.llama import Transformer
+from dpo_llama.models.presets import get_preset
+
+
+def test_an_interrupted_save_leaves_no_temporary_shard(tmp_path, monkeypatch):
+    """Ctrl-C while the last (here the only) shard is written: its temporary file is removed too."""
+    real_save = checkpoint.save_file
+
+    def write_then_interrupt(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(Transformer(get_preset("tiny")), tmp_path)
+    assert list(tmp_path.glob(".shard-*")) == []
+
+
+def test_a_weight_stored_in_two_files_is_refused(tmp_path):
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, tmp_path / "one.safetensors")
+    save_file({"a": torch.full((2,), 42.0)}, tmp_path / "two.safetensors")
+    with pytest.raises(ValueError, match="'a' is stored in both one.safetensors and two.safetensors"):
+        list(iter_safetensors([tmp_path / "one.safetensors", tmp_path / "two.safetensors"]))
