@@ -525,7 +525,7 @@ class _CpuMoeFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the C++ backward would return gradients without a graph
             raise RuntimeError("cpu_moe has no second derivative (its backward runs in C++): create_graph=True is "
-                               "not supported; use experts_backend='torch' for higher-order gradients")
+                               "not supported")
         ids, weights32, gate_up_out = ctx.saved_tensors
         packed = ctx.packed
         if grad_y is None:  # only h reached the loss

@@ -88,6 +88,15 @@ class ModelArgs:
         return cls(**params)
 
 
+def refuse_second_derivative(name: str) -> None:
+    """Called first in a hand-written backward: under ``create_graph=True`` (grad mode on in the backward) it
+    raises, since the backward reads values the forward computed without a graph, and a second derivative through
+    it (a gradient penalty, a Hessian-vector product) would come out silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name} has no second derivative (its backward is hand-written): create_graph=True "
+                           "is not supported")
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``y = w * cast(x r)``, ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension (of size ``D``), computed in
     float32 (or float64 for float64 ``x``) and cast back to ``x``'s dtype before the weight multiply, as the
@@ -111,6 +120,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
+        refuse_second_derivative("RMSNorm")
         x, weight, r = ctx.saved_tensors
         x32 = x.to(r.dtype)
         grad_x = grad_weight = None

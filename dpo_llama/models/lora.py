@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model
+from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantize_4bit, replace_linears_4bit)
 
@@ -192,6 +193,7 @@ class LoRAUpdate(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y: torch.Tensor):
+        refuse_second_derivative("LoRA")
         x, t, lora_a, lora_b = ctx.saved_tensors
         g = (grad_y * ctx.scaling).reshape(-1, grad_y.shape[-1])
         t = t.reshape(-1, t.shape[-1])

@@ -238,3 +238,18 @@ def test_causal_attention_with_a_smaller_value_head_matches_softmax_reference(st
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
             causal_attention(*(x.bfloat16().requires_grad_() for x in (q, k, v)), start_pos, scale=0.3)
         assert (1, 2, t, s) not in saved
+
+
+def test_hand_written_backwards_refuse_create_graph():
+    """RMSNorm's and LoRA's backwards read r = rsqrt(mean x^2) and t = x A^T computed without a graph: a gradient
+    penalty through them would silently miss terms, so create_graph=True raises instead."""
+    from dpo_llama.models.llama import RMSNormFunction
+    from dpo_llama.models.lora import LoRAUpdate
+
+    x = torch.randn(3, 8, requires_grad=True)
+    for name, y in (("RMSNorm", RMSNormFunction.apply(x, torch.ones(8), 1e-6)),
+                    ("LoRA", LoRAUpdate.apply(x, torch.randn(2, 8), torch.randn(4, 2), 0.5))):
+        with pytest.raises(RuntimeError, match=f"{name} has no second derivative"):
+            torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(y.pow(2).sum(), x)  # first order: unchanged
+        assert grad.shape == x.shape
