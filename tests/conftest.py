@@ -1,6 +1,9 @@
-"""Test-wide settings: offline Hugging Face, seeded and single-threaded torch, quiet progress bars."""
+"""Test-wide settings: offline Hugging Face, seeded and single-threaded torch, quiet progress bars, and the C++
+kernel built in a folder of the system's temp directory (not the user's ~/.cache) unless TORCH_EXTENSIONS_DIR is set."""
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "dpo_llama_test_extensions"))
 
 
 @pytest.fixture(autouse=True)

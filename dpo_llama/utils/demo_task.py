@@ -16,7 +16,9 @@ The story the demo tells, in data (files written by ``scripts/make_demo_assets.p
 
 A problem is ``a + b`` with ``a, b`` in ``[10, 99]``: 8,100 problems, 45% of which need a carry. The splits
 (:func:`split_problems`) are disjoint, and the held-out ones (``preference_test``, ``eval``) are also left out
-of the pretraining corpus, so evaluation is on sums the model has never seen.
+of the pretraining corpus: no held-out sum appears verbatim in training. The splits are by ordered pair, so most
+held-out sums (354 of the 400 eval problems) appear in pretraining with their operands swapped (``53 + 18`` for
+``18 + 53``); the model solved those and the others alike before SFT (1.000 and 0.978).
 
 Every random choice takes an explicit ``random.Random``; the module holds no mutable state.
 """
@@ -44,7 +46,7 @@ PRETRAIN_TEMPLATES = (
 )
 PRETRAIN_FILLERS = ("", "", "Sure! ", "Hmm. ", "Let me see. ", "That is easy. ", "OK, let me think about it. ")
 PROBLEM_PATTERN = re.compile(r"(\d+)\s*\+\s*(\d+)")
-NUMBER_PATTERN = re.compile(r"-?\d+")
+NUMBER_PATTERN = re.compile(r"(?<![\d.])-?\d+(?!\.?\d)")  # a whole integer: "85.7" holds none
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def parse_final_number(text: str) -> int | None:
 
 
 def reward(problem_or_prompt: Problem | str, response: str) -> float:
-    """Verifiable reward: 1.0 if the response's final number (:func:`parse_final_number`) is the sum, else 0.0.
+    """Verifiable reward: 1.0 if the response's final number (:func:`parse_final_number`) is the sum and an
+    equation it states (``a + b = c``) restates the question's ``a + b``, else 0.0 (``"88 + 76 = 154"`` for
+    88 + 66 is a false equation, not a right answer).
 
     Args:
         problem_or_prompt: A :class:`Problem`, or text holding one (the user's question).
@@ -152,6 +156,9 @@ def reward(problem_or_prompt: Problem | str, response: str) -> float:
         ValueError: if ``problem_or_prompt`` is text without an ``a + b``.
     """
     problem = problem_or_prompt if isinstance(problem_or_prompt, Problem) else parse_problem(problem_or_prompt)
+    stated = PROBLEM_PATTERN.search(response)
+    if stated is not None and (int(stated.group(1)), int(stated.group(2))) != (problem.a, problem.b):
+        return 0.0
     return float(parse_final_number(response) == problem.answer)
 
 

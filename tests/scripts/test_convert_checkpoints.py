@@ -1,6 +1,7 @@
 """scripts/convert_hf_checkpoint.py and scripts/convert_meta_checkpoint.py on files in the real formats."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,5 +132,6 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
 def test_scripts_have_help(script):
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, f"scripts/{script}", "--help"], capture_output=True, text=True)
+    path = Path(__file__).resolve().parents[2] / "scripts" / script  # whatever directory pytest started in
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--input" in result.stdout

@@ -33,9 +33,13 @@ SIZES = {"sft": 50, "preference_train": 40, "preference_test": 30, "eval": 20}
     ("I do not know", 0.0),
     ("", 0.0),
     ("= -85", 0.0),
+    ("47 + 38 = 85.7", 0.0),                        # not a whole number
+    ("12 + 73 = 85", 0.0),                          # the right sum of a false equation
+    ("38 + 47 = 85", 0.0),                          # an equation must restate the question as asked
 ])
 def test_reward_hand_written(response, expected):
-    """47 + 38 = 85; the reward is 1 exactly when the parsed final number is 85."""
+    """47 + 38 = 85; the reward is 1 exactly when the parsed final number is 85 and an equation in the answer
+    restates 47 + 38."""
     assert demo_task.reward(Problem(47, 38), response) == expected
     assert demo_task.reward("What is 47 + 38?", response) == expected
 
@@ -46,6 +50,7 @@ def test_parse_final_number():
     assert demo_task.parse_final_number("first 3 then 9.") == 9
     assert demo_task.parse_final_number("x = -5") == -5
     assert demo_task.parse_final_number("nothing") is None
+    assert demo_task.parse_final_number("x = 85.7") is None and demo_task.parse_final_number("x = 85.") == 85
 
 
 def test_parse_problem_and_its_errors():

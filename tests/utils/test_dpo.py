@@ -73,6 +73,16 @@ def test_collate_pairs_without_reference_serves_reference_free_losses(model):
     assert torch.isfinite(loss_sum) and set(metrics) >= {"rewards/accuracies", "rewards/margins"}
 
 
+def test_policy_logps_are_each_pairs_chosen_then_rejected_sequence(model):
+    """Against sequence_logps of each prompt + response alone (no batch, no padding): chosen first, rejected second."""
+    logps = policy_logps(model, collate_pairs(PAIRS, pad_id=0))
+    for i, example in enumerate(PAIRS):
+        for side, got in (("chosen", logps.policy_chosen_logps[i]), ("rejected", logps.policy_rejected_logps[i])):
+            tokens = torch.from_numpy(np.concatenate([example["prompt"], example[side]])).long()[None]
+            mask = torch.from_numpy(np.concatenate([example["prompt_mask"], example[f"{side}_mask"]]))[None]
+            torch.testing.assert_close(got, sequence_logps(model, tokens, mask)[0][0], atol=1e-5, rtol=1e-5)
+
+
 def with_reference(model, examples, shift_chosen=0.0, shift_rejected=0.0) -> dict:
     """A batch whose stored reference log-probs are the model's own, shifted."""
     batch = collate_pairs(examples, pad_id=0)
