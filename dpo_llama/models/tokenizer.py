@@ -157,7 +157,7 @@ class HFTokenizer(Tokenizer):
         config_path = path.parent / "tokenizer_config.json"
         config = read_tokenizer_config(config_path)
         self.files = (path, config_path) if config_path.is_file() else (path,)
-        self.bos_id = self._special_id(config, "bos_token", BOS_NAMES, config_path)
+        self.bos_id = self._special_id(config, "bos_token", BOS_NAMES, config_path, null_means_none=True)
         eos_id = self._special_id(config, "eos_token", EOS_NAMES, config_path)
         if eos_id is None:
             raise ValueError(f"no EOS token: {config_path} names no eos_token and {path} has none of {EOS_NAMES}")
@@ -177,10 +177,11 @@ class HFTokenizer(Tokenizer):
             return None
         return self._tok.token_to_id(piece)
 
-    def _special_id(self, config: dict, key: str, fallbacks: tuple[str, ...], config_path: Path) -> int | None:
-        """Id of the token ``config[key]`` names; ``None`` if the key is there but null (a model without that
-        token, e.g. no BOS); else, the key absent, the first fallback name in the vocabulary."""
-        if key in config and config[key] is None:
+    def _special_id(self, config: dict, key: str, fallbacks: tuple[str, ...], config_path: Path,
+                    null_means_none: bool = False) -> int | None:
+        """Id of the token ``config[key]`` names; else the first fallback name in the vocabulary. With
+        ``null_means_none`` a key that is there but null means the model has no such token (Qwen's no-BOS)."""
+        if null_means_none and key in config and config[key] is None:
             return None
         name = config_token(config, key, config_path)
         if name is not None:

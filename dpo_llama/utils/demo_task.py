@@ -145,8 +145,8 @@ def parse_final_number(text: str) -> int | None:
 
 def reward(problem_or_prompt: Problem | str, response: str) -> float:
     """Verifiable reward: 1.0 if the response's final number (:func:`parse_final_number`) is the sum and an
-    equation it states (``a + b = c``) restates the question's ``a + b``, else 0.0 (``"88 + 76 = 154"`` for
-    88 + 66 is a false equation, not a right answer).
+    equation it states (``a + b = c``) adds the question's two numbers, in either order, else 0.0
+    (``"88 + 76 = 154"`` for 88 + 66 is a false equation, not a right answer; ``"66 + 88 = 154"`` is right).
 
     Args:
         problem_or_prompt: A :class:`Problem`, or text holding one (the user's question).
@@ -157,7 +157,7 @@ def reward(problem_or_prompt: Problem | str, response: str) -> float:
     """
     problem = problem_or_prompt if isinstance(problem_or_prompt, Problem) else parse_problem(problem_or_prompt)
     stated = PROBLEM_PATTERN.search(response)
-    if stated is not None and (int(stated.group(1)), int(stated.group(2))) != (problem.a, problem.b):
+    if stated is not None and sorted((int(stated.group(1)), int(stated.group(2)))) != sorted((problem.a, problem.b)):
         return 0.0
     return float(parse_final_number(response) == problem.answer)
 

@@ -26,6 +26,7 @@ all RNG states are restored.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -284,25 +285,46 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"name: saved -> current"`` for every setting outside ``RESUME_ADJUSTABLE`` that differs between a
-    checkpoint's config and this run's, both as JSON values (settings only one of them has are skipped;
-    ``*_dir`` paths are compared resolved, so ``./data`` and ``data`` agree)."""
+    checkpoint's config and this run's, both as JSON values (settings only one of them has are skipped). A
+    checkpoint records its ``*_dir`` paths resolved (:func:`with_absolute_dirs`), and this run's are resolved
+    against the current directory; a relative path recorded by an older version is not compared (its working
+    directory is unknown)."""
     current = json.loads(json.dumps(current))
 
-    def value(name: str, raw: Any) -> Any:
-        return str(Path(raw).resolve()) if name.endswith("_dir") and isinstance(raw, str) and raw else raw
+    def differ(name: str) -> bool:
+        old, new = saved[name], current[name]
+        if name.endswith("_dir") and isinstance(old, str) and isinstance(new, str) and old and new:
+            return Path(old).is_absolute() and old != str(Path(new).resolve())
+        return old != new
 
     return [f"{name}: {saved[name]!r} -> {current[name]!r}" for name in sorted(saved.keys() & current.keys())
-            if name not in RESUME_ADJUSTABLE and value(name, saved[name]) != value(name, current[name])]
+            if name not in RESUME_ADJUSTABLE and differ(name)]
 
 
-def fsync_tree(directory: Path) -> None:
-    """Flushes every file of ``directory`` and the directory itself to disk (a rename is durable only then)."""
-    for path in [*directory.iterdir(), directory]:
-        fd = os.open(path, os.O_RDONLY)
+def fsync_files(directory: Path) -> None:
+    """Flushes the regular files of ``directory`` to disk (their rename into place is durable only then)."""
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flushes a directory's entries (a rename in it) to disk where the platform and filesystem allow it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def with_absolute_dirs(cfg: Any) -> Any:
+    """``cfg`` with its ``*_dir`` paths resolved, as a checkpoint records them: a resume from another working
+    directory compares the same directories, whatever relative spelling each run used."""
+    resolved = {f.name: str(Path(getattr(cfg, f.name)).resolve()) for f in dataclasses.fields(cfg)
+                if f.name.endswith("_dir") and isinstance(getattr(cfg, f.name), str) and getattr(cfg, f.name)}
+    return dataclasses.replace(cfg, **resolved)
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -518,12 +540,13 @@ class Trainer:
             "history": history,
         }
         torch.save(state, tmp / STATE_FILE)
-        save_config(self.cfg, tmp / CONFIG_FILE)
-        fsync_tree(tmp)
+        save_config(with_absolute_dirs(self.cfg), tmp / CONFIG_FILE)
+        fsync_files(tmp)
+        fsync_directory(tmp)
         if final.exists():  # incomplete or unreadable (a complete one would have been resumed from)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_tree(final.parent)
+        fsync_directory(final.parent)
         return final
 
     def _load_newest_readable(self, checkpoints: list[Path]) -> tuple[Path, dict[str, Any]]:
@@ -535,14 +558,18 @@ class Trainer:
         """
         for checkpoint in checkpoints:
             config_path = checkpoint / CONFIG_FILE
-            if config_path.is_file():
-                mismatches = resume_mismatches(json.loads(config_path.read_text()), config_to_dict(self.cfg))
-                if mismatches:
-                    raise ValueError(f"--resume: {checkpoint} was trained with other settings (checkpoint -> this "
-                                     "run):\n  " + "\n  ".join(mismatches) + "\nresume with the checkpoint's "
-                                     "settings, or start a new run in another --ckpt-dir")
             try:
+                saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
                 state = load_trainer_state(checkpoint)
+            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+                tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")
+                continue
+            mismatches = resume_mismatches(saved, config_to_dict(self.cfg))
+            if mismatches:
+                raise ValueError(f"--resume: {checkpoint} was trained with other settings (checkpoint -> this "
+                                 "run):\n  " + "\n  ".join(mismatches) + "\nresume with the checkpoint's "
+                                 "settings, or start a new run in another --ckpt-dir")
+            try:
                 self.load_trainable(checkpoint)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
                 tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")

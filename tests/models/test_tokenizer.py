@@ -121,6 +121,8 @@ def test_config_with_a_null_bos_means_no_bos(tmp_path):
     config_path = tmp_path / "tokenizer_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "bos_token": None}))
     assert load_tokenizer(tmp_path).bos_id is None
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "eos_token": None}))
+    assert load_tokenizer(tmp_path).eos_id == load_tokenizer(tmp_path).token_id("<|end_of_text|>")  # EOS: by name
 
 
 def test_config_naming_a_missing_token_is_an_error(tmp_path):

@@ -35,11 +35,11 @@ SIZES = {"sft": 50, "preference_train": 40, "preference_test": 30, "eval": 20}
     ("= -85", 0.0),
     ("47 + 38 = 85.7", 0.0),                        # not a whole number
     ("12 + 73 = 85", 0.0),                          # the right sum of a false equation
-    ("38 + 47 = 85", 0.0),                          # an equation must restate the question as asked
+    ("38 + 47 = 85", 1.0),                          # the same two numbers, swapped: a true equation
 ])
 def test_reward_hand_written(response, expected):
-    """47 + 38 = 85; the reward is 1 exactly when the parsed final number is 85 and an equation in the answer
-    restates 47 + 38."""
+    """47 + 38 = 85; the reward is 1 exactly when the parsed final number is 85 and an equation in the answer adds
+    47 and 38."""
     assert demo_task.reward(Problem(47, 38), response) == expected
     assert demo_task.reward("What is 47 + 38?", response) == expected
 

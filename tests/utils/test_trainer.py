@@ -264,6 +264,20 @@ def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_pat
         run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
 
 
+def test_resume_from_another_directory_with_its_own_relative_paths(tmp_path, monkeypatch):
+    """A checkpoint records its directories resolved: resuming from elsewhere with a relative spelling of the same
+    ckpt_dir is the same run; a torn config.json in the newest checkpoint falls back like a torn state."""
+    data = make_dataset([1, 2, 3, 4, 5, 6], seed=5)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run(make_cfg(tmp_path, max_train_steps=3, ckpt_interval=1, ckpt_dir="run/ckpt"), ToyModel(seed=7), data)
+    torn = tmp_path / "run" / "ckpt" / "step-000003" / "config.json"
+    torn.write_text(torn.read_text()[:50])
+    monkeypatch.chdir(tmp_path / "sub")
+    resumed = run(make_cfg(tmp_path, max_train_steps=4, resume=True, ckpt_dir="../run/ckpt"), ToyModel(seed=9), data)
+    assert resumed.step == 4 and resumed.history[0]["step"] == 1
+
+
 def test_resume_falls_back_over_an_unreadable_checkpoint(tmp_path, capsys):
     """A torn trainer_state.pt in the newest checkpoint (a crash before the data reached the disk) is reported and
     the one before it resumed; saving that step again replaces the torn directory."""
