@@ -37,6 +37,7 @@ from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.cli import at_least, parse_bool
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
+from dpo_llama.utils.dpo import example_length
 from dpo_llama.utils.finetune import prepare_model
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
                                              is_unpaired_dataset, model_fingerprint, store_reference,
@@ -153,8 +154,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     examples = train + validation
-    lengths = [len(e["prompt"]) + max(len(e.get("chosen", e.get("completion"))), len(e.get("rejected", [])))
-               for e in examples]
+    lengths = [example_length(e) for e in examples]
     meta = {
         "kind": "preference", "unpaired": is_unpaired_dataset(examples), "inputs": args.input, "format": args.format,
         "template": args.template, "tokenizer_fingerprint": tokenizer.fingerprint(), "max_seq_len": args.max_seq_len,
