@@ -556,24 +556,22 @@ class Trainer:
         Raises:
             ValueError: the newest readable checkpoint was trained with other settings, or none reads back.
         """
+        current = config_to_dict(self.cfg)
         for checkpoint in checkpoints:
             config_path = checkpoint / CONFIG_FILE
             try:
                 saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
                 state = load_trainer_state(checkpoint)
+                mismatches = resume_mismatches(saved, current)
+                if not mismatches:
+                    self.load_trainable(checkpoint)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
                 tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")
                 continue
-            mismatches = resume_mismatches(saved, config_to_dict(self.cfg))
             if mismatches:
                 raise ValueError(f"--resume: {checkpoint} was trained with other settings (checkpoint -> this "
                                  "run):\n  " + "\n  ".join(mismatches) + "\nresume with the checkpoint's "
                                  "settings, or start a new run in another --ckpt-dir")
-            try:
-                self.load_trainable(checkpoint)
-            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-                tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")
-                continue
             return checkpoint, state
         raise ValueError(f"--resume: no checkpoint in {self.cfg.ckpt_dir} reads back (see the warnings above)")
 
