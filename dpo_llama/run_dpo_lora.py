@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from dpo_llama.configs.dpo_lora import DPOLoRAConfig
+from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss,
@@ -50,12 +51,13 @@ def refuse_or_warn(cfg: DPOLoRAConfig, problem: str) -> None:
     print(f"warning: {problem}", file=sys.stderr)
 
 
-def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_dir, device) -> None:
+def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_dir, device,
+                       base_sha256: str) -> None:
     """The policy's starting point must be the dataset's reference (see the module docstring)."""
     if meta["reference"] is None:
         return
     policy = model_fingerprint(model, cfg.pretrain_ckpt_dir, lora_dir, dtype_name(resolve_dtype(cfg.dtype, device)),
-                               tokenizer, meta["template"])
+                               tokenizer, meta["template"], base_sha256)
     differences = fingerprint_mismatches(meta["reference"], policy)
     if differences:
         refuse_or_warn(cfg, "the dataset's reference log-probs were not computed with this starting policy:\n  "
@@ -82,8 +84,9 @@ def run(cfg: DPOLoRAConfig):
     check_data(cfg, meta)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
-    model = load_policy(cfg, device, lora_dir)
-    verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device)
+    base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
+    model = load_policy(cfg, device, lora_dir, base_sha256)
+    verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device, base_sha256)
     if cfg.loss_type == "kto":
         collate = partial(collate_unpaired, pad_id=tokenizer.pad_id, max_seq_len=meta["max_seq_len"])
         loss_fn = partial(kto_loss, cfg=cfg)
@@ -93,7 +96,7 @@ def run(cfg: DPOLoRAConfig):
         if meta["reference"] is not None and not resuming:
             measure_reference(cfg, model, train_set, collate, device)
     print(f"{cfg.loss_type} on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
-    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir,
+    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir, base_sha256,
                                                                         train_data_dir=cfg.train_data_dir))
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
                  load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,

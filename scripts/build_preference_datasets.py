@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dpo_llama.configs import demo
-from dpo_llama.models.checkpoint import load_model, parse_dtype
+from dpo_llama.models.checkpoint import checkpoint_fingerprint, load_model, parse_dtype
 from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, quantize_frozen_layers,
                                    read_lora_config)
 from dpo_llama.models.moe import EXPERT_BACKENDS
@@ -85,12 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_reference(args, device: torch.device, dtype_name: str):
+def load_reference(args, device: torch.device, dtype_name: str, base_sha256: str):
     """The reference model, built exactly as the DPO policy will be at step 0."""
     lora_cfg, lora_dir = None, None
     if args.lora:
         lora_dir = find_adapter(args.lora)[0]
-        check_adapter_base(lora_dir, args.ref_model)
+        check_adapter_base(lora_dir, args.ref_model, base_sha256)
         lora_cfg, _ = read_lora_config(lora_dir)
 
     def prepare(model):
@@ -124,12 +124,13 @@ def add_reference(args, train, validation, tokenizer) -> dict:
     """Computes and stores reference log-probs; returns the reference's fingerprint."""
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    model = load_reference(args, device, dtype_name)
+    base_sha256 = checkpoint_fingerprint(args.ref_model)  # once, for the adapter check and the fingerprint
+    model = load_reference(args, device, dtype_name, base_sha256)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the reference model {args.ref_model} "
                          f"only {model.args.vocab_size}: use the model's own tokenizer")
     fingerprint = model_fingerprint(model, args.ref_model, args.lora and find_adapter(args.lora)[0], dtype_name,
-                                    tokenizer, args.template)
+                                    tokenizer, args.template, base_sha256)
     sequences = all_sequences(train, args.max_seq_len) + all_sequences(validation, args.max_seq_len)
     longest = max(len(ids) for ids, _ in sequences)
     if longest > model.args.max_seq_len:

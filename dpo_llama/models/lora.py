@@ -619,23 +619,27 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.adapter_enabled = enabled
 
 
-def base_info(ckpt_dir: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+def base_info(ckpt_dir: str | os.PathLike, weights_sha256: str | None = None, **extra: Any) -> dict[str, Any]:
     """What ``save_lora`` records of the base an adapter trains on: its path and the SHA-256 of its weights
-    (``checkpoint_fingerprint``), which :func:`check_adapter_base` compares wherever the adapter is loaded."""
-    return {"ckpt_dir": str(ckpt_dir), "weights_sha256": checkpoint_fingerprint(ckpt_dir), **extra}
+    (``checkpoint_fingerprint``, unless the caller already has it), which :func:`check_adapter_base` compares
+    wherever the adapter is loaded."""
+    return {"ckpt_dir": str(ckpt_dir), "weights_sha256": weights_sha256 or checkpoint_fingerprint(ckpt_dir),
+            **extra}
 
 
-def check_adapter_base(lora_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> None:
+def check_adapter_base(lora_dir: str | os.PathLike, ckpt_dir: str | os.PathLike,
+                       weights_sha256: str | None = None) -> None:
     """Refuses to put an adapter on other base weights than it was trained on: a DPO adapter merged into the
     pretrained base instead of the SFT model it continued, or an SFT adapter loaded onto its own merge, load
-    without any shape error. Adapters saved without ``weights_sha256`` are not checked.
+    without any shape error. Adapters saved without ``weights_sha256`` are not checked. ``weights_sha256`` is
+    ``ckpt_dir``'s fingerprint if the caller already has it (hashing a large base takes seconds per GB).
 
     Raises:
         ValueError: the recorded base weights differ from ``ckpt_dir``'s.
     """
     info = read_lora_config(lora_dir)[1].get("info") or {}
     recorded = info.get("weights_sha256")
-    if recorded and recorded != checkpoint_fingerprint(ckpt_dir):
+    if recorded and recorded != (weights_sha256 or checkpoint_fingerprint(ckpt_dir)):
         raise ValueError(f"the adapter {lora_dir} was trained on other base weights than {ckpt_dir} (its base: "
                          f"{info.get('ckpt_dir')}): load it onto that base")
 

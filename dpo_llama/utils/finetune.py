@@ -39,7 +39,8 @@ def check_tokenizer(meta: dict, ckpt_dir: str, data_dir: str) -> Tokenizer:
     return tokenizer
 
 
-def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -> nn.Module:
+def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
+                base_sha256: str | None = None) -> nn.Module:
     """The model to train: checkpoint + LoRA (+ 4-bit) per ``cfg``, optionally continuing a saved adapter.
 
     With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
@@ -52,7 +53,7 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None) -
     dtype = resolve_dtype(cfg.dtype, device)
     lora_cfg = as_lora_config(cfg)
     if lora_dir is not None:
-        check_adapter_base(lora_dir, cfg.pretrain_ckpt_dir)
+        check_adapter_base(lora_dir, cfg.pretrain_ckpt_dir, base_sha256)
         lora_cfg, _ = read_lora_config(lora_dir)
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)

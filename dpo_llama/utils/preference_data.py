@@ -343,8 +343,10 @@ def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
 
 
 def model_fingerprint(model, ckpt_dir: str | Path, lora_dir: str | Path | None, dtype: str, tokenizer: Tokenizer,
-                      template: str) -> dict:
-    """``reference_fingerprint`` of a loaded model: its checkpoint, adapter, actual 4-bit layout and dtype."""
-    return reference_fingerprint(checkpoint_fingerprint(ckpt_dir), adapter_fingerprint(lora_dir) if lora_dir else None,
+                      template: str, weights_sha256: str | None = None) -> dict:
+    """``reference_fingerprint`` of a loaded model: its checkpoint (``weights_sha256`` if the caller already
+    hashed it), adapter, actual 4-bit layout and dtype."""
+    return reference_fingerprint(weights_sha256 or checkpoint_fingerprint(ckpt_dir),
+                                 adapter_fingerprint(lora_dir) if lora_dir else None,
                                  quantization_summary(model), dtype, getattr(model.args, "experts_backend", None),
                                  tokenizer.fingerprint(), template)
