@@ -85,6 +85,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from dpo_llama.models.llama import refuse_second_derivative
+
 __all__ = [
     "PackedExperts",
     "available_isas",
@@ -523,9 +525,7 @@ class _CpuMoeFunction(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: the C++ backward would return gradients without a graph
-            raise RuntimeError("cpu_moe has no second derivative (its backward runs in C++): create_graph=True is "
-                               "not supported")
+        refuse_second_derivative("cpu_moe")  # create_graph=True: the C++ backward returns gradients without a graph
         ids, weights32, gate_up_out = ctx.saved_tensors
         packed = ctx.packed
         if grad_y is None:  # only h reached the loss
