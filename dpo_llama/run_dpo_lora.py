@@ -5,9 +5,10 @@
 
 Only the policy is run during training: the reference log-probs were computed once by
 scripts/build_preference_datasets.py. Before the first step the run verifies that the policy starts where that
-reference was computed (same weights, adapter, quantization, dtype, tokenizer, template: the dataset's
-fingerprint) and then measures it on the first batch: policy log-probs must equal the stored ones, so the DPO
-loss is ln 2 with zero rewards (written to <log-dir>/<run-name>/reference_check.json). A mismatch is refused
+reference was computed (same weights, adapter, quantization, dtype, autocast, tokenizer, template: the dataset's
+fingerprint) and then measures it on the first batch, under the training's autocast: policy log-probs must equal
+the stored ones, so the DPO loss is ln 2 with zero rewards (written to <log-dir>/<run-name>/reference_check.json;
+KTO: its completions' and KL completions' log-probs). A mismatch is refused
 unless --allow-reference-mismatch. Losses: --loss-type sigmoid | robust | ipo | hinge | simpo | orpo | kto
 (see dpo_llama/utils/losses.py for each formula and paper), plus --sft-weight for an NLL term (RPO).
 Checkpoints, --resume, logs and plots work as in run_sft_lora.py. With no arguments it trains the demo.
@@ -29,7 +30,8 @@ from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_
                                       run_main, trainable_summary)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
-from dpo_llama.utils.trainer import latest_checkpoint, resolve_device, to_device, train
+from dpo_llama.utils.trainer import (autocast_context, autocast_name, latest_checkpoint, resolve_device, to_device,
+                                     train)
 
 
 def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
@@ -57,7 +59,7 @@ def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_di
     if meta["reference"] is None:
         return
     policy = model_fingerprint(model, cfg.pretrain_ckpt_dir, lora_dir, dtype_name(resolve_dtype(cfg.dtype, device)),
-                               tokenizer, meta["template"], base_sha256)
+                               tokenizer, meta["template"], base_sha256, autocast_name(device, cfg.mixed_precision))
     differences = fingerprint_mismatches(meta["reference"], policy)
     if differences:
         refuse_or_warn(cfg, "the dataset's reference log-probs were not computed with this starting policy:\n  "
@@ -65,12 +67,15 @@ def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_di
 
 
 def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> None:
-    """Step-0 check on the first micro-batch: policy log-probs = stored reference log-probs, loss = ln 2."""
+    """Step-0 check on the first micro-batch, under the training's autocast: policy log-probs = stored reference
+    log-probs (pairs: DPO loss = ln 2)."""
     batch = to_device(collate(train_set[:cfg.micro_batch_size]), device)
-    result = reference_check(model, batch, cfg)
+    with autocast_context(device, cfg.mixed_precision):
+        result = reference_check(model, batch, cfg)
     write_json(Path(cfg.log_dir) / cfg.run_name / "reference_check.json", result)
-    print(f"reference check on {result['pairs']} pairs: max |policy - reference| log-prob "
-          f"{result['max_abs_logp_diff']:.2e}, DPO loss {result['sigmoid_loss']:.6f} (ln 2 = {result['ln2']:.6f}), "
+    units = f"{result['pairs']} pairs" if "pairs" in result else f"{result['examples']} examples"
+    loss = f", DPO loss {result['sigmoid_loss']:.6f} (ln 2 = {result['ln2']:.6f})" if "pairs" in result else ""
+    print(f"reference check on {units}: max |policy - reference| log-prob {result['max_abs_logp_diff']:.2e}{loss}, "
           f"mean |reward| {result['mean_abs_reward']:.2e}")
     if result["max_abs_logp_diff"] > cfg.reference_check_tolerance:
         refuse_or_warn(cfg, f"policy and reference log-probs differ by {result['max_abs_logp_diff']:.3g} "
@@ -92,9 +97,9 @@ def run(cfg: DPOLoRAConfig):
         loss_fn = partial(kto_loss, cfg=cfg)
     else:
         collate, loss_fn = partial(collate_pairs, pad_id=tokenizer.pad_id), partial(paired_loss, cfg=cfg)
-        resuming = cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None
-        if meta["reference"] is not None and not resuming:
-            measure_reference(cfg, model, train_set, collate, device)
+    resuming = cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None
+    if meta["reference"] is not None and not resuming:
+        measure_reference(cfg, model, train_set, collate, device)
     print(f"{cfg.loss_type} on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
     save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir, base_sha256,
                                                                         train_data_dir=cfg.train_data_dir))

@@ -11,10 +11,12 @@ ratio >= --shp-min-score-ratio), kto (unpaired: messages + label, or prompt/comp
 The reference model (--ref-model, plus --lora if the policy will continue training that adapter) scores every
 chosen/rejected sequence once, with the quantization the policy will train with (--quant-4bit nf4 quantizes every
 frozen linear layer except lm_head, matching training with --quant-4bit true --quant-lora-4bit true), in
-length-sorted batches, saving finished chunks so an interrupted run resumes. meta.json records a fingerprint of
-the reference weights, adapter, quantization, dtype, tokenizer and template; run_dpo_lora.py refuses a policy that
-does not match it. Truncation: the prompt is cut first (keeping its end, and BOS), down to --max-prompt-len if
-needed, then the responses (keeping their start); pairs with identical or empty responses afterwards are dropped.
+length-sorted batches, saving finished chunks so an interrupted run resumes. meta.json records a fingerprint of the
+reference weights, adapter, quantization, dtype, autocast, tokenizer and template; run_dpo_lora.py refuses a policy
+that does not match it. On CUDA the reference runs under bf16 autocast, as the trainer does with its default
+--mixed-precision true; pass --mixed-precision false for a policy trained without it. Truncation: the prompt is cut
+first (keeping its end, and BOS), down to --max-prompt-len if needed, then the responses (keeping their start); pairs
+with identical or empty responses afterwards are dropped.
 With no arguments it builds the embedded demo's preference data against the demo's merged SFT model.
 """
 
@@ -44,7 +46,7 @@ from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, comput
                                              tokenize_records)
 from dpo_llama.utils.preference_formats import PREFERENCE_FORMAT_KEYS, load_preference_records
 from dpo_llama.utils.templates import TEMPLATE_NAMES
-from dpo_llama.utils.trainer import resolve_device
+from dpo_llama.utils.trainer import autocast_context, autocast_name, resolve_device
 
 CACHE_DIR = ".reference_cache"
 
@@ -75,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quant-4bit-compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="4-bit compute")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
+    p.add_argument("--mixed-precision", type=parse_bool, default=True,
+                   help="bf16 autocast on CUDA (ignored on CPU); use the policy's --mixed-precision")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
     p.add_argument("--experts-backend", default="torch", choices=EXPERT_BACKENDS,
                    help="MoE models: routed experts in PyTorch or the C++ CPU kernel, bf16 or int8 weights "
@@ -130,14 +134,15 @@ def add_reference(args, train, validation, tokenizer) -> dict:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the reference model {args.ref_model} "
                          f"only {model.args.vocab_size}: use the model's own tokenizer")
     fingerprint = model_fingerprint(model, args.ref_model, args.lora and find_adapter(args.lora)[0], dtype_name,
-                                    tokenizer, args.template, base_sha256)
+                                    tokenizer, args.template, base_sha256, autocast_name(device, args.mixed_precision))
     sequences = all_sequences(train, args.max_seq_len) + all_sequences(validation, args.max_seq_len)
     longest = max(len(ids) for ids, _ in sequences)
     if longest > model.args.max_seq_len:
         raise ValueError(f"the longest sequence has {longest} tokens but the reference model {args.ref_model} takes "
                          f"at most {model.args.max_seq_len}: pass --max-seq-len {model.args.max_seq_len} or less")
-    logps = compute_reference_logps(model, sequences, tokenizer.pad_id, device, Path(args.output) / CACHE_DIR,
-                                    {"reference": fingerprint["digest"]}, args.batch_tokens, args.batch_size)
+    with autocast_context(device, args.mixed_precision):
+        logps = compute_reference_logps(model, sequences, tokenizer.pad_id, device, Path(args.output) / CACHE_DIR,
+                                        {"reference": fingerprint["digest"]}, args.batch_tokens, args.batch_size)
     store_reference(train, logps[:2 * len(train)])
     store_reference(validation, logps[2 * len(train):])
     return fingerprint

@@ -5,6 +5,7 @@ The preference data are synthetic (tests/pipeline_fixtures.py): chosen answers n
 name animals, so a tiny random LLaMA with LoRA learns to prefer the chosen answers of unseen prompts.
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import dpo_llama.run_dpo_lora as run_dpo_module
+import scripts.build_preference_datasets as builder_module
 from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import LoRAConfig, adapter_fingerprint, find_adapter, load_model_with_lora, save_lora
 from dpo_llama.run_dpo_lora import main as run_dpo
@@ -174,6 +177,44 @@ def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path, device, qlora
     assert len(accuracy) == 2 and accuracy[-1] >= 0.8
     assert loss[-1] < LN2 - 0.1 and series(history, "val/rewards/margins")[-1] > 0
     assert (tmp_path / "logs" / "run" / "reward_accuracy.png").is_file()
+
+
+def test_kto_policy_starts_at_the_reference(ws, tmp_path):
+    """KTO data get the step-0 check too: its completions' and KL completions' log-probs equal the stored ones."""
+    data = build(ws, tmp_path / "kto", input=ws["kto"])
+    assert run_dpo(dpo_argv(ws, tmp_path, train_data_dir=data, loss_type="kto", max_train_steps=1)) == 0
+    check = reference_check(tmp_path)
+    assert check["max_abs_logp_diff"] < 1e-5 and check["mean_abs_reward"] < 1e-6 and check["examples"] == 4
+
+
+def cpu_autocast_for_cuda(monkeypatch) -> None:
+    """CPU bf16 autocast stands in for CUDA's (CI has no GPU) in the builder and the step-0 check. Not in the
+    trainer: the adapters' backward follows the forward's autocast on CUDA only (``LoRAUpdate``)."""
+    def name(device, enabled):
+        return "bf16" if enabled else None
+
+    def context(device, enabled):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+    for module in (builder_module, run_dpo_module):
+        monkeypatch.setattr(module, "autocast_name", name)
+        monkeypatch.setattr(module, "autocast_context", context)
+
+
+def test_reference_and_step0_check_run_under_the_trainings_autocast(ws, tmp_path, monkeypatch, capsys):
+    """With autocast standing in: the builder's reference (default --mixed-precision true) is computed and
+    recorded under it, a mixed-precision policy measures its step-0 log-probs under it and matches, and a policy
+    without it is refused by the fingerprint; allowed anyway, it starts measurably away from the reference."""
+    cpu_autocast_for_cuda(monkeypatch)
+    data = build(ws, tmp_path / "data")
+    assert json.loads((data / META_FILE).read_text())["reference"]["autocast"] == "bf16"
+    assert run_dpo(dpo_argv(ws, tmp_path / "on", train_data_dir=data, max_train_steps=1)) == 0
+    matched = reference_check(tmp_path / "on")["max_abs_logp_diff"]
+    assert run_dpo(dpo_argv(ws, tmp_path / "off", train_data_dir=data, mixed_precision=False)) == 1
+    assert "autocast: dataset has 'bf16', policy has None" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "off", train_data_dir=data, mixed_precision=False,
+                            allow_reference_mismatch=True, max_train_steps=1)) == 0
+    assert reference_check(tmp_path / "off")["max_abs_logp_diff"] > 10 * max(matched, 1e-4)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"])

@@ -133,18 +133,28 @@ def reference_check(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> di
     """Measures "policy = reference" on one batch before any update.
 
     With the policy loaded exactly as the reference was (same weights, quantization, dtype) and every LoRA
-    B = 0, the policy's log-probs equal the stored ones, so for DPO's sigmoid loss ``h = 0`` and
-    ``loss = -log σ(0) = ln 2`` with zero rewards. Returns the largest absolute log-prob difference, the
-    sigmoid loss and the mean |reward| at β = ``cfg.beta``.
+    B = 0, the policy's log-probs equal the stored ones. Pairs: DPO's sigmoid loss is then ``h = 0`` and
+    ``loss = -log σ(0) = ln 2`` with zero rewards; KTO examples: their completions and their KL completions are
+    compared. Returns the largest absolute log-prob difference, the mean |reward| at β = ``cfg.beta``, the
+    number of pairs (and the sigmoid loss) or of examples.
     """
     was_training = model.training
     model.eval()
-    logps = policy_logps(model, batch)
-    model.train(was_training)
-    diff = torch.cat([logps.policy_chosen_logps - logps.ref_chosen_logps,
-                      logps.policy_rejected_logps - logps.ref_rejected_logps])
-    margin = (logps.policy_chosen_logps - logps.ref_chosen_logps) - (logps.policy_rejected_logps -
-                                                                    logps.ref_rejected_logps)
-    loss = torch.nn.functional.softplus(-cfg.beta * margin).mean()
-    return {"max_abs_logp_diff": float(diff.abs().max()), "sigmoid_loss": float(loss), "ln2": math.log(2),
-            "mean_abs_reward": float(cfg.beta * diff.abs().mean()), "pairs": len(margin)}
+    try:
+        if "desirable" in batch:
+            rewards = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch["lengths"])[0] \
+                - batch["ref_logps"]
+            policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"], lengths=batch["kl_lengths"])[0]
+            diff = torch.cat([rewards, policy_kl - batch["ref_kl_logps"]])
+            result = {"examples": len(rewards)}
+        else:
+            logps = policy_logps(model, batch)
+            chosen = logps.policy_chosen_logps - logps.ref_chosen_logps
+            rejected = logps.policy_rejected_logps - logps.ref_rejected_logps
+            rewards = diff = torch.cat([chosen, rejected])
+            loss = torch.nn.functional.softplus(-cfg.beta * (chosen - rejected)).mean()
+            result = {"sigmoid_loss": float(loss), "ln2": math.log(2), "pairs": len(chosen)}
+    finally:
+        model.train(was_training)
+    return {"max_abs_logp_diff": float(diff.abs().max()), "mean_abs_reward": float(cfg.beta * rewards.abs().mean()),
+            **result}

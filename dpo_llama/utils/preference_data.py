@@ -322,16 +322,18 @@ def compute_reference_logps(model, sequences: Sequence[TokenSequence], pad_id: i
 
 
 def reference_fingerprint(weights_sha256: str, lora_sha256: str | None, quant: dict | None, dtype: str,
-                          experts_backend: str | None, tokenizer_fingerprint: str, template: str) -> dict:
+                          experts_backend: str | None, tokenizer_fingerprint: str, template: str,
+                          autocast: str | None = None) -> dict:
     """What the reference log-probs depend on, plus a digest of it all under ``"digest"``.
 
     A policy may train on the dataset only if it starts from the same weights and adapter, with the same
-    quantization, dtype and MoE experts backend (the C++ kernel computes in bf16), tokenizer and template:
-    otherwise "policy = reference" at step 0 is false and the DPO log-ratios are biased from the first step.
+    quantization, dtype, autocast (``"bf16"`` under CUDA mixed precision, else None) and MoE experts backend
+    (the C++ kernel computes in bf16), tokenizer and template: otherwise "policy = reference" at step 0 is false
+    and the DPO log-ratios are biased from the first step.
     """
     parts = {"weights_sha256": weights_sha256, "lora_sha256": lora_sha256, "quant": quant, "dtype": dtype,
-             "experts_backend": experts_backend, "tokenizer_fingerprint": tokenizer_fingerprint,
-             "template": template}
+             "autocast": autocast, "experts_backend": experts_backend,
+             "tokenizer_fingerprint": tokenizer_fingerprint, "template": template}
     return {**parts, "digest": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()}
 
 
@@ -343,10 +345,10 @@ def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
 
 
 def model_fingerprint(model, ckpt_dir: str | Path, lora_dir: str | Path | None, dtype: str, tokenizer: Tokenizer,
-                      template: str, weights_sha256: str | None = None) -> dict:
+                      template: str, weights_sha256: str | None = None, autocast: str | None = None) -> dict:
     """``reference_fingerprint`` of a loaded model: its checkpoint (``weights_sha256`` if the caller already
-    hashed it), adapter, actual 4-bit layout and dtype."""
+    hashed it), adapter, actual 4-bit layout, dtype and autocast."""
     return reference_fingerprint(weights_sha256 or checkpoint_fingerprint(ckpt_dir),
                                  adapter_fingerprint(lora_dir) if lora_dir else None,
                                  quantization_summary(model), dtype, getattr(model.args, "experts_backend", None),
-                                 tokenizer.fingerprint(), template)
+                                 tokenizer.fingerprint(), template, autocast)

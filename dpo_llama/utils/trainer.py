@@ -335,9 +335,15 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast_name(device: torch.device | str, enabled: bool) -> str | None:
+    """``"bf16"`` where ``mixed_precision`` autocasts (CUDA), else None. Reference log-probs record it: the
+    policy must compute its step-0 log-probs as the reference did."""
+    return "bf16" if enabled and torch.device(device).type == "cuda" else None
+
+
+def autocast_context(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when enabled; a no-op otherwise (CPU keeps the model's dtype)."""
-    if enabled and device.type == "cuda":
+    if autocast_name(device, enabled):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -378,7 +384,7 @@ def evaluate(
     for start in range(0, num_batches * batch_size, batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         total_weight += int(batch_weight(batch))
-        with _autocast(device, mixed_precision):
+        with autocast_context(device, mixed_precision):
             loss_sum, metric_sums = loss_fn(model, to_device(batch, device))
         _add_sums(sums, {"loss": loss_sum, **metric_sums})
     model.train(was_training)
@@ -482,7 +488,7 @@ class Trainer:
             raise ValueError(f"step {self.step}: batch_weight summed to {weight}; a step needs at least one unit")
         sums: dict[str, Any] = {}
         for batch in batches:
-            with _autocast(self.device, self.cfg.mixed_precision):
+            with autocast_context(self.device, self.cfg.mixed_precision):
                 loss_sum, metric_sums = self.loss_fn(self.model, to_device(batch, self.device))
             (loss_sum / weight).backward()
             _add_sums(sums, {"loss": loss_sum, **metric_sums})

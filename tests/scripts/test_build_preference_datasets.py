@@ -98,6 +98,7 @@ def test_meta_records_the_reference_fingerprint(reference, tmp_path):
     assert recorded["weights_sha256"] == checkpoint_fingerprint(reference)
     assert recorded["tokenizer_fingerprint"] == tokenizer.fingerprint()
     assert (recorded["quant"], recorded["dtype"], recorded["template"]) == (None, "fp32", "llama2")
+    assert recorded["autocast"] is None  # mixed precision autocasts on CUDA only
     assert build(reference, tmp_path / "q", [FIXTURES / "dpo_en_demo.json"], quant_4bit="nf4") == 0
     quant = load(tmp_path / "q")[1]["reference"]["quant"]
     assert quant["tensors"] == 2 * 7 and "nf4" in quant["configs"][0]

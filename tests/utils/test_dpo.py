@@ -194,6 +194,23 @@ def test_kto_reward_signs_by_label(model):
     assert float(metrics["rewards/margins"]) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_reference_check_on_kto_compares_completions_and_kl_completions(model):
+    """Equal log-probs: max |diff| 0 over the 3 completions and 3 KL completions, mean |reward| 0. A KL
+    reference off by 0.2 shows in max |diff| only (the KL completions carry no reward); a completion's
+    reference off by 0.4 gives mean |reward| = β·0.4/3 (β = 0.5)."""
+    exact = reference_check(model, kto_batch(model, kto_examples()), cfg(loss_type="kto"))
+    assert exact == {"max_abs_logp_diff": 0.0, "mean_abs_reward": 0.0, "examples": 3}
+    batch = kto_batch(model, kto_examples())
+    batch["ref_kl_logps"][1] += 0.2
+    off_kl = reference_check(model, batch, cfg(loss_type="kto"))
+    assert off_kl["max_abs_logp_diff"] == pytest.approx(0.2, rel=1e-4) and off_kl["mean_abs_reward"] == 0.0
+    batch = kto_batch(model, kto_examples())
+    batch["ref_logps"][0] -= 0.4
+    off = reference_check(model, batch, cfg(loss_type="kto"))
+    assert off["max_abs_logp_diff"] == pytest.approx(0.4, rel=1e-4)
+    assert off["mean_abs_reward"] == pytest.approx(0.5 * 0.4 / 3, rel=1e-4)
+
+
 def test_moe_aux_loss_is_added_once_per_pair():
     """loss_sum + w · aux · units, and the aux_loss metric aux · units (both average to per-pair values)."""
     torch.manual_seed(0)

@@ -400,12 +400,12 @@ def test_fingerprint_names_each_difference():
     """The digest covers every part; mismatches name the part and both values, ignoring unfingerprinted
     entries such as the checkpoint path recorded beside the fingerprint."""
     parts = dict(weights_sha256="w", lora_sha256=None, quant=None, dtype="fp32", experts_backend="torch",
-                 tokenizer_fingerprint="t", template="llama2")
+                 tokenizer_fingerprint="t", template="llama2", autocast=None)
     reference = reference_fingerprint(**parts)
     assert fingerprint_mismatches({**reference, "ckpt_dir": "/data/sft"}, reference) == []
     for key, value in (("weights_sha256", "w2"), ("lora_sha256", "l"), ("quant", {"tensors": 1}),
                        ("dtype", "bf16"), ("experts_backend", "cpu_kernel"), ("tokenizer_fingerprint", "t2"),
-                       ("template", "chatml")):
+                       ("template", "chatml"), ("autocast", "bf16")):
         other = reference_fingerprint(**{**parts, key: value})
         assert other["digest"] != reference["digest"]
         assert fingerprint_mismatches(reference, other) == [

@@ -18,6 +18,7 @@ from dpo_llama.utils.cli import load_config
 from dpo_llama.utils.trainer import (
     BatchSampler,
     NonFiniteLossError,
+    autocast_name,
     build_optimizer,
     evaluate,
     latest_checkpoint,
@@ -421,3 +422,9 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path):
     assert torch.equal(torch.rand(3), draws[0])
     assert np.array_equal(np.random.rand(3), draws[1])
     assert random.random() == draws[2]
+
+
+def test_autocast_applies_on_cuda_only():
+    """Mixed precision autocasts to bf16 on CUDA; on the CPU the model keeps its dtype (no autocast to record)."""
+    assert autocast_name(torch.device("cuda"), True) == "bf16" and autocast_name("cuda:1", True) == "bf16"
+    assert autocast_name("cuda", False) is None and autocast_name("cpu", True) is None
