@@ -37,7 +37,7 @@ LAYER_HF_TO_META = {
     "post_attention_layernorm": "ffn_norm",
 }
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
-ROW_PARALLEL = ("wo", "w2", "tok_embeddings")
+ROW_PARALLEL = ("wo", "w2")
 
 
 def meta_key(hf_key: str) -> str:
@@ -48,12 +48,13 @@ def meta_key(hf_key: str) -> str:
     return f"layers.{layer}.{LAYER_HF_TO_META[rest.removesuffix('.weight')]}.weight"
 
 
-def write_meta_checkpoint(hf_model, out_dir: Path, n_shards: int = 2) -> None:
+def write_meta_checkpoint(hf_model, out_dir: Path, n_shards: int = 2, embedding_split_dim: int = 1) -> None:
     """Writes ``hf_model`` in Meta's exact layout: ``consolidated.0N.pth`` model-parallel shards + ``params.json``.
 
     q/k rows go back to Meta's interleaved rotary layout; column-parallel weights are split along dim 0,
-    row-parallel ones (and LLaMA-2's ParallelEmbedding) along dim 1, norms are replicated; like LLaMA-2
-    checkpoints, every shard carries a ``rope.freqs`` buffer.
+    row-parallel ones along dim 1, the embedding along dim 1 (LLaMA-2's ParallelEmbedding) or 0 (LLaMA-3's
+    VocabParallelEmbedding), norms are replicated; like LLaMA-2 checkpoints, every shard carries a
+    ``rope.freqs`` buffer.
     """
     cfg = hf_model.config
     shards = [{} for _ in range(n_shards)]
@@ -64,7 +65,9 @@ def write_meta_checkpoint(hf_model, out_dir: Path, n_shards: int = 2) -> None:
         elif key.endswith("attention.wk.weight"):
             tensor = unpermute_rotary(tensor, cfg.num_key_value_heads)
         name = key.removesuffix(".weight").rsplit(".", 1)[-1]
-        if name in COLUMN_PARALLEL:
+        if name == "tok_embeddings":
+            pieces = tensor.chunk(n_shards, dim=embedding_split_dim)
+        elif name in COLUMN_PARALLEL:
             pieces = tensor.chunk(n_shards, dim=0)
         elif name in ROW_PARALLEL:
             pieces = tensor.chunk(n_shards, dim=1)

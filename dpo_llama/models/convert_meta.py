@@ -86,8 +86,11 @@ def our_key(meta_key: str) -> str:
 
 
 def merge_shards(pieces: list[torch.Tensor], shape: torch.Size, key: str) -> torch.Tensor:
-    """Concatenates model-parallel pieces along the dimension where they are smaller than ``shape``."""
+    """Concatenates model-parallel pieces along the dimension where they are smaller than ``shape``; a weight
+    every shard holds whole (the norms) must be the same in all of them."""
     if pieces[0].shape == shape:
+        if any(not torch.equal(piece, pieces[0]) for piece in pieces[1:]):
+            raise ValueError(f"{key}: the shards hold different full-size copies of {tuple(shape)}")
         return pieces[0]
     split_dims = [d for d in range(len(shape)) if pieces[0].shape[d] != shape[d]]
     if len(split_dims) != 1:
@@ -104,11 +107,19 @@ def load_meta(meta_dir: str | Path, max_seq_len: int | None = None) -> tuple[Mod
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path} not found: not a Meta checkpoint directory")
     shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files(meta_dir)]
-    vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
     params = json.loads(params_path.read_text())
-    if params.get("vocab_size", -1) > 0:
-        vocab_size = params["vocab_size"]
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0:
+        vocab_size = embedding_rows([shard["tok_embeddings.weight"] for shard in shards], params["dim"])
     return meta_args(params, vocab_size, max_seq_len), shards
+
+
+def embedding_rows(pieces: list[torch.Tensor], dim: int) -> int:
+    """The vocabulary size from the shards' embedding pieces: LLaMA-2 splits the embedding along its columns
+    (every piece has all the rows), LLaMA-3 along its rows (the pieces' rows add up)."""
+    if len(pieces) > 1 and pieces[0].shape[1] == dim:
+        return sum(piece.shape[0] for piece in pieces)
+    return pieces[0].shape[0]
 
 
 def meta_tensors(args: ModelArgs, shards: list[dict],

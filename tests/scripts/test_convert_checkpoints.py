@@ -48,9 +48,12 @@ def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsy
     assert "--output must differ from --input" in capsys.readouterr().err
 
 
-def test_meta_two_shard_checkpoint_equals_hf_conversion(tmp_path):
+@pytest.mark.parametrize("embedding_split_dim", [1, 0])
+def test_meta_two_shard_checkpoint_equals_hf_conversion(tmp_path, embedding_split_dim):
+    """LLaMA-2 splits the embedding along its columns, LLaMA-3 along its rows; with ``vocab_size: -1`` in
+    params.json the vocabulary is all the rows either way."""
     hf_model = make_hf_llama(tmp_path / "hf")
-    write_meta_checkpoint(hf_model, tmp_path / "meta", n_shards=2)
+    write_meta_checkpoint(hf_model, tmp_path / "meta", n_shards=2, embedding_split_dim=embedding_split_dim)
     assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "from_hf")]) == 0
     assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "from_meta"),
                          "--max-seq-len", str(TINY_HF_LLAMA["max_position_embeddings"])]) == 0
@@ -126,6 +129,23 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
     (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "moe": True}))
     assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
     assert "unknown keys in Meta params.json" in capsys.readouterr().err
+
+
+def test_meta_shards_with_different_norms_are_refused(tmp_path, capsys):
+    """A weight every shard holds whole must be one weight: two different copies are refused, not one dropped."""
+    write_meta_checkpoint(make_hf_llama(tmp_path / "hf"), tmp_path / "meta", n_shards=2)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
+    shard["norm.weight"] = shard["norm.weight"] + 1
+    torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
+    assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
+    assert "norm.weight: the shards hold different full-size copies" in capsys.readouterr().err
+
+
+def test_hf_config_without_rms_norm_eps_takes_the_hf_default():
+    """transformers' LlamaConfig defaults rms_norm_eps to 1e-6; a config.json without the key means that."""
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+              "intermediate_size": 192}
+    assert llama_args_from_hf(config).norm_eps == 1e-6
 
 
 @pytest.mark.parametrize("script", ["convert_hf_checkpoint.py", "convert_meta_checkpoint.py"])
