@@ -243,6 +243,7 @@ def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
     ({"loss_type": "ipo", "label_smoothing": 0.2}, "label_smoothing is used by loss_type sigmoid and robust only"),
     ({"label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
     ({"loss_type": "kto", "desirable_weight": -1.0}, "desirable_weight and undesirable_weight must be >= 0"),
+    ({"loss_type": "kto", "sft_weight": 1.0}, "sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'"),
     ({"lora_scaling": 0.0}, "lora_scaling must be > 0"),
 ])
 def test_settings_that_would_train_nothing_or_backwards_are_refused(ws, tmp_path, capsys, flags_, message):

@@ -53,6 +53,8 @@ class DPOLoRAConfig(FinetuneConfig):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing is used by loss_type sigmoid and robust only, not {self.loss_type!r}")
+        if self.sft_weight and self.loss_type == "kto":
+            raise ValueError("sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'")
         if min(self.desirable_weight, self.undesirable_weight) < 0 or not (self.desirable_weight
                                                                              or self.undesirable_weight):
             raise ValueError("desirable_weight and undesirable_weight must be >= 0, not both 0, got "

@@ -8,8 +8,9 @@ the dataset. The trainer averages the summed loss over the pairs of the whole op
 Reported metrics (per pair, train and validation): ``rewards/chosen``, ``rewards/rejected`` (β-scaled
 implicit rewards), ``rewards/accuracies`` (share of pairs with chosen reward > rejected reward),
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (policy, summed over scored tokens); KTO reports
-``kl`` (the z0 estimate), ``rewards/accuracies`` (share of examples whose reward has the sign of its label)
-and ``rewards/margins`` (the reward times +1 for desirable, -1 for undesirable).
+``kl`` (the z0 estimate), ``rewards/accuracies`` (share of examples whose reward has the sign of its label),
+``rewards/margins`` (the reward times +1 for desirable, -1 for undesirable) and ``logps/completion`` (policy,
+desirable and undesirable completions alike).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def kto_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[tor
     signed = torch.where(batch["desirable"], rewards, -rewards)
     units = num_units(batch)
     metrics = {"kl": kl * units, "rewards/accuracies": (signed > 0).float().sum(), "rewards/margins": signed.sum(),
-               "logps/chosen": policy.detach().sum()}
+               "logps/completion": policy.detach().sum()}
     return with_aux_loss(model, out.losses.sum(), units, cfg.aux_loss_weight, metrics), metrics
 
 

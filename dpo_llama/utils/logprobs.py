@@ -55,7 +55,8 @@ def sequence_logps(model, tokens: torch.Tensor, score_mask: torch.Tensor, chunk_
 
     Args:
         model: A dpo_llama model (``forward_hidden`` + ``output_logits``).
-        tokens: ``[B, T]`` token ids (padding anywhere it is not scored).
+        tokens: ``[B, T]`` right-padded token ids: the model has no attention mask, so padding before a row's
+            last real token would be attended to and shift its positions.
         score_mask: ``[B, T]`` bool, True on the tokens whose probability is scored. Position 0 has no
             predecessor and must be False. The first response token IS scored (it is predicted from the last
             prompt position) — the ancestor DPO-LLaMA dropped it.

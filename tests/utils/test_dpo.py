@@ -176,9 +176,12 @@ def test_collate_unpaired_pairs_each_prompt_with_the_next_completion():
 def test_kto_policy_equal_to_reference(model):
     """r = 0 and z0 = max(0, mean(π_KL − ref_KL)) = 0: every loss is 1 − σ(0) = 1/2, summed over 3 examples;
     no example has a reward of its label's sign."""
-    loss_sum, metrics = kto_loss(model, kto_batch(model, kto_examples()), cfg(loss_type="kto"))
+    batch = kto_batch(model, kto_examples())
+    loss_sum, metrics = kto_loss(model, batch, cfg(loss_type="kto"))
     assert loss_sum.item() == pytest.approx(1.5, abs=1e-6)
     assert float(metrics["kl"]) == 0.0 and float(metrics["rewards/accuracies"]) == 0.0
+    assert float(metrics["logps/completion"]) == pytest.approx(float(batch["ref_logps"].sum()), rel=1e-6)
+    assert "logps/chosen" not in metrics  # the completions are desirable and undesirable alike
 
 
 def test_kto_reward_signs_by_label(model):
