@@ -397,7 +397,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: the model already has LoRA layers, no layer matches the enabled switches, or
-            ``lora_moe_routed_experts`` is set on a model without routed experts.
+            ``lora_moe_routed_experts`` (``lora_moe_shared_experts``) is set on a model without routed (shared)
+            experts.
     """
     if adapted_modules(model):
         raise ValueError("the model already has LoRA layers")
@@ -406,6 +407,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     experts = routed_experts(model) if cfg.lora_moe_routed_experts else []
     if cfg.lora_moe_routed_experts and not experts:
         raise ValueError(f"lora_moe_routed_experts: this {type(model).__name__} has no routed MoE experts")
+    if cfg.lora_moe_shared_experts and "lora_moe_shared_experts" not in map(lora_switch, targets):
+        raise ValueError(f"lora_moe_shared_experts: this {type(model).__name__} has no shared MoE experts")
     if not targets and not experts:
         switches = ", ".join(LORA_TARGETS)
         raise ValueError(f"no layer of this {type(model).__name__} matches the enabled LoRA switches ({switches})")

@@ -358,6 +358,14 @@ def test_routed_expert_adapters_alone_and_on_a_model_without_experts():
         apply_lora(tiny_model(), LoRAConfig(**ROUTED))
 
 
+def test_shared_expert_adapters_on_a_model_without_them_are_refused():
+    """lora_moe_shared_experts on a dense LLaMA, beside switches that do match, is refused, not dropped."""
+    with pytest.raises(ValueError, match="this Transformer has no shared MoE experts"):
+        apply_lora(tiny_model(), LoRAConfig(lora_moe_shared_experts=True))
+    model = apply_lora(tiny_deepseek(), LoRAConfig(lora_moe_shared_experts=True))
+    assert any(".shared_experts." in name for name, _ in lora_layers(model))
+
+
 def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):
     """Meta-device load: the adapters are created where the expert weights arrive; quant_lora_4bit stores the
     adapted experts 4-bit."""
