@@ -34,6 +34,7 @@ expert slice is quantized on its own. See :func:`stored_4bit`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,9 +113,12 @@ class Packed4bit:
         return self
 
     def dequantize(self) -> torch.Tensor:
-        """The weight ``Ŵ`` (original shape) in the compute dtype."""
+        """The weight ``Ŵ`` (original shape) in the compute dtype, dequantized straight into it as
+        ``linear_4bit``'s product does (not through the original dtype, which would round it there first)."""
         from bitsandbytes.functional import dequantize_4bit
-        return dequantize_4bit(self.data, self.state).to(self.compute_dtype)
+        state = copy.copy(self.state)
+        state.dtype = self.compute_dtype
+        return dequantize_4bit(self.data, state)
 
     def __repr__(self) -> str:
         return (f"Packed4bit(shape={tuple(self.shape)}, {self.state.quant_type}, blocksize={self.state.blocksize}, "

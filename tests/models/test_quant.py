@@ -66,6 +66,19 @@ def test_packed_weight_reports_shape_dtype_and_compute_dtype():
     assert Packed4bit(packed.data, packed.state, torch.float32).dequantize().dtype == torch.float32
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_weight_is_the_one_the_layer_multiplies_with(weight_dtype, compute_dtype):
+    """``dequantize()`` + ``F.linear`` equals the layer bit for bit, also for bf16 weights computed in fp32 (the
+    product dequantizes straight into fp32; through bf16 it would round Ŵ to bf16 first). Merges rely on it."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64, bias=False).to(weight_dtype)
+    layer = Linear4bit.from_linear(linear, Quant4bitConfig(compute_dtype=compute_dtype))
+    x = torch.randn(5, 128, dtype=compute_dtype)
+    with torch.no_grad():
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.packed.dequantize()))
+
+
 def test_gradient_flows_to_the_input_only():
     """dL/dx = dL/dy · Ŵ for y = x Ŵᵀ; the 4-bit weight is frozen and holds no Parameter."""
     layer = Linear4bit.from_linear(nn.Linear(64, 32, bias=False), Quant4bitConfig(**FP32))
