@@ -100,7 +100,8 @@ def refuse_second_derivative(name: str) -> None:
 class RMSNormFunction(torch.autograd.Function):
     """``y = w * cast(x r)``, ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension (of size ``D``), computed in
     float32 (or float64 for float64 ``x``) and cast back to ``x``'s dtype before the weight multiply, as the
-    reference implementations do.
+    reference implementations do. ``w`` is used in ``x``'s dtype (a trained norm weight is float32 beside bf16
+    activations, see ``lora.widen_trained_norms``).
 
     Backward, with ``n = x r`` and ``g = cast(dL/dy * w)`` in that precision::
 
@@ -116,7 +117,7 @@ class RMSNormFunction(torch.autograd.Function):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, r)
-        return weight * (x32 * r).to(x.dtype)
+        return weight.to(x.dtype) * (x32 * r).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -125,7 +126,7 @@ class RMSNormFunction(torch.autograd.Function):
         x32 = x.to(r.dtype)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            g = (grad_y * weight).to(x.dtype).to(r.dtype)
+            g = (grad_y * weight.to(x.dtype)).to(x.dtype).to(r.dtype)
             grad_r = (g * x32).sum(-1, keepdim=True)
             grad_sq = ((-0.5 * grad_r) * r.pow(3)).expand_as(x32) / x.shape[-1]
             grad_x = (g * r + grad_sq * (2.0 * x32)).to(x.dtype)

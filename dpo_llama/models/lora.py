@@ -109,7 +109,7 @@ class LoRAConfig:
                                          "expert: E times the parameters of a dense MLP's adapters per layer (DeepSeek-"
                                          "V2-Lite, r=8: 5.3M per layer), so consider a small lora_r."})
     lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
-    train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias."})
+    train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias (for models with biases)."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
     quant_4bit: bool = field(
         default=False, metadata={"help": "Store the frozen non-LoRA linears and all routed MoE experts 4-bit "
@@ -397,8 +397,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: the model already has LoRA layers, no layer matches the enabled switches, or
-            ``lora_moe_routed_experts`` (``lora_moe_shared_experts``) is set on a model without routed (shared)
-            experts.
+            ``lora_moe_routed_experts`` (``lora_moe_shared_experts``, ``train_bias``) is set on a model without
+            routed experts (shared experts, biases).
     """
     if adapted_modules(model):
         raise ValueError("the model already has LoRA layers")
@@ -409,6 +409,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise ValueError(f"lora_moe_routed_experts: this {type(model).__name__} has no routed MoE experts")
     if cfg.lora_moe_shared_experts and "lora_moe_shared_experts" not in map(lora_switch, targets):
         raise ValueError(f"lora_moe_shared_experts: this {type(model).__name__} has no shared MoE experts")
+    if cfg.train_bias and not any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise ValueError(f"train_bias: this {type(model).__name__} has no biases")
     if not targets and not experts:
         switches = ", ".join(LORA_TARGETS)
         raise ValueError(f"no layer of this {type(model).__name__} matches the enabled LoRA switches ({switches})")
@@ -427,6 +429,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         quantize_frozen_layers(model, quant)
     model.lora_config = cfg
     mark_only_lora_trainable(model, cfg)
+    widen_trained_norms(model)
     return model
 
 
@@ -446,6 +449,16 @@ def mark_only_lora_trainable(model: nn.Module, cfg: LoRAConfig) -> None:
     """Sets ``requires_grad`` on the parameters :func:`is_trainable` selects, clears it everywhere else."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_trainable(name, cfg))
+
+
+def widen_trained_norms(model: nn.Module) -> None:
+    """Norm weights trained with ``train_norms`` become float32, like the adapters: an AdamW step of about the
+    learning rate (1e-4) is below half a bf16 ulp of a weight near 1 (2^-8 / 2), so a bf16 norm weight would
+    never change. RMSNorm multiplies with the weight in the activations' dtype, so the outputs are unchanged.
+    Call once the base weights are loaded (a checkpoint streaming into a meta-device model brings its dtype)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and is_norm(name) and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def model_lora_config(model: nn.Module) -> LoRAConfig:
@@ -666,6 +679,7 @@ def load_model_with_lora(ckpt_dir: str | os.PathLike, cfg: LoRAConfig | None = N
     if lora_dir is not None:
         check_adapter_base(lora_dir, ckpt_dir)
     model = load_model(ckpt_dir, device, dtype, prepare=lambda m: apply_lora(m, cfg))
+    widen_trained_norms(model)
     if lora_dir is not None:
         load_lora(model, lora_dir)
     return model

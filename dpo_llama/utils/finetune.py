@@ -11,7 +11,7 @@ from torch import nn
 
 from dpo_llama.models.checkpoint import DTYPES, load_model
 from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check_adapter_base, load_lora,
-                                   read_lora_config, save_lora)
+                                   read_lora_config, save_lora, widen_trained_norms)
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils.cli import parse_config
 from dpo_llama.utils.trainer import NonFiniteLossError
@@ -61,6 +61,7 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
         prepare_model(m, cfg.experts_backend, lora_cfg, cfg.experts_transposed_copy)
 
     model = load_model(cfg.pretrain_ckpt_dir, device, dtype, prepare=prepare)
+    widen_trained_norms(model)
     if lora_dir is not None:
         load_lora(model, lora_dir)
     model.activation_checkpointing = cfg.activation_checkpointing

@@ -177,14 +177,14 @@ def test_swiglu_matches_autograd_bitwise_and_keeps_two_tensors():
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                               (torch.float32, torch.float32)])
 def test_rmsnorm_function_matches_autograd_and_keeps_x_in_its_dtype(x_dtype, w_dtype):
-    """RMSNormFunction = w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): bitwise the same output and
-    gradients as autograd on those operations, keeping x and r only (no float32 copy of a bf16 x); float64
-    gradients against finite differences."""
+    """RMSNormFunction = w.to(x.dtype) * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): bitwise the
+    same output (in x's dtype, also beside a float32 trained weight) and gradients as autograd on those operations,
+    keeping x and r only (no float32 copy of a bf16 x); float64 gradients against finite differences."""
     from dpo_llama.models.llama import RMSNormFunction
 
     def reference(x, w, eps):
         x32 = x.float()
-        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return w.to(x.dtype) * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(2, 5, 64, generator=gen)).to(x_dtype)
@@ -199,6 +199,7 @@ def test_rmsnorm_function_matches_autograd_and_keeps_x_in_its_dtype(x_dtype, w_d
         results.append((y, leaves[0].grad, leaves[1].grad, {(t.dtype, t.numel()) for t in saved}))
     (y, gx, gw, saved), (y_ref, gx_ref, gw_ref, saved_ref) = results
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
+    assert y.dtype == x_dtype and gw.dtype == w_dtype
     assert (torch.float32, x.numel()) not in saved or x_dtype == torch.float32
     assert x_dtype == torch.float32 or (torch.float32, x.numel()) in saved_ref
     x64, w64 = torch.randn(3, 7, dtype=torch.float64).requires_grad_(), torch.randn(7, dtype=torch.float64)

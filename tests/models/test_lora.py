@@ -359,9 +359,12 @@ def test_routed_expert_adapters_alone_and_on_a_model_without_experts():
 
 
 def test_shared_expert_adapters_on_a_model_without_them_are_refused():
-    """lora_moe_shared_experts on a dense LLaMA, beside switches that do match, is refused, not dropped."""
+    """lora_moe_shared_experts on a dense LLaMA, beside switches that do match, is refused, not dropped; so is
+    train_bias on a model without biases (LLaMA and DeepSeek have none)."""
     with pytest.raises(ValueError, match="this Transformer has no shared MoE experts"):
         apply_lora(tiny_model(), LoRAConfig(lora_moe_shared_experts=True))
+    with pytest.raises(ValueError, match="train_bias: this Transformer has no biases"):
+        apply_lora(tiny_model(), LoRAConfig(train_bias=True))
     model = apply_lora(tiny_deepseek(), LoRAConfig(lora_moe_shared_experts=True))
     assert any(".shared_experts." in name for name, _ in lora_layers(model))
 

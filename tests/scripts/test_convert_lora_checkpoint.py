@@ -71,6 +71,23 @@ def test_merged_checkpoint_reproduces_the_lora_model(base_dir, tmp_path, capsys)
                                atol=1e-6, rtol=0)
 
 
+def test_bf16_model_trains_float32_norms_and_merges_them(base_dir, tmp_path):
+    """With bf16 base weights the trained norms are float32 like the adapters (a bf16 weight near 1 would round
+    away AdamW's ~lr steps), are saved so and reload so; the bf16 merge computes what the LoRA model did."""
+    cfg = LoRAConfig(**MLP_AND_ATTN, train_norms=True)
+    model = load_model_with_lora(base_dir, cfg, dtype=torch.bfloat16)
+    assert model.norm.weight.dtype == torch.float32 and model.norm.weight.requires_grad
+    assert model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and not model.embed_tokens.weight.requires_grad
+    with torch.no_grad():
+        model.norm.weight.add_(1e-4)  # one AdamW step's worth: lost in bf16 (ulp 2^-7 near 1)
+    save_lora(model, tmp_path / "adapter", cfg, {})
+    reloaded = load_model_with_lora(base_dir, dtype=torch.bfloat16, lora_dir=tmp_path / "adapter")
+    assert torch.equal(reloaded.norm.weight, model.norm.weight)
+    assert run(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", "bf16") == 0
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(model), atol=0, rtol=0)
+
+
 def test_4bit_adapter_merges_into_the_model_it_trained(base_dir, tmp_path, capsys):
     """The merged weights are Ŵ + s·B A (LoRA layers) and Ŵ (other 4-bit layers), so the plain merged model
     computes what the 4-bit LoRA model computed — and differs from merging into the unquantized W."""
