@@ -109,7 +109,8 @@ class LoRAConfig:
                                          "expert: E times the parameters of a dense MLP's adapters per layer (DeepSeek-"
                                          "V2-Lite, r=8: 5.3M per layer), so consider a small lora_r."})
     lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
-    train_bias: bool = field(default=False, metadata={"help": "Also train (and save) every bias (for models with biases)."})
+    train_bias: bool = field(
+        default=False, metadata={"help": "Also train (and save) every bias (for models with biases)."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
     quant_4bit: bool = field(
         default=False, metadata={"help": "Store the frozen non-LoRA linears and all routed MoE experts 4-bit "
