@@ -323,8 +323,9 @@ class DeepseekMoE(nn.Module):
         return scores, topk_ids, routing_weights(topk_scores, a.norm_topk_prob, a.routed_scaling_factor)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``(y [B, T, H], aux_loss or None)`` for ``x`` ``[B, T, H]``; ``valid`` ``[B, T]`` marks the real
-        (unpadded) tokens that the balancing loss counts (default: all)."""
+        """Returns ``(y [B, T, H], aux_loss or None)`` for ``x`` ``[B, T, H]``: the balancing loss per sequence
+        ``[B]`` (``seq_aux``) or of the batch (a scalar); ``valid`` ``[B, T]`` marks the real (unpadded) tokens it
+        counts (default: all)."""
         bsz, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)
         scores, topk_ids, topk_weights = self.route(flat)
@@ -393,15 +394,21 @@ class DeepseekTransformer(DecoderLM):
                 self.last_aux_losses.append(aux)
         return h
 
-    def aux_loss(self) -> torch.Tensor:
+    def aux_loss(self, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over MoE layers of the balancing losses of the latest forward pass (0 in eval / when disabled).
+
+        Without ``row_weights`` the mean over the batch's sequences (DeepSeek's loss); with ``row_weights``
+        ``[B]`` the weighted sum ``sum_b w_b aux_b`` (SFT weights each sequence by its target tokens, so that
+        gradient accumulation gives what one batch gives). The batch-level loss (``seq_aux=False``) is one value
+        for the whole batch: ``aux · sum_b w_b``.
 
         Add it to the training loss after each forward, ``loss = task_loss + model.aux_loss()``: the next
         forward pass replaces it.
         """
         if not self.last_aux_losses:
             return torch.zeros((), device=self.embed_tokens.weight.device)
-        return torch.stack(self.last_aux_losses).sum()
+        aux = torch.stack(self.last_aux_losses).sum(dim=0)
+        return aux.mean() if row_weights is None else (aux * row_weights).sum()
 
     def moe_layers(self) -> list[DeepseekMoE]:
         """The MoE feed-forward modules (e.g. to freeze or quantize their experts)."""

@@ -113,13 +113,16 @@ def routing_weights(topk_scores: torch.Tensor, norm_topk_prob: bool, routed_scal
 
 def sequence_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float,
                       valid: torch.Tensor | None = None) -> torch.Tensor:
-    """DeepSeek's sequence-level load-balancing loss (``seq_aux=True``).
+    """DeepSeek's sequence-level load-balancing loss (``seq_aux=True``), per sequence ``[B]``.
 
     For each sequence ``b`` of ``T_b`` real (unpadded) tokens with ``k`` experts per token among ``E``:
 
         ce_{b,i}  = count_{b,i} / (T_b k / E)        # how often expert i was chosen, 1 = perfectly balanced
         P_{b,i}   = mean_t s_{b,t,i}                  # mean router probability of expert i
-        aux       = alpha * mean_b sum_i ce_{b,i} P_{b,i}
+        aux_b     = alpha * sum_i ce_{b,i} P_{b,i}
+
+    DeepSeek's loss is their mean over the batch; kept per sequence, a training step can weight them by what
+    each sequence counts for in its loss, which no split into micro-batches changes.
 
     Padding is left out of the counts and means: every pad position holds the same token, routed to the same
     experts, so counting it would penalise those experts by how much the batch happens to be padded.
@@ -141,7 +144,7 @@ def sequence_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float
     counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(1, ids, ones)
     ce = counts / (tokens[:, None] * topk_ids.shape[-1] / n_experts)
     mean_scores = (scores * weight[:, :, None]).sum(dim=1) / tokens[:, None]
-    return alpha * (ce * mean_scores).sum(dim=1).mean()
+    return alpha * (ce * mean_scores).sum(dim=1)
 
 
 def batch_aux_loss(scores: torch.Tensor, topk_ids: torch.Tensor, alpha: float,

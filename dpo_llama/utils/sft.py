@@ -76,15 +76,17 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], aux_loss_weight: 
     """Summed NLL of the masked tokens (the trainer divides by the step's target-token count).
 
     For MoE models the router's load-balancing loss (already scaled by its alpha) is added once per target
-    token, so that after the trainer's division it enters the step loss with weight ``aux_loss_weight``.
+    token of each sequence, ``aux_loss_weight · sum_b n_b aux_b``, so that after the trainer's division it enters
+    the step loss as the token-weighted mean of the sequences' losses, with weight ``aux_loss_weight``, however
+    the step is split into micro-batches (the batch-level loss, ``seq_aux=False``, depends on the split).
     """
     logps, counts = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch.get("lengths"))
     loss_sum = -logps.sum()
     metrics = {}
-    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
-    if aux is not None and aux_loss_weight > 0:
-        loss_sum = loss_sum + aux_loss_weight * aux * counts.sum()
-        metrics["aux_loss"] = aux.detach() * counts.sum()
+    if hasattr(model, "aux_loss") and aux_loss_weight > 0:
+        aux = model.aux_loss(counts.to(logps.dtype))
+        loss_sum = loss_sum + aux_loss_weight * aux
+        metrics["aux_loss"] = aux.detach()
     return loss_sum, metrics
 
 

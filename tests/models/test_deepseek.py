@@ -311,7 +311,9 @@ def test_aux_loss_is_the_sum_over_moe_layers_of_the_latest_training_forward():
     for moe, x in inputs:
         scores, ids, _ = moe.route(x.reshape(-1, 64))
         expected = expected + sequence_aux_loss(scores.view(2, 9, -1), ids.view(2, 9, -1), 0.1)
-    torch.testing.assert_close(model.aux_loss(), expected)
+    torch.testing.assert_close(model.aux_loss(), expected.mean())
+    weights = torch.tensor([3.0, 5.0])
+    torch.testing.assert_close(model.aux_loss(weights), 3.0 * expected[0] + 5.0 * expected[1])
     model.eval()
     model(tokens)
     assert model.aux_loss().item() == 0  # reset by the next forward; not computed in eval mode

@@ -75,9 +75,11 @@ def test_sequence_aux_loss_hand_example():
     """E = 2, k = 1, T = 2, so ce = count / (T k / E) = count.
 
     Sequence 0: counts (2, 0), mean scores (0.65, 0.35): sum_i ce_i P_i = 1.3.
-    Sequence 1: counts (1, 1), mean scores (0.35, 0.65): 1.0.  aux = alpha * (1.3 + 1.0) / 2 = 1.15 alpha.
+    Sequence 1: counts (1, 1), mean scores (0.35, 0.65): 1.0.  aux_b = alpha * (1.3, 1.0); their mean, DeepSeek's
+    loss, is 1.15 alpha.
     """
-    assert sequence_aux_loss(SCORES, IDS, 0.01).item() == pytest.approx(0.0115)
+    assert sequence_aux_loss(SCORES, IDS, 0.01).tolist() == pytest.approx([0.013, 0.010])
+    assert sequence_aux_loss(SCORES, IDS, 0.01).mean().item() == pytest.approx(0.0115)
 
 
 def test_batch_aux_loss_hand_example():
@@ -91,15 +93,15 @@ def test_aux_losses_leave_padding_out():
     scores = torch.cat([SCORES, torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]]])], dim=1)
     ids = torch.cat([IDS, torch.zeros(2, 1, 1, dtype=torch.long)], dim=1)
     valid = torch.tensor([[True, True, False], [True, True, False]])
-    assert sequence_aux_loss(scores, ids, 0.01, valid).item() == pytest.approx(0.0115)
-    assert sequence_aux_loss(scores, ids, 0.01).item() != pytest.approx(0.0115)
+    assert sequence_aux_loss(scores, ids, 0.01, valid).tolist() == pytest.approx([0.013, 0.010])
+    assert sequence_aux_loss(scores, ids, 0.01).mean().item() != pytest.approx(0.0115)
     assert batch_aux_loss(scores.view(6, 2), ids.view(6, 1), 0.01, valid.view(6)).item() == pytest.approx(0.01)
 
 
 def test_aux_loss_gradient_flows_through_scores_only():
     """d aux / d P_{b,i} = alpha * ce_{b,i} / B, spread evenly over the T tokens: d / d s_{b,t,i} = alpha ce / (B T)."""
     scores = SCORES.clone().requires_grad_()
-    sequence_aux_loss(scores, IDS, 1.0).backward()
+    sequence_aux_loss(scores, IDS, 1.0).mean().backward()
     ce = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     torch.testing.assert_close(scores.grad, (ce / 4)[:, None, :].expand(2, 2, 2))
 

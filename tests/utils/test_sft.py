@@ -149,18 +149,44 @@ def test_accumulation_of_single_examples_equals_one_batch(model):
 
 
 def test_moe_aux_loss_is_added_once_per_target_token():
-    """loss_sum(weight w) = NLL_sum + w · aux · N, so after the trainer's division by N the step loss is
-    NLL + w · aux; the metric aux_loss = aux · N likewise averages to aux."""
+    """loss_sum(weight w) = NLL_sum + w · Σ_b n_b aux_b (n_b = the sequence's target tokens), so after the
+    trainer's division by N = Σ n_b the step loss is NLL + w · (token-weighted mean aux); the metric aux_loss
+    = Σ_b n_b aux_b likewise averages to it."""
     torch.manual_seed(0)
     model = DeepseekTransformer(get_preset("tiny-deepseek-v2", vocab_size=64)).train()
     batch = collate_sft(examples_with_target_counts([3, 6]), pad_id=0)
-    n = target_tokens(batch)
     plain, plain_metrics = sft_loss(model, batch, aux_loss_weight=0.0)
     weighted, metrics = sft_loss(model, batch, aux_loss_weight=2.0)
-    aux = model.aux_loss().detach()
-    assert aux > 0 and plain_metrics == {}
-    torch.testing.assert_close(metrics["aux_loss"], aux * n)
-    torch.testing.assert_close(weighted.detach(), plain.detach() + 2.0 * aux * n)
+    per_sequence = torch.stack(model.last_aux_losses).sum(0).detach()
+    expected = 3 * per_sequence[0] + 6 * per_sequence[1]
+    assert per_sequence.shape == (2,) and (per_sequence > 0).all() and plain_metrics == {}
+    torch.testing.assert_close(metrics["aux_loss"], expected)
+    torch.testing.assert_close(weighted.detach(), plain.detach() + 2.0 * expected)
+
+
+def step_gradients(model, examples, micro_batch_size: int, aux_loss_weight: float) -> list[torch.Tensor]:
+    """Gradients of one trainer step over ``examples``: each micro-batch back-propagates loss_sum / N."""
+    model.zero_grad()
+    batches = [collate_sft(examples[i:i + micro_batch_size], pad_id=0)
+               for i in range(0, len(examples), micro_batch_size)]
+    total = sum(target_tokens(batch) for batch in batches)
+    for batch in batches:
+        (sft_loss(model, batch, aux_loss_weight)[0] / total).backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_moe_aux_loss_accumulates_exactly():
+    """4 micro-batches of 1 give the gradients of 1 batch of 4, the balancing loss included (each sequence's loss
+    weighted by its target tokens 1, 8, 2, 15 in both); weighting each micro-batch's mean by its tokens did not."""
+    torch.manual_seed(0)
+    model = DeepseekTransformer(get_preset("tiny-deepseek-v2", vocab_size=64, aux_loss_alpha=1.0)).train()
+    examples = examples_with_target_counts([1, 8, 2, 15])
+    one_batch = step_gradients(model, examples, 4, aux_loss_weight=1.0)
+    accumulated = step_gradients(model, examples, 1, aux_loss_weight=1.0)
+    nll_only = step_gradients(model, examples, 4, aux_loss_weight=0.0)
+    for g_one, g_acc, g_nll in zip(one_batch, accumulated, nll_only):
+        torch.testing.assert_close(g_acc, g_one, atol=1e-6, rtol=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(one_batch, nll_only)) > 1e-3  # the aux term counts
 
 
 def test_perplexity_is_exp_of_the_loss():
