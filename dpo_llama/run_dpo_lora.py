@@ -24,8 +24,8 @@ from dpo_llama.configs.dpo_lora import DPOLoRAConfig
 from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
-from dpo_llama.utils.dpo import (PLOTS, batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss,
-                                 num_units, paired_loss, reference_check)
+from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
+                                 example_length, kto_loss, num_units, paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, load_policy, resolve_dtype,
                                       run_main, trainable_summary)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
@@ -92,9 +92,10 @@ def run(cfg: DPOLoRAConfig):
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
     model = load_policy(cfg, device, lora_dir, base_sha256)
     verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device, base_sha256)
+    prepare_step = None
     if cfg.loss_type == "kto":
         collate = partial(collate_unpaired, pad_id=tokenizer.pad_id, max_seq_len=meta["max_seq_len"])
-        loss_fn = partial(kto_loss, cfg=cfg)
+        loss_fn, prepare_step = partial(kto_loss, cfg=cfg), add_step_kl_logps
     else:
         collate, loss_fn = partial(collate_pairs, pad_id=tokenizer.pad_id), partial(paired_loss, cfg=cfg)
     resuming = cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None
@@ -105,7 +106,7 @@ def run(cfg: DPOLoRAConfig):
                                                                         train_data_dir=cfg.train_data_dir))
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
                  load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,
-                 example_length=example_length, plots=PLOTS)
+                 example_length=example_length, prepare_step=prepare_step, plots=PLOTS)
 
 
 def main(argv=None) -> int:

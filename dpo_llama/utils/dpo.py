@@ -113,13 +113,36 @@ def paired_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[
     return with_aux_loss(model, out.losses.sum(), num_units(batch), cfg.aux_loss_weight, metrics), metrics
 
 
+@torch.no_grad()
+def kl_logps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy and reference log-probs of the mismatched (KL) pairs of ``batches``; no gradient (as in TRL)."""
+    policy = torch.cat([sequence_logps(model, batch["kl_tokens"], batch["kl_mask"],
+                                       lengths=batch.get("kl_lengths"))[0] for batch in batches])
+    return policy, torch.cat([batch["ref_kl_logps"] for batch in batches])
+
+
+def add_step_kl_logps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+    """KTO's reference point over a whole optimizer step (the trainer's ``prepare_step``).
+
+    Gives every micro-batch the log-probs of ALL the step's mismatched pairs (``step_kl_logps``,
+    ``step_ref_kl_logps``), so z0 is one estimate over the step and N micro-batches train as one batch of their
+    union would; per micro-batch, z0 would come from fewer pairs (from a single pair at micro-batch size 1).
+    """
+    policy, reference = kl_logps(model, batches)
+    for batch in batches:
+        batch["step_kl_logps"], batch["step_ref_kl_logps"] = policy, reference
+
+
 def kto_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict]:
-    """Summed KTO loss of an unpaired batch; the policy's KL-pair log-probs carry no gradient (as in TRL)."""
-    with torch.no_grad():
-        policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"], lengths=batch.get("kl_lengths"))[0]
+    """Summed KTO loss of an unpaired batch, with z0 from the step's mismatched pairs (:func:`add_step_kl_logps`)
+    or, without them (validation), from the batch's own."""
+    if "step_kl_logps" in batch:
+        policy_kl, ref_kl = batch["step_kl_logps"], batch["step_ref_kl_logps"]
+    else:
+        policy_kl, ref_kl = kl_logps(model, [batch])
     policy, _ = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch.get("lengths"))
     logps = KTOLogps(policy_logps=policy, ref_logps=batch["ref_logps"], is_desirable=batch["desirable"],
-                     policy_kl_logps=policy_kl, ref_kl_logps=batch["ref_kl_logps"])
+                     policy_kl_logps=policy_kl, ref_kl_logps=ref_kl)
     out, kl = kto_batch_loss(logps, cfg)
     rewards = cfg.beta * (policy.detach() - batch["ref_logps"])
     signed = torch.where(batch["desirable"], rewards, -rewards)
@@ -145,8 +168,8 @@ def reference_check(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> di
         if "desirable" in batch:
             rewards = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch["lengths"])[0] \
                 - batch["ref_logps"]
-            policy_kl = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"], lengths=batch["kl_lengths"])[0]
-            diff = torch.cat([rewards, policy_kl - batch["ref_kl_logps"]])
+            policy_kl, ref_kl = kl_logps(model, [batch])
+            diff = torch.cat([rewards, policy_kl - ref_kl])
             result = {"examples": len(rewards)}
         else:
             logps = policy_logps(model, batch)

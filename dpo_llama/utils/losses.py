@@ -455,7 +455,8 @@ class KTOLogps:
         policy_logps: Policy log-probs of each completion (with grad).
         ref_logps: Reference log-probs of each completion.
         is_desirable: Bool, True for desirable examples.
-        policy_kl_logps: Policy log-probs of mismatched (prompt i, completion j ≠ i) pairs.
+        policy_kl_logps: Policy log-probs of mismatched (prompt i, completion j ≠ i) pairs: the batch's, or
+            those of a whole optimizer step of several micro-batches (any length).
         ref_kl_logps: Reference log-probs of the same mismatched pairs.
     """
 

@@ -16,7 +16,9 @@ computes W = sum_i w_i and back-propagates each L_i / W, so the accumulated grad
 
 exactly what one batch holding all N micro-batches gives. (Dividing each micro-batch by N,
 as the ancestor DPO-LLaMA did, over-weights units in short micro-batches.) Reported metrics
-are likewise ``sum_i metric_sum_i / W``.
+are likewise ``sum_i metric_sum_i / W``. A loss that also depends on a statistic of the whole batch
+(KTO's reference point) gets it from an optional ``prepare_step(model, batches)``, which sees all N
+micro-batches (on the device) before their forward passes and may add step-wide values to them.
 
 Each run writes ``<ckpt_dir>/step-000123/`` checkpoints (trainable weights,
 ``trainer_state.pt``, ``config.json``) and TensorBoard/jsonl/PNG logs to ``<log_dir>/<run_name>/``.
@@ -416,6 +418,7 @@ class Trainer:
         val_postprocess: Callable[[dict[str, float]], dict[str, float]] | None = None,
         batch_tokens: Callable[[Batch], int] | None = None,
         example_length: Callable[[Any], int] | None = None,
+        prepare_step: Callable[[nn.Module, list[Batch]], None] | None = None,
     ) -> None:
         if cfg.group_by_length and example_length is None:
             raise ValueError("group_by_length=True needs an example_length callable")
@@ -433,6 +436,7 @@ class Trainer:
         self.val_set = val_set
         self.val_postprocess = val_postprocess
         self.batch_tokens = batch_tokens
+        self.prepare_step = prepare_step
         self.device = resolve_device(cfg.device)
         set_seed(cfg.seed)
         self.optimizer = build_optimizer(cfg, model)
@@ -487,9 +491,13 @@ class Trainer:
         if weight <= 0:
             raise ValueError(f"step {self.step}: batch_weight summed to {weight}; a step needs at least one unit")
         sums: dict[str, Any] = {}
+        batches = [to_device(batch, self.device) for batch in batches]
+        if self.prepare_step is not None:
+            with autocast_context(self.device, self.cfg.mixed_precision):
+                self.prepare_step(self.model, batches)
         for batch in batches:
             with autocast_context(self.device, self.cfg.mixed_precision):
-                loss_sum, metric_sums = self.loss_fn(self.model, to_device(batch, self.device))
+                loss_sum, metric_sums = self.loss_fn(self.model, batch)
             (loss_sum / weight).backward()
             _add_sums(sums, {"loss": loss_sum, **metric_sums})
         metrics = {name: float(value) / weight for name, value in sums.items()}
@@ -630,6 +638,7 @@ def train(
     val_postprocess: Callable[[dict[str, float]], dict[str, float]] | None = None,
     batch_tokens: Callable[[Batch], int] | None = None,
     example_length: Callable[[Any], int] | None = None,
+    prepare_step: Callable[[nn.Module, list[Batch]], None] | None = None,
     plots: Sequence[PlotSpec] = DEFAULT_PLOTS,
 ) -> TrainResult:
     """Train ``model`` on ``train_set``; see the module docstring for the callables' contracts.
@@ -649,6 +658,8 @@ def train(
         val_postprocess: ``metrics -> metrics`` applied to validation results (e.g. perplexity).
         batch_tokens: ``batch -> tokens processed``, for the ``tokens_per_sec`` metric.
         example_length: ``example -> length``, required when ``cfg.group_by_length``.
+        prepare_step: ``(model, batches)``, called in training mode with a step's micro-batches (on the device)
+            before their forward passes; may add step-wide values to them (see the module docstring).
         plots: ``(title, tags)`` specs of the PNG plots written at the end.
 
     Raises:
@@ -659,5 +670,6 @@ def train(
         cfg, model, train_set, collate, loss_fn, batch_weight,
         save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set,
         val_postprocess=val_postprocess, batch_tokens=batch_tokens, example_length=example_length,
+        prepare_step=prepare_step,
     )
     return trainer.run(plots)

@@ -14,8 +14,8 @@ import torch
 from dpo_llama.models.deepseek import DeepseekTransformer
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.presets import get_preset
-from dpo_llama.utils.dpo import (batch_tokens, collate_pairs, collate_unpaired, example_length, kto_loss, num_units,
-                                 paired_loss, policy_logps, reference_check, with_aux_loss)
+from dpo_llama.utils.dpo import (add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired, example_length,
+                                 kto_loss, num_units, paired_loss, policy_logps, reference_check, with_aux_loss)
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_data import add_kl_pairs
 
@@ -212,6 +212,38 @@ def test_reference_check_on_kto_compares_completions_and_kl_completions(model):
     off = reference_check(model, batch, cfg(loss_type="kto"))
     assert off["max_abs_logp_diff"] == pytest.approx(0.4, rel=1e-4)
     assert off["mean_abs_reward"] == pytest.approx(0.5 * 0.4 / 3, rel=1e-4)
+
+
+def kto_step_gradients(model, examples, micro_batch_size: int) -> tuple[torch.Tensor, list[float]]:
+    """The gradient of one trainer step over ``examples`` (add_step_kl_logps as prepare_step, each micro-batch
+    back-propagating loss_sum / units) and the z0 each micro-batch used. References: the model's own minus
+    1, 2, 3 on the KL pairs (pair estimates 1, 2, 3) and minus 0.5 on the completions."""
+    model.zero_grad()
+    batches = []
+    for i in range(0, len(examples), micro_batch_size):
+        batch = kto_batch(model, examples[i:i + micro_batch_size])
+        batch["ref_kl_logps"] = batch["ref_kl_logps"] - torch.arange(i + 1.0, i + 1.0 + len(batch["ref_kl_logps"]))
+        batch["ref_logps"] = batch["ref_logps"] - 0.5
+        batches.append(batch)
+    add_step_kl_logps(model, batches)
+    z0 = []
+    for batch in batches:
+        loss_sum, metrics = kto_loss(model, batch, cfg(loss_type="kto"))
+        (loss_sum / len(examples)).backward()
+        z0.append(float(metrics["kl"]) / num_units(batch))
+    return model.lm_head.weight.grad.clone(), z0
+
+
+def test_kto_accumulation_uses_the_steps_reference_point():
+    """3 micro-batches of 1 give the gradient of 1 batch of 3: every micro-batch uses z0 = mean(1, 2, 3) = 2 of
+    the whole step, where its own pair alone would give 1, 2 or 3."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=64))
+    one_grad, one_z0 = kto_step_gradients(model, kto_examples(), 3)
+    acc_grad, acc_z0 = kto_step_gradients(model, kto_examples(), 1)
+    assert one_z0 == pytest.approx([2.0], abs=1e-4) and acc_z0 == pytest.approx([2.0] * 3, abs=1e-4)
+    torch.testing.assert_close(acc_grad, one_grad, atol=1e-7, rtol=1e-5)
+    assert one_grad.abs().max() > 1e-4
 
 
 def test_moe_aux_loss_is_added_once_per_pair():

@@ -169,6 +169,25 @@ def test_accumulation_equals_one_batch_with_token_weights(tmp_path):
     assert result_acc.history[0]["train/loss"] == pytest.approx(result_one.history[0]["train/loss"], rel=1e-6)
 
 
+def test_prepare_step_sees_all_micro_batches_before_their_forward_passes(tmp_path):
+    """prepare_step gets each step's N = 3 micro-batches, in training mode, before any of their losses; what it
+    adds to them (here the step's token count) reaches loss_fn."""
+    calls = []
+
+    def prepare_step(model, batches):
+        calls.append((len(batches), model.training))
+        for batch in batches:
+            batch["step_tokens"] = sum(int(b["mask"].sum()) for b in batches)
+
+    def checked_loss(model, batch):
+        assert batch["step_tokens"] >= batch["mask"].sum()
+        return loss_fn(model, batch)
+
+    run(make_cfg(tmp_path, max_train_steps=2, micro_batch_size=1, gradient_accumulation_steps=3), ToyModel(seed=0),
+        make_dataset([1, 2, 3, 4]), loss=checked_loss, prepare_step=prepare_step)
+    assert calls == [(3, True), (3, True)]
+
+
 def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
     """lr = 0.5, W = 3, T = 10, r = 0.1.
 
