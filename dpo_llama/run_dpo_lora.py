@@ -26,8 +26,8 @@ from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
-from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, load_policy, resolve_dtype,
-                                      run_main, trainable_summary)
+from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, input_fingerprints, load_policy,
+                                      resolve_dtype, run_main, trainable_summary)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
 from dpo_llama.utils.trainer import (autocast_context, autocast_name, latest_checkpoint, resolve_device, to_device,
@@ -106,7 +106,8 @@ def run(cfg: DPOLoRAConfig):
                                                                         train_data_dir=cfg.train_data_dir))
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
                  load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,
-                 example_length=example_length, prepare_step=prepare_step, plots=PLOTS)
+                 example_length=example_length, prepare_step=prepare_step,
+                 input_fingerprints=input_fingerprints(cfg, base_sha256), plots=PLOTS)
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,11 @@ import sys
 from functools import partial
 
 from dpo_llama.configs.sft_lora import SFTLoRAConfig
+from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
-from dpo_llama.utils.finetune import adapter_callbacks, check_tokenizer, load_policy, run_main, trainable_summary
+from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, input_fingerprints, load_policy, run_main,
+                                      trainable_summary)
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
 from dpo_llama.utils.trainer import resolve_device, train
 
@@ -33,12 +35,14 @@ def run(cfg: SFTLoRAConfig):
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     model = load_policy(cfg, device)
     print(f"SFT on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
-    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir))
+    base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter's record and the resume check
+    save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir, base_sha256))
     return train(cfg, model, train_set, partial(collate_sft, pad_id=tokenizer.pad_id),
                  partial(sft_loss, aux_loss_weight=cfg.aux_loss_weight), target_tokens,
                  save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set or None,
                  val_postprocess=add_perplexity, batch_tokens=batch_tokens,
-                 example_length=lambda example: len(example["tokens"]), plots=PLOTS)
+                 example_length=lambda example: len(example["tokens"]),
+                 input_fingerprints=input_fingerprints(cfg, base_sha256), plots=PLOTS)
 
 
 def main(argv=None) -> int:

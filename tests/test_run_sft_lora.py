@@ -149,6 +149,27 @@ def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatc
                         read_history(tmp_path / "whole" / "logs" / "run"))
 
 
+def test_resume_on_a_rebuilt_dataset_or_changed_base_is_refused(workspace, tmp_path, capsys):
+    """The same --train-data-dir rebuilt from other rows, or other weights at the same --pretrain-ckpt-dir:
+    --resume refuses rather than continue its sampler's position in other data or its adapter on another base."""
+    data, base = tmp_path / "data", tmp_path / "base"
+    assert build_sft(flags(input=workspace["rows"], tokenizer=workspace["tokenizer"], template="llama2",
+                           output=data, val_ratio=0.25)) == 0
+    tiny_llama(base, workspace["tokenizer"])
+    argv = dict(train_data_dir=data, pretrain_ckpt_dir=base, max_train_steps=1, ckpt_interval=1)
+    assert run_sft(sft_argv(workspace, tmp_path / "run", **argv)) == 0
+    assert build_sft(flags(input=workspace["rows"], tokenizer=workspace["tokenizer"], template="llama2",
+                           output=data, val_ratio=0.25, max_samples=10)) == 0
+    assert run_sft(sft_argv(workspace, tmp_path / "run", **{**argv, "max_train_steps": 2}, resume=True)) == 1
+    assert "dataset (train_data_dir): changed" in capsys.readouterr().err
+    assert build_sft(flags(input=workspace["rows"], tokenizer=workspace["tokenizer"], template="llama2",
+                           output=data, val_ratio=0.25)) == 0
+    tiny_llama(base, workspace["tokenizer"], seed=1)
+    assert run_sft(sft_argv(workspace, tmp_path / "run", **{**argv, "max_train_steps": 2}, resume=True)) == 1
+    err = capsys.readouterr().err
+    assert "base weights (pretrain_ckpt_dir): changed" in err and "dataset" not in err
+
+
 def test_finished_run_extended_with_resume_continues_the_same_sequence(workspace, tmp_path):
     """Constant learning rate (no warmup, min_lr_ratio 1): 4 steps, then --max-train-steps 7 --resume true,
     equals one 7-step run. (With a cosine schedule the two runs would differ by design: the schedule

@@ -23,9 +23,10 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -58,12 +59,20 @@ def model_classes(model_type: str) -> tuple[type, type]:
     raise ValueError(f"unsupported model_type {model_type!r} (supported: 'llama', 'deepseek', 'deepseek_v2')")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON file ``path``; a ``ValueError`` naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
 def read_params(ckpt_dir: str | os.PathLike):
     """Reads ``params.json`` of a checkpoint directory into the matching args dataclass."""
     path = Path(ckpt_dir) / PARAMS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a dpo_llama checkpoint directory?")
-    params = json.loads(path.read_text())
+    params = read_json(path)
     args_cls, _ = model_classes(params.get("model_type", "llama"))
     return args_cls.from_dict(params)
 
@@ -72,7 +81,7 @@ def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint, in index order."""
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / INDEX_FILE).is_file():
-        weight_map = json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"]
+        weight_map = read_json(ckpt_dir / INDEX_FILE)["weight_map"]
         return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         return [ckpt_dir / WEIGHTS_FILE]
@@ -83,16 +92,20 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
     """Yields ``(key, tensor)`` pairs one tensor at a time from safetensors files.
 
     Raises:
-        ValueError: a key stored in two of the files (which copy would win is not defined).
+        ValueError: a file is not readable safetensors (truncated, say), or a key is stored in two of the files
+            (which copy would win is not defined).
     """
     seen: dict[str, str] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key in seen:
-                    raise ValueError(f"weight {key!r} is stored in both {seen[key]} and {path.name}")
-                seen[key] = path.name
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in seen:
+                        raise ValueError(f"weight {key!r} is stored in both {seen[key]} and {path.name}")
+                    seen[key] = path.name
+                    yield key, f.get_tensor(key)
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor, device: str | torch.device = "cpu") -> None:
@@ -287,15 +300,20 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer_files: Se
     return save_checkpoint(out_dir, model.args, tensors(), tokenizer_files)
 
 
-def checkpoint_fingerprint(ckpt_dir: str | os.PathLike, chunk_bytes: int = 16 * 1024**2) -> str:
-    """SHA-256 over ``params.json`` and every weight file of a checkpoint (streamed, constant memory)."""
+def files_sha256(paths: Sequence[str | os.PathLike], chunk_bytes: int = 16 * 1024**2) -> str:
+    """SHA-256 over the names and contents of ``paths`` in order (streamed, constant memory)."""
     digest = hashlib.sha256()
-    for path in [Path(ckpt_dir) / PARAMS_FILE, *weight_files(ckpt_dir)]:
+    for path in map(Path, paths):
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(chunk_bytes):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike, chunk_bytes: int = 16 * 1024**2) -> str:
+    """SHA-256 over ``params.json`` and every weight file of a checkpoint (streamed, constant memory)."""
+    return files_sha256([Path(ckpt_dir) / PARAMS_FILE, *weight_files(ckpt_dir)], chunk_bytes)
 
 
 def format_summary(summary: dict) -> str:

@@ -13,7 +13,7 @@ Meta's weights already use the interleaved rotary layout our model uses: no perm
 
 from __future__ import annotations
 
-import json
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import expected_shapes
+from dpo_llama.models.checkpoint import expected_shapes, read_json
 from dpo_llama.models.llama import ModelArgs
 from dpo_llama.models.presets import LLAMA31_SCALING
 
@@ -106,12 +106,20 @@ def load_meta(meta_dir: str | Path, max_seq_len: int | None = None) -> tuple[Mod
     params_path = Path(meta_dir) / "params.json"
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path} not found: not a Meta checkpoint directory")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files(meta_dir)]
-    params = json.loads(params_path.read_text())
+    shards = [load_shard(path) for path in shard_files(meta_dir)]
+    params = read_json(params_path)
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:
         vocab_size = embedding_rows([shard["tok_embeddings.weight"] for shard in shards], params["dim"])
     return meta_args(params, vocab_size, max_seq_len), shards
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-maps one ``consolidated.NN.pth`` (tensors only, ``weights_only``)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
 
 
 def embedding_rows(pieces: list[torch.Tensor], dim: int) -> int:

@@ -50,7 +50,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, t
     Returns:
         The newly generated token ids (the prompt is not repeated).
     """
-    if not prompt_ids:
+    if len(prompt_ids) == 0:
         raise ValueError("generate() needs a non-empty prompt")
     if len(prompt_ids) >= model.args.max_seq_len:
         raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room below "

@@ -59,7 +59,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model
+from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model, read_json
 from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantize_4bit, replace_linears_4bit)
@@ -522,8 +522,8 @@ def read_lora_config(lora_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str,
     path = Path(lora_dir) / LORA_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {lora_dir} a LoRA adapter directory?")
-    content = json.loads(path.read_text())
-    if "lora" not in content or "base" not in content:
+    content = read_json(path)
+    if not isinstance(content, dict) or "lora" not in content or "base" not in content:
         raise ValueError(f"{path} lacks the 'lora' or 'base' section")
     return LoRAConfig.from_dict(content["lora"]), content["base"]
 

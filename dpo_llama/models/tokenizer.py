@@ -23,8 +23,9 @@ Which file is used:
 Round trip: ``decode(encode(text)) == text`` for any text with a byte-level BPE ``tokenizer.json`` and with a
 sentencepiece model trained like LLaMA's (identity normalization, ``remove_extra_whitespaces=False``,
 ``byte_fallback=True``, ``add_dummy_prefix=True``): leading and repeated spaces, newlines, tabs and any unicode
-survive. Exception: in a ``tokenizer.json`` text that spells a special token (``"<|eot_id|>"``) becomes that
-token, as in ``transformers``, and ``decode`` drops special tokens.
+survive, except sentencepiece's own space symbol ``▁`` (U+2581), which comes back as a space (as with Meta's
+LLaMA tokenizer). Exception: in a ``tokenizer.json`` text that spells a special token (``"<|eot_id|>"``) becomes
+that token, as in ``transformers``, and ``decode`` drops special tokens.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class HFTokenizer(Tokenizer):
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception on a malformed file
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {error}") from error
+        self._tok.no_truncation()  # a file saved with truncation / padding enabled would apply it to every encode
+        self._tok.no_padding()
         config_path = path.parent / "tokenizer_config.json"
         config = read_tokenizer_config(config_path)
         self.files = (path, config_path) if config_path.is_file() else (path,)
@@ -167,7 +170,11 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        """Drops the tokens flagged special in ``tokenizer.json`` and BOS / EOS / pad even where they are not
+        flagged (some ChatML fine-tunes add ``<|im_end|>`` as a plain token and name it the EOS), as
+        ``transformers`` does."""
+        named = {self.bos_id, self.eos_id, self.pad_id}
+        return self._tok.decode([int(i) for i in ids if int(i) not in named], skip_special_tokens=True)
 
     def _encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

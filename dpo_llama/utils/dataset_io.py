@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_llama.models.checkpoint import files_sha256, read_json
 from dpo_llama.utils.safe_pickle import load_pickle, save_pickle
 
 TRAIN_FILE = "train.pkl"
@@ -74,7 +75,13 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build the dataset first (scripts/build_*_datasets.py)")
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+def dataset_fingerprint(data_dir: str | os.PathLike) -> str:
+    """SHA-256 of a dataset's three files: a run resumed on a rebuilt dataset would continue its sampler's
+    position in other data."""
+    return files_sha256([Path(data_dir) / name for name in (META_FILE, TRAIN_FILE, VAL_FILE)])
 
 
 def read_dataset(data_dir: str | os.PathLike) -> tuple[list[dict], list[dict], dict]:

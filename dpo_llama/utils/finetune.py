@@ -14,6 +14,7 @@ from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check
                                    read_lora_config, save_lora, widen_trained_norms)
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils.cli import parse_config
+from dpo_llama.utils.dataset_io import dataset_fingerprint
 from dpo_llama.utils.trainer import NonFiniteLossError
 from dpo_llama.utils.trainer import set_seed
 
@@ -85,6 +86,12 @@ def adapter_callbacks(model: nn.Module, base_info: dict) -> tuple[Callable[[Path
     """``save_trainable`` / ``load_trainable`` for the trainer: the LoRA adapter (and trained norms/biases)."""
     cfg = model.lora_config
     return (lambda out_dir: save_lora(model, out_dir, cfg, base_info)), (lambda ckpt: load_lora(model, ckpt))
+
+
+def input_fingerprints(cfg, base_sha256: str) -> dict[str, str]:
+    """What a resume must find unchanged in the run's directories: the base weights and the dataset."""
+    return {"base weights (pretrain_ckpt_dir)": base_sha256,
+            "dataset (train_data_dir)": dataset_fingerprint(cfg.train_data_dir)}
 
 
 def trainable_summary(model: nn.Module) -> str:

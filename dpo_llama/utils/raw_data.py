@@ -27,6 +27,7 @@ import codecs
 import gzip
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,24 +157,27 @@ def iter_rows(path: PathLike, report: ParseReport | None = None) -> Iterator[tup
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Unsupported file type, a ``.json`` array that is not valid JSON, or (without
-            ``report``) a bad row.
+        ValueError: Unsupported file type, an unreadable file (a truncated ``.gz``, a corrupt Parquet file), a
+            ``.json`` array that is not valid JSON, or (without ``report``) a bad row.
         ImportError: A Parquet file is read and ``pyarrow`` is missing.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     name = path.name.lower()
-    if name.endswith(".parquet"):
-        yield from _iter_parquet(path)
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        with _open_binary(path) as lines:
-            yield from _iter_json_lines(path, lines, report)
-    elif name.endswith((".json", ".json.gz")):
-        with _open_binary(path) as stream:
-            yield from _iter_json_document(path, stream.read(), report)
-    else:
-        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    try:
+        if name.endswith(".parquet"):
+            yield from _iter_parquet(path)
+        elif name.endswith((".jsonl", ".jsonl.gz")):
+            with _open_binary(path) as lines:
+                yield from _iter_json_lines(path, lines, report)
+        elif name.endswith((".json", ".json.gz")):
+            with _open_binary(path) as stream:
+                yield from _iter_json_document(path, stream.read(), report)
+        else:
+            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz, an unreadable file
+        raise ValueError(f"{path}: cannot read the file ({err})") from None
 
 
 def read_records(
@@ -311,8 +315,12 @@ def _iter_parquet(path: Path) -> Iterator[tuple[dict, str]]:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+    try:
+        parquet = pq.ParquetFile(path)
+    except ValueError as err:  # pyarrow's ArrowInvalid
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in parquet.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             yield row, f"{path}:[{index}]"
             index += 1

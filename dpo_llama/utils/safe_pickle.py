@@ -37,8 +37,8 @@ _ALLOWED_GLOBALS = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle referenced a global outside the allow-list."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle referenced a global outside the allow-list (a ``ValueError`` too: bad input data)."""
 
 
 class DatasetUnpickler(pickle.Unpickler):
@@ -85,6 +85,7 @@ def load_pickle(path: str | Path) -> Any:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafePickleError: the pickle references a disallowed global (nothing was executed).
+        ValueError: the file is not a readable pickle (truncated or corrupt).
     """
     path = Path(path)
     if not path.is_file():
@@ -94,3 +95,7 @@ def load_pickle(path: str | Path) -> Any:
             return DatasetUnpickler(file).load()
         except UnsafePickleError as error:
             raise UnsafePickleError(f"{path}: {error}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError) as error:
+            raise ValueError(f"{path} is not a readable dataset pickle ({type(error).__name__}: {error}): "
+                             "rebuild it") from None

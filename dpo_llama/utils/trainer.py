@@ -419,6 +419,7 @@ class Trainer:
         batch_tokens: Callable[[Batch], int] | None = None,
         example_length: Callable[[Any], int] | None = None,
         prepare_step: Callable[[nn.Module, list[Batch]], None] | None = None,
+        input_fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         if cfg.group_by_length and example_length is None:
             raise ValueError("group_by_length=True needs an example_length callable")
@@ -437,6 +438,7 @@ class Trainer:
         self.val_postprocess = val_postprocess
         self.batch_tokens = batch_tokens
         self.prepare_step = prepare_step
+        self.input_fingerprints = dict(input_fingerprints or {})
         self.device = resolve_device(cfg.device)
         set_seed(cfg.seed)
         self.optimizer = build_optimizer(cfg, model)
@@ -552,6 +554,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "history": history,
+            "input_fingerprints": self.input_fingerprints,
         }
         torch.save(state, tmp / STATE_FILE)
         save_config(with_absolute_dirs(self.cfg), tmp / CONFIG_FILE)
@@ -565,10 +568,12 @@ class Trainer:
 
     def _load_newest_readable(self, checkpoints: list[Path]) -> tuple[Path, dict[str, Any]]:
         """Loads the trainable weights of the newest checkpoint that reads back, refusing one whose config differs
-        from this run's beyond ``RESUME_ADJUSTABLE``; returns it and its trainer state.
+        from this run's beyond ``RESUME_ADJUSTABLE`` or whose input fingerprints differ; returns it and its
+        trainer state.
 
         Raises:
-            ValueError: the newest readable checkpoint was trained with other settings, or none reads back.
+            ValueError: the newest readable checkpoint was trained with other settings or inputs, or none reads
+                back.
         """
         current = config_to_dict(self.cfg)
         for checkpoint in checkpoints:
@@ -576,7 +581,9 @@ class Trainer:
             try:
                 saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
                 state = load_trainer_state(checkpoint)
-                mismatches = resume_mismatches(saved, current)
+                mismatches = resume_mismatches(saved, current) + [
+                    f"{name}: changed" for name, value in state.get("input_fingerprints", {}).items()
+                    if self.input_fingerprints.get(name, value) != value]
                 if not mismatches:
                     self.load_trainable(checkpoint)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
@@ -639,6 +646,7 @@ def train(
     batch_tokens: Callable[[Batch], int] | None = None,
     example_length: Callable[[Any], int] | None = None,
     prepare_step: Callable[[nn.Module, list[Batch]], None] | None = None,
+    input_fingerprints: Mapping[str, str] | None = None,
     plots: Sequence[PlotSpec] = DEFAULT_PLOTS,
 ) -> TrainResult:
     """Train ``model`` on ``train_set``; see the module docstring for the callables' contracts.
@@ -660,6 +668,8 @@ def train(
         example_length: ``example -> length``, required when ``cfg.group_by_length``.
         prepare_step: ``(model, batches)``, called in training mode with a step's micro-batches (on the device)
             before their forward passes; may add step-wide values to them (see the module docstring).
+        input_fingerprints: ``name -> digest`` of what the config's directories hold (base weights, dataset),
+            recorded in every checkpoint: a resume whose inputs changed is refused, like changed settings.
         plots: ``(title, tags)`` specs of the PNG plots written at the end.
 
     Raises:
@@ -670,6 +680,6 @@ def train(
         cfg, model, train_set, collate, loss_fn, batch_weight,
         save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set,
         val_postprocess=val_postprocess, batch_tokens=batch_tokens, example_length=example_length,
-        prepare_step=prepare_step,
+        prepare_step=prepare_step, input_fingerprints=input_fingerprints,
     )
     return trainer.run(plots)

@@ -29,3 +29,16 @@ def test_a_weight_stored_in_two_files_is_refused(tmp_path):
     save_file({"a": torch.full((2,), 42.0)}, tmp_path / "two.safetensors")
     with pytest.raises(ValueError, match="'a' is stored in both one.safetensors and two.safetensors"):
         list(iter_safetensors([tmp_path / "one.safetensors", tmp_path / "two.safetensors"]))
+
+
+def test_truncated_weights_or_invalid_json_name_the_file(tmp_path):
+    """A truncated safetensors file and a params.json that is not JSON each raise a ValueError naming the file,
+    instead of the safetensors / json exception without one."""
+    save_model(Transformer(get_preset("tiny")), tmp_path / "ckpt")
+    weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        checkpoint.load_model(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "params.json").write_text('{"dim": 64,')
+    with pytest.raises(ValueError, match=r"params\.json is not valid JSON"):
+        checkpoint.read_params(tmp_path / "ckpt")

@@ -1,5 +1,6 @@
 """The LLaMA model against Hugging Face ``LlamaForCausalLM`` (the oracle), plus its own invariants."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,7 @@ def test_generate_stops_at_stop_id(hf_and_ours):
     stop = free_run[3]
     first = free_run.index(stop)
     assert generate(model, [1, 2, 3], max_new_tokens=10, stop_ids=[stop]) == free_run[:first + 1]
+    assert generate(model, np.array([1, 2, 3], dtype=np.int32), max_new_tokens=10) == free_run  # as datasets store
 
 
 def tiny_model(**overrides) -> Transformer:

@@ -109,6 +109,34 @@ def test_hf_special_token_text_is_one_id_and_decode_drops_it(tmp_path):
     assert tokenizer.decode(tokenizer.encode("Hi") + [eot]) == "Hi"
 
 
+def test_hf_tokenizer_saved_with_truncation_or_padding_encodes_whole_text(tmp_path):
+    """tokenizers' save() writes enabled truncation / padding into tokenizer.json; transformers ignores them and
+    so do we: encode gives every token of the text and no padding."""
+    import tokenizers
+    text = "The quick brown fox jumps over the lazy dog, again and again."
+    plain = load_tokenizer(make_hf_tokenizer(tmp_path / "plain", "llama3")).encode(text)
+    for name, enable in (("cut", lambda t: t.enable_truncation(max_length=4)),
+                         ("padded", lambda t: t.enable_padding(length=64, pad_id=0, pad_token="!"))):
+        path = make_hf_tokenizer(tmp_path / name, "llama3") / "tokenizer.json"
+        raw = tokenizers.Tokenizer.from_file(str(path))
+        enable(raw)
+        raw.save(str(path))
+        assert load_tokenizer(path.parent).encode(text) == plain and len(plain) > 4
+
+
+def test_hf_decode_drops_an_eos_that_tokenizer_json_does_not_flag_special(tmp_path):
+    """An EOS added as a plain token (some ChatML fine-tunes) is still dropped by decode, as transformers does."""
+    import tokenizers
+    path = make_hf_tokenizer(tmp_path, "chatml") / "tokenizer.json"
+    content = json.loads(path.read_text(encoding="utf-8"))
+    for token in content["added_tokens"]:
+        token["special"] = token["content"] != "<|im_end|>" and token["special"]
+    path.write_text(json.dumps(content), encoding="utf-8")
+    tokenizer = load_tokenizer(path.parent)
+    assert not tokenizers.Tokenizer.from_file(str(path)).decode([tokenizer.eos_id], skip_special_tokens=True) == ""
+    assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.eos_id]) == "Paris."
+
+
 def test_chatml_tokenizer_without_bos_refuses_bos(tmp_path):
     tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path, "chatml"))
     with pytest.raises(ValueError, match="no BOS"):

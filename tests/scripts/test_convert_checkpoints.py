@@ -129,6 +129,11 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
     (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "moe": True}))
     assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
     assert "unknown keys in Meta params.json" in capsys.readouterr().err
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    shard = (tmp_path / "meta" / "consolidated.01.pth").read_bytes()
+    (tmp_path / "meta" / "consolidated.01.pth").write_bytes(shard[:len(shard) // 2])
+    assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
+    assert "consolidated.01.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_meta_shards_with_different_norms_are_refused(tmp_path, capsys):

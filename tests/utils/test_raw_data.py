@@ -125,6 +125,21 @@ def test_file_errors(tmp_path):
         list(iter_rows(broken))
 
 
+def test_unreadable_files_are_one_clear_error(tmp_path):
+    """A truncated .jsonl.gz, a file named .gz that is not gzip and a corrupt Parquet file each raise one
+    ValueError naming the file (the builders print it as one line), not EOFError / BadGzipFile / ArrowInvalid."""
+    whole = gzip.compress(b"".join(json.dumps({"text": f"row {i}" * 50}).encode() + b"\n" for i in range(200)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text('{"a": 1}\n')
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
+        with pytest.raises(ValueError, match=rf"{name}: cannot read the file"):
+            list(iter_rows(tmp_path / name))
+    pytest.importorskip("pyarrow.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
+        list(iter_rows(tmp_path / "bad.parquet"))
+
+
 def test_parse_report_counts_summary_and_dict():
     report = ParseReport(files=["a.jsonl"], max_examples=2)
     report.rows_kept = 7

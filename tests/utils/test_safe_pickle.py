@@ -133,3 +133,16 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         load_pickle(tmp_path / "missing.pkl")
+
+
+def test_truncated_or_empty_pickle_is_a_value_error_naming_the_file(tmp_path):
+    """A dataset pickle cut short (or empty) raises one ValueError that names it (the run scripts print it as
+    one error line); a refused global is a ValueError too."""
+    save_pickle([{"tokens": np.arange(100, dtype=np.int32)}] * 20, tmp_path / "train.pkl")
+    data = (tmp_path / "train.pkl").read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(data[:len(data) // 2])
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    for name in ("cut.pkl", "empty.pkl"):
+        with pytest.raises(ValueError, match=rf"{name} is not a readable dataset pickle"):
+            load_pickle(tmp_path / name)
+    assert issubclass(UnsafePickleError, ValueError)

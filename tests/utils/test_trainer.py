@@ -284,6 +284,20 @@ def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_pat
         run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
 
 
+def test_resume_refuses_changed_inputs(tmp_path):
+    """Input fingerprints are recorded in every checkpoint: the same directories holding other data or weights
+    are refused by name (and not skipped as an unreadable checkpoint); the same fingerprints resume."""
+    data = make_dataset([1, 2, 3, 4, 5, 6], seed=5)
+    inputs = {"dataset (train_data_dir)": "d1", "base weights (pretrain_ckpt_dir)": "w1"}
+    run(make_cfg(tmp_path, max_train_steps=2, ckpt_interval=1), ToyModel(seed=7), data, input_fingerprints=inputs)
+    changed = {**inputs, "dataset (train_data_dir)": "d2"}
+    with pytest.raises(ValueError, match=r"step-000002 was trained with other settings(.|\n)*dataset \(train_data_dir\): "
+                                         r"changed\n"):
+        run(make_cfg(tmp_path, max_train_steps=3, resume=True), ToyModel(), data, input_fingerprints=changed)
+    resumed = run(make_cfg(tmp_path, max_train_steps=3, resume=True), ToyModel(), data, input_fingerprints=inputs)
+    assert resumed.step == 3
+
+
 def test_resume_from_another_directory_with_its_own_relative_paths(tmp_path, monkeypatch):
     """A checkpoint records its directories resolved: resuming from elsewhere with a relative spelling of the same
     ckpt_dir is the same run; a torn config.json in the newest checkpoint falls back like a torn state."""
@@ -347,7 +361,7 @@ def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
     assert result.last_checkpoint == latest_checkpoint(ckpt_dir) == ckpt_dir / "step-000005"
     assert load_config(TrainConfig, ckpt_dir / "step-000005" / "config.json") == cfg
     state = load_trainer_state(ckpt_dir / "step-000004")
-    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "history"}
+    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "history", "input_fingerprints"}
     assert state["step"] == 4 and [r["step"] for r in state["history"]] == [1, 2, 3, 4]
     assert state["sampler"] == {"epoch": 3, "position": 2}  # 8 micro-batches = 4 epochs of 2 batches
     with pytest.raises(FileExistsError, match="--resume"):
