@@ -263,7 +263,9 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     """Writes a checkpoint directory from a stream of ``(key, tensor)`` pairs.
 
     Every key and shape is checked against the model ``args`` describe before anything is finalised; on an
-    error the temporary shard files are removed and nothing is left half-written.
+    error the temporary shard files are removed and nothing is left half-written. ``params.json`` is removed
+    before the new weights replace old ones and written last, so a save interrupted in between reads as no
+    checkpoint, never as new weights under an old ``params.json`` or beside an old tokenizer.
 
     Returns:
         A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
@@ -275,18 +277,21 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
         for key, tensor in checked_tensors(args, tensors):
             writer.add(key, tensor)
             dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        (out_dir / PARAMS_FILE).unlink(missing_ok=True)
         files = writer.close()  # inside: writing the last (often the only) shard can be interrupted too
     except BaseException:
         writer.abort()
         raise
-    (out_dir / PARAMS_FILE).write_text(json.dumps(args.to_dict(), indent=2))
-    files.append(out_dir / PARAMS_FILE)
     if tokenizer_files:  # an old tokenizer.json left beside a new tokenizer.model would be loaded first
         copied = {Path(f).name for f in tokenizer_files}
         for name in set(TOKENIZER_FILES) - copied:
             (out_dir / name).unlink(missing_ok=True)
     for tok_file in tokenizer_files:
         files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
+    params, tmp = out_dir / PARAMS_FILE, out_dir / f".{PARAMS_FILE}.tmp"
+    tmp.write_text(json.dumps(args.to_dict(), indent=2))
+    os.replace(tmp, params)
+    files.append(params)
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
             "files": [str(f) for f in files]}
 

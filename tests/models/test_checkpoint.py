@@ -42,3 +42,21 @@ def test_truncated_weights_or_invalid_json_name_the_file(tmp_path):
     (tmp_path / "ckpt" / "params.json").write_text('{"dim": 64,')
     with pytest.raises(ValueError, match=r"params\.json is not valid JSON"):
         checkpoint.read_params(tmp_path / "ckpt")
+
+
+def test_a_save_interrupted_after_its_weights_reads_as_no_checkpoint(tmp_path, monkeypatch):
+    """Saving B over A, killed once B's weights are in place: the directory has no params.json (A's would
+    describe B's weights wrongly), so loading it fails instead of loading a model that is neither."""
+    save_model(Transformer(get_preset("tiny")), tmp_path / "ckpt")
+    real_copy = checkpoint.shutil.copy2
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "copy2", die)
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")
+    with pytest.raises(KeyboardInterrupt):
+        save_model(Transformer(get_preset("tiny", rope_theta=5e5)), tmp_path / "ckpt", [tmp_path / "tokenizer.model"])
+    monkeypatch.setattr(checkpoint.shutil, "copy2", real_copy)
+    with pytest.raises(FileNotFoundError, match="params.json not found"):
+        checkpoint.load_model(tmp_path / "ckpt")
