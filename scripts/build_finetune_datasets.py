@@ -1,4 +1,4 @@
-"""Build a tokenized SFT dataset (train.pkl, validation.pkl, meta.json) from local chat/instruction files.
+"""Build a tokenized SFT dataset (train/validation.safetensors, meta.json) from local chat/instruction files.
 
     python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/oasst.jsonl \
         --tokenizer checkpoints/llama-2-7b-chat/tokenizer.model --template llama2 --output datasets/sft

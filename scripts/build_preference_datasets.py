@@ -1,4 +1,5 @@
-"""Build a tokenized preference dataset with reference log-probs computed once (train.pkl, validation.pkl, meta.json).
+"""Build a tokenized preference dataset with reference log-probs computed once (train/validation.safetensors,
+meta.json).
 
     python scripts/build_preference_datasets.py --input data/hh-rlhf/train.jsonl.gz \
         --ref-model checkpoints/llama-2-7b-sft --template llama2 --max-seq-len 1024 --output datasets/hh

@@ -101,7 +101,7 @@ def test_full_precision_reference_is_refused_for_a_qlora_policy(ws, tmp_path, ca
 
 
 def edit_meta(data: Path, out: Path, edit) -> Path:
-    """A copy of a dataset directory (hard links to the pickles) with an edited meta.json."""
+    """A copy of a dataset directory (hard links to the splits) with an edited meta.json."""
     out.mkdir()
     for path in data.iterdir():
         (out / path.name).hardlink_to(path)

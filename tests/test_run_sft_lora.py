@@ -19,8 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, find_adapter, load_model_with_lora
 from dpo_llama.run_sft_lora import main as run_sft
-from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE
-from dpo_llama.utils.safe_pickle import load_pickle
+from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples
 from dpo_llama.utils.trainer import STATE_FILE, Trainer
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.convert_lora_checkpoint import main as merge_lora
@@ -89,7 +88,7 @@ def test_accumulating_four_single_examples_equals_a_batch_of_four(workspace, tmp
     rows = write_jsonl(tmp_path / "four.jsonl", sft_rows(4, seed=5))
     assert build_sft(flags(input=rows, tokenizer=workspace["tokenizer"], template="llama2", output=data,
                            val_ratio=0.0)) == 0
-    targets = [int(e["mask"][1:].sum()) for e in load_pickle(data / TRAIN_FILE)]
+    targets = [int(e["mask"][1:].sum()) for e in load_examples(data / TRAIN_FILE)]
     assert len(set(targets)) > 1
 
     runs = {"batch": dict(micro_batch_size=4, gradient_accumulation_steps=1),

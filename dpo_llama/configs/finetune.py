@@ -19,7 +19,7 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
     """
 
     pretrain_ckpt_dir: str = field(default="", metadata={"help": "Starting weights: a dpo_llama checkpoint directory."})
-    train_data_dir: str = field(default="", metadata={"help": "Dataset dir (train.pkl, validation.pkl, meta.json)."})
+    train_data_dir: str = field(default="", metadata={"help": "Dataset dir (train/validation.safetensors, meta.json)."})
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "Dtype of the frozen weights; auto = bf16 on CUDA, fp32 on CPU."})
     activation_checkpointing: bool = field(

@@ -33,6 +33,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +43,10 @@ from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import adapter_fingerprint
 from dpo_llama.models.quant import quantization_summary
 from dpo_llama.models.tokenizer import Tokenizer
-from dpo_llama.utils.dataset_io import write_json
+from dpo_llama.utils.dataset_io import load_arrays, save_arrays, write_json
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_formats import PreferencePair, UnpairedExample
 from dpo_llama.utils.raw_data import ParseReport
-from dpo_llama.utils.safe_pickle import load_pickle, save_pickle
 from dpo_llama.utils.sft import pad_sequences
 from dpo_llama.utils.templates import render_conversation
 
@@ -241,33 +241,42 @@ def sequences_digest(sequences: Sequence[TokenSequence]) -> str:
     return digest.hexdigest()
 
 
+def read_manifest(path: Path) -> Any:
+    """A cache manifest's key, or None when it does not read back (the cache is then discarded)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 class PrecomputeCache:
     """Chunks of finished reference log-probs in ``cache_dir``, valid only for one (data, model, batching) key.
 
-    ``manifest.json`` records the key; a cache whose key differs is discarded. Each chunk
-    ``chunk-000012.pkl`` holds ``{"indices": int64[], "logps": float32[]}`` and is written atomically.
+    ``manifest.json`` records the key; a cache whose key differs (or whose manifest does not read back) is
+    discarded. Each chunk ``chunk-000012.safetensors`` holds ``indices`` (int64) and ``logps`` (float32) and is
+    written atomically.
     """
 
     def __init__(self, cache_dir: Path, key: dict):
         self.dir = cache_dir
         manifest = cache_dir / "manifest.json"
-        if cache_dir.exists() and (not manifest.is_file() or json.loads(manifest.read_text()) != key):
+        if cache_dir.exists() and (not manifest.is_file() or read_manifest(manifest) != key):
             shutil.rmtree(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_json(manifest, key)
 
     def load(self, logps: np.ndarray, done: np.ndarray) -> int:
         """Fills ``logps``/``done`` from saved chunks; returns the number of chunks found."""
-        chunks = sorted(self.dir.glob("chunk-*.pkl"))
+        chunks = sorted(self.dir.glob("chunk-*.safetensors"))
         for path in chunks:
-            chunk = load_pickle(path)
+            chunk = load_arrays(path)[0]
             logps[chunk["indices"]] = chunk["logps"]
             done[chunk["indices"]] = True
         return len(chunks)
 
     def save(self, number: int, indices: list[int], values: list[float]) -> None:
-        save_pickle({"indices": np.asarray(indices, dtype=np.int64), "logps": np.asarray(values, dtype=np.float32)},
-                    self.dir / f"chunk-{number:06d}.pkl")
+        save_arrays({"indices": np.asarray(indices, dtype=np.int64), "logps": np.asarray(values, dtype=np.float32)},
+                    self.dir / f"chunk-{number:06d}.safetensors")
 
 
 @torch.inference_mode()

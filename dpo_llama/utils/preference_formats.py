@@ -31,7 +31,8 @@ Formats (``format=`` name: the keys of one row):
   completion), or TRL's ``prompt`` / ``completion`` / ``label`` with strings or message lists.
 
 Rows are skipped and counted when they have missing fields, non-string content, empty
-responses, identical chosen and rejected, an SHP score ratio below the minimum, or anything
+responses, identical chosen and rejected, an SHP score ratio below the minimum, declared tools
+(``tools`` / ``functions``, in the ShareGPT, TRL conversational and KTO formats), or anything
 :func:`~dpo_llama.utils.sft_formats.check_conversation` rejects.
 """
 
@@ -52,6 +53,7 @@ from dpo_llama.utils.sft_formats import (
     format_detection_error,
     is_hh_row,
     parse_hh_transcript,
+    refuse_tools,
     sharegpt_messages,
     to_message,
     to_messages,
@@ -178,7 +180,9 @@ def trl_split(row: dict) -> Split:
 
 
 def trl_conversational_split(row: dict) -> Split:
-    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``."""
+    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``; a row declaring
+    ``tools`` is skipped (no template here renders them)."""
+    refuse_tools(row)
     chosen = as_messages(row, "chosen", "assistant")
     rejected = as_messages(row, "rejected", "assistant")
     if isinstance(row.get("prompt"), list):
@@ -248,6 +252,7 @@ def kto_split(row: dict) -> tuple[list[Message], list[Message], bool]:
     Raises:
         BadRowError: ``"invalid label"`` when ``label`` is not true/false, or a bad message.
     """
+    refuse_tools(row)
     label = row.get("label")
     if not isinstance(label, bool):
         raise BadRowError("invalid label", f"label must be true or false, got {label!r}")

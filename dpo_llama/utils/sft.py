@@ -28,10 +28,28 @@ from dpo_llama.utils.sft_formats import Conversation
 from dpo_llama.utils.templates import render_conversation
 
 
+def context_only_turns_unscored(mask: list[bool], messages: list[dict]) -> list[bool]:
+    """``mask`` with the scored run of every assistant message marked ``"train": False`` cleared.
+
+    Every template scores each assistant turn as one run (its content and end token) between unscored headers,
+    so run k is assistant message k.
+    """
+    trained = [message.get("train", True) for message in messages if message["role"] == "assistant"]
+    out, run = [], -1
+    for index, scored in enumerate(mask):
+        run += scored and (index == 0 or not mask[index - 1])
+        out.append(scored and trained[run])
+    if run + 1 != len(trained):
+        raise ValueError(f"{run + 1} scored runs for {len(trained)} assistant turns")
+    return out
+
+
 def tokenize_conversation(messages: list[dict], tokenizer: Tokenizer, template: str,
                           max_seq_len: int) -> dict[str, np.ndarray] | None:
-    """Renders one conversation; returns None when no assistant token survives truncation."""
+    """Renders one conversation (assistant turns marked ``"train": False`` kept as context only); returns None
+    when no scored token survives truncation."""
     ids, mask = render_conversation(messages, tokenizer, template)
+    mask = context_only_turns_unscored(mask, messages)
     ids, mask = ids[:max_seq_len], mask[:max_seq_len]
     if not any(mask):
         return None

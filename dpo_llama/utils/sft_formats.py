@@ -15,7 +15,8 @@ Formats (``format=`` name: the keys of one row):
   ``human``/``gpt``/``system`` (``user``/``assistant`` also accepted), and an optional
   ``system`` key (LLaMA-Factory), overridden by a leading ``system`` turn. LLaMA-Factory's
   tool-use turns (``function_call``, ``observation``) are skipped as ``"unknown role"``.
-* ``"messages"``: ``messages`` = ``[{"role": ..., "content": ...}]`` (OpenAI / TRL).
+* ``"messages"``: ``messages`` = ``[{"role": ..., "content": ...}]`` (OpenAI / TRL). An assistant message with
+  OpenAI's ``"weight": 0`` is kept as context and not trained on (``"train": False`` on the message).
 * ``"hh"``: Anthropic HH-RLHF; the ``chosen`` transcript is used as a conversation.
 * ``"dolly"``: databricks-dolly-15k, ``instruction``, ``context``, ``response`` (``category``
   is ignored). The user turn is ``instruction + "\\n\\n" + context`` when there is a context.
@@ -23,7 +24,9 @@ Formats (``format=`` name: the keys of one row):
 Rows that cannot be used are skipped and counted (see :class:`~dpo_llama.utils.raw_data.ParseReport`):
 missing fields, non-string content, unknown roles, empty messages ("empty response" for the
 final assistant turn), a system message after the start, roles that do not alternate, no
-assistant turn, or a conversation that does not end with an assistant turn.
+assistant turn (or only weight-0 ones), a conversation that does not end with an assistant turn, rows that
+declare tools (``tools`` / ``functions``: no template here renders a tool list, and the turns refer to it), and
+KTO rows (a ``label`` of true / false / null: unpaired preference data, for build_preference_datasets.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 
 from dpo_llama.utils.raw_data import BadRowError, ParseReport, PathLike, read_records, text_field
 
-Message = dict[str, str]
+Message = dict[str, str | bool]  # role, content; and "train": False on a context-only assistant turn
 
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -181,12 +184,28 @@ def alpaca_prompt(row: dict) -> list[Message]:
     return messages
 
 
+def refuse_tools(row: dict) -> None:
+    """Raises ``BadRowError("tools not supported")`` for a row that declares tools (``tools``, or OpenAI's older
+    ``functions``): its turns refer to a tool list that no chat template here renders."""
+    for key in ("tools", "functions"):
+        if row.get(key):
+            raise BadRowError("tools not supported", f"a non-empty {key!r} field")
+
+
+def refuse_kto_label(row: dict) -> None:
+    """Raises ``BadRowError("KTO row")`` for an unpaired preference row (``label`` true / false / null): its
+    undesirable completions are no demonstrations."""
+    if "label" in row and (row["label"] is None or isinstance(row["label"], bool)):
+        raise BadRowError("KTO row", "a 'label' of true/false/null: build it with build_preference_datasets.py")
+
+
 def sharegpt_messages(row: dict) -> list[Message]:
     """Messages of a ShareGPT row: ``conversations`` plus the optional ``system`` key.
 
     Raises:
-        BadRowError: Missing ``conversations`` or a bad message.
+        BadRowError: Missing ``conversations``, a bad message, or declared tools.
     """
+    refuse_tools(row)
     if "conversations" not in row:
         raise BadRowError("missing field", "'conversations'")
     messages = to_messages(row["conversations"], "from", "value", SHAREGPT_ROLES)
@@ -197,14 +216,31 @@ def sharegpt_messages(row: dict) -> list[Message]:
 
 def alpaca_conversation(row: dict) -> list[Message]:
     """Alpaca row -> messages."""
+    refuse_kto_label(row)
     return alpaca_prompt(row) + [{"role": "assistant", "content": text_field(row, "output")}]
 
 
 def messages_conversation(row: dict) -> list[Message]:
-    """OpenAI / TRL ``messages`` row -> messages."""
+    """OpenAI / TRL ``messages`` row -> messages; an assistant message of ``"weight": 0`` gets ``"train": False``.
+
+    Raises:
+        BadRowError: Missing ``messages``, a bad message, a weight other than 0 or 1, only weight-0 assistant
+            messages, declared tools, or a KTO label.
+    """
+    refuse_tools(row)
+    refuse_kto_label(row)
     if "messages" not in row:
         raise BadRowError("missing field", "'messages'")
-    return to_messages(row["messages"], "role", "content", OPENAI_ROLES)
+    messages = to_messages(row["messages"], "role", "content", OPENAI_ROLES)
+    weights = [item.get("weight", 1) for item in row["messages"] if OPENAI_ROLES[item["role"]] == "assistant"]
+    if any(weight not in (0, 1) for weight in weights):
+        raise BadRowError("invalid weight", "an assistant message's weight must be 0 or 1")
+    if weights and not any(weights):
+        raise BadRowError("no trained assistant turn", "every assistant message has weight 0")
+    for message, weight in zip((m for m in messages if m["role"] == "assistant"), weights):
+        if weight == 0:
+            message["train"] = False
+    return messages
 
 
 def hh_conversation(row: dict) -> list[Message]:

@@ -14,7 +14,7 @@ import pytest
 
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, VAL_FILE
-from dpo_llama.utils.safe_pickle import load_pickle
+from dpo_llama.utils.dataset_io import load_examples as read_split
 from dpo_llama.utils.sft_formats import load_sft_records
 from dpo_llama.utils.templates import TEMPLATE_NAMES
 from scripts.build_finetune_datasets import main as build
@@ -26,7 +26,7 @@ END_TOKENS = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 # fixture -> (rows read, rows kept, skipped by reason), counted by reading the files.
 SFT_FIXTURES = {
     "alpaca_data.json": (5, 3, {"empty response": 1, "missing field": 1}),
-    "sharegpt.json": (6, 3, {"does not end with an assistant turn": 1, "unknown role": 1,
+    "sharegpt.json": (6, 3, {"does not end with an assistant turn": 1, "tools not supported": 1,
                              "roles do not alternate": 1}),
     "openai_messages.jsonl": (6, 3, {"non-string content": 1, "malformed JSON": 1, "unknown role": 1}),
     "hh_rlhf_harmless_test.jsonl.gz": (6, 5, {"empty response": 1}),
@@ -53,7 +53,7 @@ def run_builder(tmp_path: Path, tokenizer: Path, template: str, inputs: list[Pat
 
 def load_examples(out: Path) -> tuple[list[dict], dict]:
     """All examples (train + validation) and meta.json of a built dataset."""
-    return load_pickle(out / TRAIN_FILE) + load_pickle(out / VAL_FILE), json.loads((out / META_FILE).read_text())
+    return read_split(out / TRAIN_FILE) + read_split(out / VAL_FILE), json.loads((out / META_FILE).read_text())
 
 
 def expected(tokenizer, parts) -> tuple[list[int], list[bool]]:

@@ -12,10 +12,9 @@ import dpo_llama.utils.preference_data as preference_data
 import scripts.build_preference_datasets as builder
 from dpo_llama.models.checkpoint import checkpoint_fingerprint, load_model
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, VAL_FILE
+from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, VAL_FILE, load_examples
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_data import all_sequences
-from dpo_llama.utils.safe_pickle import load_pickle
 from tests.data_fixtures import FIXTURES
 from tests.pipeline_fixtures import flags, tiny_llama, write_jsonl
 from tests.tokenizer_fixtures import make_sentencepiece
@@ -51,7 +50,7 @@ def build(reference: Path, out: Path, inputs, *switches: str, **options) -> int:
 
 
 def load(out: Path) -> tuple[list[dict], dict]:
-    return load_pickle(out / TRAIN_FILE) + load_pickle(out / VAL_FILE), json.loads((out / META_FILE).read_text())
+    return load_examples(out / TRAIN_FILE) + load_examples(out / VAL_FILE), json.loads((out / META_FILE).read_text())
 
 
 def recomputed(reference: Path, examples: list[dict]) -> np.ndarray:
@@ -140,7 +139,7 @@ def test_interrupted_build_resumes_from_its_saved_chunks(reference, tmp_path, mo
     with pytest.raises(Crash):
         build(reference, tmp_path / "resumed", inputs, **options)
     assert not (tmp_path / "resumed" / META_FILE).exists()
-    assert len(list((tmp_path / "resumed" / builder.CACHE_DIR).glob("chunk-*.pkl"))) == 1
+    assert len(list((tmp_path / "resumed" / builder.CACHE_DIR).glob("chunk-*.safetensors"))) == 1
 
     monkeypatch.setattr(builder, "compute_reference_logps", compute)
     batches = []

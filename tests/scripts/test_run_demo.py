@@ -26,7 +26,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     match = DEMO_LINE.match(last)
     assert match, last
     assert all(0.0 <= float(value) <= 1.0 for value in match.groups())
-    for path in ("datasets/demo/sft/train.pkl", "datasets/demo/preference/meta.json",
+    for path in ("datasets/demo/sft/train.safetensors", "datasets/demo/preference/meta.json",
                  "checkpoints/demo/sft-merged/model.safetensors", "checkpoints/demo/dpo-merged/params.json",
                  "logs/demo-sft/loss.png", "logs/demo-dpo/reward_accuracy.png", "logs/demo-dpo/reference_check.json"):
         assert (tmp_path / path).is_file(), path

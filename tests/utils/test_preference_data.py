@@ -337,7 +337,7 @@ def test_interrupted_precompute_resumes_where_it_stopped(tokenizer, model, tmp_p
     with pytest.raises(Crash, match="chunk 0 saved"):
         compute_reference_logps(model, sequences, tokenizer.pad_id, "cpu", tmp_path / "b", {"r": 1},
                                 on_chunk=crash_after_first_chunk, **limits)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["chunk-000000.pkl", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["chunk-000000.safetensors", "manifest.json"]
     counting = CountingModel(model)
     resumed = compute_reference_logps(counting, sequences, tokenizer.pad_id, "cpu", tmp_path / "b", {"r": 1},
                                       **limits)

@@ -115,6 +115,21 @@ def test_trl_conversational_explicit_prompt():
     assert report.first_skipped == [f"{path}:4: empty response (assistant turn 1)"]
 
 
+@pytest.mark.parametrize("fmt, good", [
+    ("trl_conversational", {"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [assistant("b")]}),
+    ("sharegpt_ranking", {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+                          "rejected": {"from": "gpt", "value": "b"}}),
+    ("kto", {"prompt": [user("q")], "completion": [assistant("a")], "label": True}),
+])
+def test_rows_declaring_tools_are_skipped(tmp_path, fmt, good):
+    """TRL's and LLaMA-Factory's tools column would be dropped from the prompt, so such rows are skipped."""
+    path = tmp_path / "data.jsonl"
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tools": tools}) + "\n")
+    records, report = load_preference_records(path, format=fmt)
+    assert len(records) == 1 and report.skipped == {"tools not supported": 1}
+
+
 def test_trl_conversational_implicit_prompt():
     """trl-lib/ultrafeedback_binarized rows (no prompt) and a HuggingFaceH4/ultrafeedback_binarized row
     (prompt string beside full conversations): the prompt is the shared message prefix."""

@@ -59,6 +59,18 @@ def test_tokenize_conversation_masks_every_assistant_turn(tokenizer):
     assert tokenizer.decode(example["tokens"][example["mask"]].tolist()).split() == ["Hello", "See", "you"]
 
 
+def test_a_context_only_assistant_turn_is_not_scored(tokenizer):
+    """The first answer marked ``"train": False`` (OpenAI ``"weight": 0``) keeps its tokens, unscored; the
+    second answer and its EOS stay scored."""
+    ids, mask = llama2_chat(tokenizer)
+    second = mask.index(True, mask.index(False, mask.index(True)))
+    chat = [CHAT[0], {**CHAT[1], "train": False}, *CHAT[2:]]
+    example = tokenize_conversation(chat, tokenizer, "llama2", max_seq_len=1000)
+    assert example["tokens"].tolist() == ids
+    assert example["mask"].tolist() == [False] * second + mask[second:]
+    assert tokenize_conversation(chat, tokenizer, "llama2", max_seq_len=second) is None
+
+
 def test_truncation_keeps_the_first_tokens_and_drops_examples_without_assistant_tokens(tokenizer):
     """The first turn pair ends at index P = 1 + len("[INST] Hi [/INST] Hello ") + 1; cutting to P keeps it
     whole; cutting to the first masked position (exclusive) leaves no assistant token: None."""

@@ -54,7 +54,7 @@ def test_alpaca():
 
 def test_sharegpt():
     """sharegpt.json: ShareGPT rows, a leading system turn, LLaMA-Factory's system key, and bad rows
-    (ends with a human turn, LLaMA-Factory tool-call turns, a conversation opened by gpt)."""
+    (ends with a human turn, LLaMA-Factory tool use with its tools column, a conversation opened by gpt)."""
     path = FIXTURES / "sharegpt.json"
     records, report = load_sft_records(path)
     assert records == [
@@ -70,7 +70,7 @@ def test_sharegpt():
     ]
     assert report.first_skipped == [
         f"{path}:[3]: does not end with an assistant turn",
-        f"{path}:[4]: unknown role ('function_call')",
+        f"{path}:[4]: tools not supported (a non-empty 'tools' field)",
         f"{path}:[5]: roles do not alternate (turn 0 is assistant, expected user)",
     ]
 
@@ -270,6 +270,42 @@ def test_alpaca_bad_rows(tmp_path, row, reason):
     assert len(records) == 1
     assert report.skipped == {reason: 1}
     assert report.first_skipped[0].startswith(f"{path}:[1]: {reason}")
+
+
+def test_openai_weight_zero_keeps_an_assistant_turn_as_context(tmp_path):
+    """OpenAI's per-message weight: 0 marks the assistant turn train=False, 1 (or none) trains it; a row whose
+    assistant turns all have weight 0, or another weight, is skipped."""
+    rows = [{"messages": [user("Capital of France?"), {**assistant("Paris"), "weight": 0}, user("Sure?"),
+                          {**assistant("Yes, Paris."), "weight": 1}]},
+            {"messages": [user("q"), {**assistant("a"), "weight": 0}]},
+            {"messages": [user("q"), {**assistant("a"), "weight": 0.5}]}]
+    path = tmp_path / "weights.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, report = load_sft_records(path)
+    assert [m.get("train", True) for m in records[0].messages] == [True, False, True, True]
+    assert report.skipped == {"no trained assistant turn": 1, "invalid weight": 1}
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": [user("q"), assistant("a")], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools not supported"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+      "tools": "[{\"name\": \"get_weather\"}]"}, "tools not supported"),
+    ({"messages": [user("q"), assistant("a")], "label": False}, "KTO row"),
+    ({"messages": [user("q"), assistant("a")], "label": None}, "KTO row"),
+    ({"instruction": "q", "output": "a", "label": True}, "KTO row"),
+])
+def test_rows_with_tools_or_a_kto_label_are_skipped(tmp_path, row, reason):
+    """A declared tool list (LLaMA-Factory's tools column, OpenAI's tools) would be dropped from the prompt; a
+    KTO row's completion may be undesirable: neither is an SFT demonstration."""
+    fmt = "messages" if "messages" in row else "sharegpt" if "conversations" in row else "alpaca"
+    good = {"messages": [user("ok"), assistant("fine")]} if fmt == "messages" else (
+        {"conversations": [{"from": "human", "value": "ok"}, {"from": "gpt", "value": "fine"}]}
+        if fmt == "sharegpt" else {"instruction": "ok", "output": "fine"})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good, row]))
+    records, report = load_sft_records(path, format=fmt)
+    assert len(records) == 1 and report.skipped == {reason: 1}
 
 
 @pytest.mark.parametrize(
