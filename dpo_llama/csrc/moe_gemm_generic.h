@@ -85,22 +85,30 @@ DPO_INLINE uint16_t f32_to_bf16(float f) {
 
 // max |src[i] * col_scale[i]| (col_scale null: 1) over i < n, in 16 running maxima: the compiler
 // does not vectorise a single running maximum (it may not reorder the comparisons), and the maximum
-// does not depend on their order.
+// does not depend on their order. NaN when a value is NaN or infinite (std::max would skip a NaN):
+// each lane also sums v * 0, which stays 0 for finite v and becomes NaN otherwise.
 DPO_INLINE float max_abs(const float* src, int64_t n, const float* col_scale) {
-  float lanes[16] = {};
+  float lanes[16] = {}, poison[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j)
-      lanes[j] = std::max(lanes[j], std::fabs(col_scale ? src[i + j] * col_scale[i + j] : src[i + j]));
-  for (; i < n; ++i) lanes[0] = std::max(lanes[0], std::fabs(col_scale ? src[i] * col_scale[i] : src[i]));
+    for (int j = 0; j < 16; ++j) {
+      const float v = col_scale ? src[i + j] * col_scale[i + j] : src[i + j];
+      lanes[j] = std::max(lanes[j], std::fabs(v));
+      poison[j] += v * 0.0f;
+    }
+  for (; i < n; ++i) {
+    const float v = col_scale ? src[i] * col_scale[i] : src[i];
+    lanes[0] = std::max(lanes[0], std::fabs(v));
+    poison[0] += v * 0.0f;
+  }
   float amax = 0.0f;
-  for (int j = 0; j < 16; ++j) amax = std::max(amax, lanes[j]);
+  for (int j = 0; j < 16; ++j) amax = std::max(amax, lanes[j]) + poison[j];
   return amax;
 }
 
 // Writes src[0..n) * col_scale (if given) as one operand row of `ld` elements in `format`,
 // zero-filled past n; src == nullptr writes a zero row. u8 rows are quantized symmetrically:
-// u8 = round(x / s) + 128 with s = max|x| / 127 written to *row_scale.
+// u8 = round(x / s) + 128 with s = max|x| / 127 written to *row_scale (NaN for a row holding a NaN or inf).
 DPO_INLINE void store_row(ActFormat format, const float* src, int64_t n, const float* col_scale,
                           int64_t ld, void* dst, float* row_scale) {
   if (src == nullptr) n = 0;
@@ -114,8 +122,13 @@ DPO_INLINE void store_row(ActFormat format, const float* src, int64_t n, const f
     for (int64_t i = n; i < ld; ++i) out[i] = 0;
   } else {
     const float amax = max_abs(src, n, col_scale);
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     uint8_t* out = static_cast<uint8_t*>(dst);
+    if (!std::isfinite(amax)) {  // a NaN or inf in the row: its products come out NaN, as with bf16 weights
+      std::fill(out, out + ld, uint8_t(128));
+      *row_scale = amax;
+      return;
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       const float x = (col_scale ? src[i] * col_scale[i] : src[i]) * inv;
       out[i] = uint8_t(int(x + (x >= 0.0f ? 0.5f : -0.5f)) + 128);

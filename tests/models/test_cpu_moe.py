@@ -265,6 +265,24 @@ def test_int8_sums_at_the_extremes(force_isa, isa):
     assert_close(got, want, 1e-5, f"{isa}/int8 extremes y")
 
 
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_nan_or_inf_input_gives_a_nan_output_row(force_isa, isa, weight_dtype):
+    """A token holding a NaN or an inf gets a non-finite output, as in float arithmetic (int8 activations used to
+    quantize a NaN to 0 and a row with an inf to all zeros: a finite output); the other tokens are unchanged."""
+    force_isa(isa)
+    experts, x, ids, weights, _ = make_case(8, 64, 48, 5, 2)
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    with torch.no_grad():
+        clean = moe.cpu_moe(x, ids, weights, packed)
+        for bad in (float("nan"), float("inf")):
+            poisoned = x.clone()
+            poisoned[1, 3] = bad
+            got = moe.cpu_moe(poisoned, ids, weights, packed)
+            assert not got[1].isfinite().all(), f"{isa}/{weight_dtype}: {bad} in the input gave a finite output"
+            assert torch.equal(got[[0, 2, 3, 4]], clean[[0, 2, 3, 4]])
+
+
 @pytest.mark.parametrize("shape", ["odd_sizes_top2", "busy_expert_top3"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_transposed_copy_matches_float64_reference(force_isa, isa, shape):
