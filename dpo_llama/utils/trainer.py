@@ -238,12 +238,13 @@ class BatchSampler:
 
 
 def rng_state() -> dict[str, Any]:
-    """All global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    """All global RNG states as tensors and plain values (loadable with ``weights_only=True``): the CPU's and,
+    once CUDA is in use, the current GPU's (a resume may see fewer GPUs, and a CPU run needs none)."""
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": np_pos,
                   "has_gauss": np_has_gauss, "cached_gaussian": np_gauss},
         "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
@@ -251,10 +252,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the RNG states captured by :func:`rng_state`."""
+    """Restore the RNG states captured by :func:`rng_state` (a checkpoint written before they held one GPU's
+    state holds one per visible GPU: the current GPU's is restored)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[device] if device < len(cuda) else cuda[0])
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))

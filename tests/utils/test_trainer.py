@@ -446,6 +446,25 @@ def test_adamw_is_fused_on_cuda(tmp_path):
     assert optimizer.defaults["fused"]
 
 
+def test_cuda_rng_state_is_the_current_gpus_only(monkeypatch):
+    """A checkpoint keeps the current GPU's RNG state only, so a resume on a machine with fewer GPUs works; an
+    older checkpoint with one state per GPU restores the current GPU's (CUDA faked: CI has no GPU)."""
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[0])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    state = rng_state()
+    assert [int(t[0]) for t in state["cuda"]] == [0]
+    set_rng_state(state)
+    set_rng_state({**state, "cuda": [states[1], states[0]]})  # written on 2 GPUs; this machine's current is 0
+    assert restored == [0, 1]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert rng_state()["cuda"] == []  # a CPU run on a GPU host records none and starts no CUDA
+
+
 def test_rng_state_survives_weights_only_round_trip(tmp_path):
     import random
 
