@@ -71,8 +71,8 @@ def plain_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def plain_expert_delta(self: moe.ExpertAdapters, x: torch.Tensor, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor) -> torch.Tensor:
-    return F.linear(self.scaling * F.linear(self.dropout(x).float(), lora_a), lora_b)
+                       lora_b: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+    return F.linear(self.scaling * F.linear((self.dropout(x) if dropout else x).float(), lora_a), lora_b)
 
 
 def plain_torch_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -19,7 +19,7 @@ figure is also given as a ratio against baselines measured in that run):
 
 The "weights GB" column is the memory each method keeps for the layer's weights: the packed tensors'
 bytes for ours, the growth of this process's resident memory while kt-kernel's objects load their
-weights (forward object | SFT object), nothing for torch-loop (it uses the unpacked bf16 weights).
+weights (forward object | SFT object), the unpacked bf16 weights' bytes for torch-loop.
 
 FLOPs: forward = 6 qlen k H I (gate, up, down: 2 flops per multiply-add); forward + backward =
 12 qlen k H I (the backward computes W_down^T dy and [dg | du] W_gate_up; no weight gradients).

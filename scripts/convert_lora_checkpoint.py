@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     quant = cfg.quant_config()
     print(f"merged adapter {adapter_note} into {args.base} -> {args.output}")
     print(f"LoRA r={cfg.lora_r}, scaling={cfg.scaling:g}: {counts['merged']} layers merged, "
-          f"{counts['trained']} trained biases/norms copied")
+          f"{counts['trained']} trained norms copied")
     if cfg.quant_lora_4bit or cfg.quant_4bit:
         print(f"4-bit base ({quant.quant_type}, blocksize {quant.blocksize}, double_quant {quant.double_quant}) "
               f"reproduced: {counts['4-bit']} frozen 4-bit layers dequantized")

@@ -4,10 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; pyproject allows 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,7 +37,7 @@ every loss) and the embeddings always stay in full precision.
 
 Checkpoint keys: a LoRA layer at ``<path>`` keeps its frozen base at ``<path>.weight`` (so base checkpoints
 load unchanged, 4-bit layers quantizing on arrival) and adds ``<path>.lora_A`` / ``<path>.lora_B``.
-``save_lora`` writes ``adapter.safetensors`` (adapters + trained biases/norms) and ``lora_config.json``.
+``save_lora`` writes ``adapter.safetensors`` (adapters + trained norms) and ``lora_config.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import json
 import math
 import re
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -109,8 +110,6 @@ class LoRAConfig:
                                          "expert: E times the parameters of a dense MLP's adapters per layer (DeepSeek-"
                                          "V2-Lite, r=8: 5.3M per layer), so consider a small lora_r."})
     lora_head: bool = field(default=False, metadata={"help": "LoRA on the output head lm_head (not when tied)."})
-    train_bias: bool = field(
-        default=False, metadata={"help": "Also train (and save) every bias (for models with biases)."})
     train_norms: bool = field(default=False, metadata={"help": "Also train (and save) every RMSNorm weight."})
     quant_4bit: bool = field(
         default=False, metadata={"help": "Store the frozen non-LoRA linears and all routed MoE experts 4-bit "
@@ -156,7 +155,9 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LoRAConfig":
-        """Builds a config from ``to_dict()`` output, refusing unknown keys."""
+        """Builds a config from ``to_dict()`` output, refusing unknown keys. ``train_bias``, which adapters saved by
+        earlier versions carry, is dropped: no supported model has biases, so it never trained anything."""
+        values = {key: value for key, value in values.items() if key != "train_bias"}
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown LoRA config keys: {unknown}")
@@ -398,8 +399,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: the model already has LoRA layers, no layer matches the enabled switches, or
-            ``lora_moe_routed_experts`` (``lora_moe_shared_experts``, ``train_bias``) is set on a model without
-            routed experts (shared experts, biases).
+            ``lora_moe_routed_experts`` is set on a model without routed experts. (``lora_moe_shared_experts`` on
+            a model without shared experts only warns: adapters saved by earlier versions may have it set.)
     """
     if adapted_modules(model):
         raise ValueError("the model already has LoRA layers")
@@ -409,9 +410,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if cfg.lora_moe_routed_experts and not experts:
         raise ValueError(f"lora_moe_routed_experts: this {type(model).__name__} has no routed MoE experts")
     if cfg.lora_moe_shared_experts and "lora_moe_shared_experts" not in map(lora_switch, targets):
-        raise ValueError(f"lora_moe_shared_experts: this {type(model).__name__} has no shared MoE experts")
-    if cfg.train_bias and not any(name.endswith(".bias") for name, _ in model.named_parameters()):
-        raise ValueError(f"train_bias: this {type(model).__name__} has no biases")
+        print(f"warning: lora_moe_shared_experts: this {type(model).__name__} has no shared MoE experts, the switch "
+              "adapts nothing", file=sys.stderr)
     if not targets and not experts:
         switches = ", ".join(LORA_TARGETS)
         raise ValueError(f"no layer of this {type(model).__name__} matches the enabled LoRA switches ({switches})")
@@ -440,10 +440,8 @@ def is_norm(name: str) -> bool:
 
 
 def is_trainable(name: str, cfg: LoRAConfig) -> bool:
-    """Adapters always; biases with ``train_bias``; norm weights with ``train_norms``."""
-    leaf = name.rpartition(".")[2]
-    return (leaf in ("lora_A", "lora_B") or (cfg.train_bias and leaf == "bias")
-            or (cfg.train_norms and is_norm(name)))
+    """Adapters always; norm weights with ``train_norms``."""
+    return name.rpartition(".")[2] in ("lora_A", "lora_B") or (cfg.train_norms and is_norm(name))
 
 
 def mark_only_lora_trainable(model: nn.Module, cfg: LoRAConfig) -> None:
@@ -454,7 +452,7 @@ def mark_only_lora_trainable(model: nn.Module, cfg: LoRAConfig) -> None:
 
 def widen_trained_norms(model: nn.Module) -> None:
     """Norm weights trained with ``train_norms`` become float32, like the adapters: an AdamW step of about the
-    learning rate (1e-4) is below half a bf16 ulp of a weight near 1 (2^-8 / 2), so a bf16 norm weight would
+    learning rate (1e-4) is below half a bf16 ulp of a weight near 1 (2^-7 / 2), so a bf16 norm weight would
     never change. RMSNorm multiplies with the weight in the activations' dtype, so the outputs are unchanged.
     Call once the base weights are loaded (a checkpoint streaming into a meta-device model brings its dtype)."""
     for name, param in model.named_parameters():
@@ -477,7 +475,7 @@ def adapter_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters plus the biases / norms the model's LoRA config trains, detached on the CPU."""
+    """The adapters plus the norms the model's LoRA config trains, detached on the CPU."""
     params = dict(model.named_parameters())
     return {name: params[name].detach().cpu().contiguous() for name in adapter_shapes(model)}
 
@@ -541,9 +539,11 @@ def find_adapter(path: str | Path) -> tuple[Path, str]:
 
 
 def adapter_fingerprint(lora_dir: str | os.PathLike) -> str:
-    """SHA-256 of an adapter's tensors and LoRA settings (not of free-form base info such as paths)."""
-    cfg, base = read_lora_config(lora_dir)
-    digest = hashlib.sha256(json.dumps({"lora": cfg.to_dict(), "model_type": base.get("model_type")},
+    """SHA-256 of an adapter's tensors and LoRA settings as saved (not of free-form base info such as paths), so
+    that it does not change when a later version reads the settings differently."""
+    read_lora_config(lora_dir)  # a malformed config is refused as when loading
+    content = read_json(Path(lora_dir) / LORA_CONFIG_FILE)
+    digest = hashlib.sha256(json.dumps({"lora": content["lora"], "model_type": content["base"].get("model_type")},
                                        sort_keys=True).encode())
     digest.update((Path(lora_dir) / ADAPTER_FILE).read_bytes())
     return digest.hexdigest()
@@ -622,7 +622,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every LoRA layer computes its base output, so the model is its own reference model.
 
     Works while merged too: a merged layer then subtracts ``s·B A x`` (equal to the base up to rounding).
-    Only the adapters are switched off: biases / norms trained with ``train_bias`` / ``train_norms`` keep
+    Only the adapters are switched off: norms trained with ``train_norms`` keep
     their trained values, so with those options the block is not the original base model.
     """
     layers = adapted_modules(model)

@@ -83,7 +83,7 @@ def prepare_model(model: nn.Module, experts_backend: str, lora_cfg: LoRAConfig |
 
 
 def adapter_callbacks(model: nn.Module, base_info: dict) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
-    """``save_trainable`` / ``load_trainable`` for the trainer: the LoRA adapter (and trained norms/biases)."""
+    """``save_trainable`` / ``load_trainable`` for the trainer: the LoRA adapter (and trained norms)."""
     cfg = model.lora_config
     return (lambda out_dir: save_lora(model, out_dir, cfg, base_info)), (lambda ckpt: load_lora(model, ckpt))
 

@@ -307,6 +307,17 @@ def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
             if name not in RESUME_ADJUSTABLE and differ(name)]
 
 
+def input_changes(recorded: Mapping[str, str] | None, current: Mapping[str, str], checkpoint: Path) -> list[str]:
+    """``"name: changed"`` for every input fingerprint of a checkpoint that this run's differs from. A checkpoint
+    written before checkpoints recorded them (``recorded`` None) only gets a warning that they are not verified."""
+    if recorded is None:
+        if current:
+            tqdm.write(f"warning: {checkpoint} was written before checkpoints recorded their inputs; whether "
+                       f"{' or '.join(current)} changed since is not checked")
+        return []
+    return [f"{name}: changed" for name, value in recorded.items() if current.get(name, value) != value]
+
+
 def fsync_files(directory: Path) -> None:
     """Flushes the regular files of ``directory`` to disk (their rename into place is durable only then)."""
     for path in directory.iterdir():
@@ -585,9 +596,8 @@ class Trainer:
             try:
                 saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
                 state = load_trainer_state(checkpoint)
-                mismatches = resume_mismatches(saved, current) + [
-                    f"{name}: changed" for name, value in state.get("input_fingerprints", {}).items()
-                    if self.input_fingerprints.get(name, value) != value]
+                mismatches = resume_mismatches(saved, current) + input_changes(
+                    state.get("input_fingerprints"), self.input_fingerprints, checkpoint)
                 if not mismatches:
                     self.load_trainable(checkpoint)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:

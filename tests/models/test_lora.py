@@ -358,15 +358,22 @@ def test_routed_expert_adapters_alone_and_on_a_model_without_experts():
         apply_lora(tiny_model(), LoRAConfig(**ROUTED))
 
 
-def test_shared_expert_adapters_on_a_model_without_them_are_refused():
-    """lora_moe_shared_experts on a dense LLaMA, beside switches that do match, is refused, not dropped; so is
-    train_bias on a model without biases (LLaMA and DeepSeek have none)."""
-    with pytest.raises(ValueError, match="this Transformer has no shared MoE experts"):
-        apply_lora(tiny_model(), LoRAConfig(lora_moe_shared_experts=True))
-    with pytest.raises(ValueError, match="train_bias: this Transformer has no biases"):
-        apply_lora(tiny_model(), LoRAConfig(train_bias=True))
+def test_shared_expert_switch_on_a_model_without_them_warns(capsys):
+    """lora_moe_shared_experts on a dense LLaMA, beside switches that do match, is not dropped silently: it warns
+    (an error would refuse adapters saved by earlier versions with the switch set)."""
+    model = apply_lora(tiny_model(), LoRAConfig(lora_moe_shared_experts=True))
+    assert "lora_moe_shared_experts: this Transformer has no shared MoE experts" in capsys.readouterr().err
+    assert not any(".shared_experts." in name for name, _ in lora_layers(model))
     model = apply_lora(tiny_deepseek(), LoRAConfig(lora_moe_shared_experts=True))
-    assert any(".shared_experts." in name for name, _ in lora_layers(model))
+    assert any(".shared_experts." in name for name, _ in lora_layers(model)) and capsys.readouterr().err == ""
+
+
+def test_adapter_config_of_an_earlier_version_with_train_bias_loads():
+    """Earlier versions saved a train_bias switch; no supported model has biases, so it is dropped on reading."""
+    saved = {**LoRAConfig(lora_r=4).to_dict(), "train_bias": True}
+    assert LoRAConfig.from_dict(saved) == LoRAConfig(lora_r=4)
+    with pytest.raises(ValueError, match=r"unknown LoRA config keys: \['train_biases'\]"):
+        LoRAConfig.from_dict({**LoRAConfig().to_dict(), "train_biases": True})
 
 
 def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):

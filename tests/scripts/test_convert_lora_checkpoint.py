@@ -58,7 +58,7 @@ def test_merged_checkpoint_reproduces_the_lora_model(base_dir, tmp_path, capsys)
     model = train_adapter(base_dir, tmp_path / "adapter", cfg)
     assert run(base_dir, tmp_path / "adapter", tmp_path / "merged") == 0
     out = capsys.readouterr().out
-    assert "LoRA r=4, scaling=2: 8 layers merged, 5 trained biases/norms copied" in out
+    assert "LoRA r=4, scaling=2: 8 layers merged, 5 trained norms copied" in out
     merged = load_model(tmp_path / "merged")
     torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=0)
     assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()

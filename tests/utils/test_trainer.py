@@ -298,6 +298,21 @@ def test_resume_refuses_changed_inputs(tmp_path):
     assert resumed.step == 3
 
 
+def test_resume_of_a_checkpoint_without_input_fingerprints_warns(tmp_path, capsys):
+    """A checkpoint written before input fingerprints existed resumes, with a warning that names what is not
+    verified."""
+    data = make_dataset([1, 2, 3, 4], seed=5)
+    run(make_cfg(tmp_path, max_train_steps=1, ckpt_interval=1), ToyModel(seed=7), data)
+    state_path = tmp_path / "ckpt" / "step-000001" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["input_fingerprints"]
+    torch.save(state, state_path)
+    inputs = {"dataset (train_data_dir)": "d1"}
+    assert run(make_cfg(tmp_path, max_train_steps=2, resume=True), ToyModel(), data, input_fingerprints=inputs).step == 2
+    assert "written before checkpoints recorded their inputs; whether dataset (train_data_dir) changed since is " \
+        "not checked" in capsys.readouterr().out
+
+
 def test_resume_from_another_directory_with_its_own_relative_paths(tmp_path, monkeypatch):
     """A checkpoint records its directories resolved: resuming from elsewhere with a relative spelling of the same
     ckpt_dir is the same run; a torn config.json in the newest checkpoint falls back like a torn state."""
