@@ -1,4 +1,4 @@
-"""Turn a config dataclass into a command line, and save/load resolved configs as JSON.
+"""Turn a config dataclass into a command line, and save resolved configs as JSON.
 
 Every dataclass field becomes a flag, spelled ``--field-name`` or ``--field_name``; its
 help text comes from ``field(metadata={"help": ...})``. Supported field types:
@@ -227,21 +227,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as indented JSON to ``path``."""
     Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-
-
-def load_config(config_cls: type[ConfigT], path: str | Path) -> ConfigT:
-    """Read a config written by :func:`save_config`.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file has keys that ``config_cls`` has no field for.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    values = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    extra = sorted(set(values) - names)
-    if extra:
-        raise ValueError(f"{path}: unknown {config_cls.__name__} fields {extra}")
-    return config_cls(**_lists_to_tuples(config_cls, values))

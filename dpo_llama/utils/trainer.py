@@ -227,14 +227,21 @@ class BatchSampler:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        """The position in the stream."""
-        return {"epoch": self.epoch, "position": self.position}
+        """The position in the stream, and the number of examples it runs over."""
+        return {"epoch": self.epoch, "position": self.position, "num_examples": self.num_examples}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Jump to a position saved by :meth:`state_dict`."""
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._batches = self._epoch_batches(self.epoch)
+        """Jump to a position saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the position was saved over another number of examples (the data changed).
+        """
+        saved = int(state.get("num_examples", self.num_examples))
+        batches = self._epoch_batches(int(state["epoch"]))
+        if saved != self.num_examples or int(state["position"]) > len(batches):
+            raise ValueError(f"the checkpoint's data position ({saved} examples, batch {state['position']}) does not "
+                             f"fit this training set of {self.num_examples} examples: the data changed")
+        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), batches
 
 
 def rng_state() -> dict[str, Any]:

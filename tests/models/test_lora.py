@@ -10,9 +10,10 @@ from torch import nn
 
 from dpo_llama.models.checkpoint import save_model
 from dpo_llama.models.llama import Transformer
-from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, apply_lora,
-                                   disable_adapters, load_lora, load_model_with_lora, lora_layers, lora_state_dict,
-                                   lora_targets, merge_lora, read_lora_config, save_lora, unmerge_lora)
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_fingerprint,
+                                   apply_lora, disable_adapters, load_lora, load_model_with_lora, lora_layers,
+                                   lora_state_dict, lora_targets, merge_lora, read_lora_config, save_lora,
+                                   unmerge_lora)
 from dpo_llama.models.presets import get_preset
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -366,6 +367,23 @@ def test_shared_expert_switch_on_a_model_without_them_warns(capsys):
     assert not any(".shared_experts." in name for name, _ in lora_layers(model))
     model = apply_lora(tiny_deepseek(), LoRAConfig(lora_moe_shared_experts=True))
     assert any(".shared_experts." in name for name, _ in lora_layers(model)) and capsys.readouterr().err == ""
+
+
+def test_adapter_fingerprint_hashes_the_settings_as_saved(tmp_path):
+    """sha256(json({"lora": saved lora section, "model_type"}, sorted keys) + adapter.safetensors bytes): an adapter
+    saved by an earlier version (with train_bias) keeps the fingerprint its reference datasets recorded, though
+    its settings now read back without that key."""
+    import hashlib
+    model = apply_lora(tiny_model(), LoRAConfig(lora_r=4))
+    save_lora(model, tmp_path, LoRAConfig(lora_r=4), {})
+    content = json.loads((tmp_path / LORA_CONFIG_FILE).read_text())
+    content["lora"]["train_bias"] = False
+    (tmp_path / LORA_CONFIG_FILE).write_text(json.dumps(content))
+    expected = hashlib.sha256(json.dumps({"lora": content["lora"], "model_type": content["base"]["model_type"]},
+                                         sort_keys=True).encode())
+    expected.update((tmp_path / ADAPTER_FILE).read_bytes())
+    assert adapter_fingerprint(tmp_path) == expected.hexdigest()
+    assert read_lora_config(tmp_path)[0] == LoRAConfig(lora_r=4)
 
 
 def test_adapter_config_of_an_earlier_version_with_train_bias_loads():

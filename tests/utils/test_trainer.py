@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import load_config
+from dpo_llama.utils.cli import config_to_dict
 from dpo_llama.utils.trainer import (
     BatchSampler,
     NonFiniteLossError,
@@ -374,11 +374,11 @@ def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
     for name in names:
         assert sorted(p.name for p in (ckpt_dir / name).iterdir()) == ["config.json", "trainer_state.pt", "weights.pt"]
     assert result.last_checkpoint == latest_checkpoint(ckpt_dir) == ckpt_dir / "step-000005"
-    assert load_config(TrainConfig, ckpt_dir / "step-000005" / "config.json") == cfg
+    assert json.loads((ckpt_dir / "step-000005" / "config.json").read_text()) == config_to_dict(cfg)
     state = load_trainer_state(ckpt_dir / "step-000004")
     assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "history", "input_fingerprints"}
     assert state["step"] == 4 and [r["step"] for r in state["history"]] == [1, 2, 3, 4]
-    assert state["sampler"] == {"epoch": 3, "position": 2}  # 8 micro-batches = 4 epochs of 2 batches
+    assert state["sampler"] == {"epoch": 3, "position": 2, "num_examples": 3}  # 8 micro-batches = 4 epochs of 2
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg, ToyModel(), make_dataset([2, 3, 4]))
 
@@ -428,6 +428,16 @@ def test_sampler_is_deterministic_resumable_and_covers_each_epoch():
         fresh_copy.next_batch()
     resumed.load_state_dict(fresh_copy.state_dict())
     assert [resumed.next_batch() for _ in range(3)] == stream[5:8]
+
+
+def test_sampler_refuses_a_position_saved_over_other_data():
+    """A position saved over 10 examples does not fit 7 (a dataset rebuilt under the same path); a position past
+    the epoch's batches (recorded before the example count was) is refused too."""
+    saved = BatchSampler(10, 3, seed=1).state_dict()
+    with pytest.raises(ValueError, match="10 examples, batch 0.*7 examples: the data changed"):
+        BatchSampler(7, 3, seed=1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="the data changed"):
+        BatchSampler(4, 3, seed=1).load_state_dict({"epoch": 0, "position": 3})
 
 
 def test_sampler_groups_by_length():
