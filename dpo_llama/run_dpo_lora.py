@@ -75,11 +75,12 @@ def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> 
     write_json(Path(cfg.log_dir) / cfg.run_name / "reference_check.json", result)
     units = f"{result['pairs']} pairs" if "pairs" in result else f"{result['examples']} examples"
     loss = f", DPO loss {result['sigmoid_loss']:.6f} (ln 2 = {result['ln2']:.6f})" if "pairs" in result else ""
-    print(f"reference check on {units}: max |policy - reference| log-prob {result['max_abs_logp_diff']:.2e}{loss}, "
-          f"mean |reward| {result['mean_abs_reward']:.2e}")
-    if result["max_abs_logp_diff"] > cfg.reference_check_tolerance:
-        refuse_or_warn(cfg, f"policy and reference log-probs differ by {result['max_abs_logp_diff']:.3g} "
-                            f"(> {cfg.reference_check_tolerance}) before training")
+    print(f"reference check on {units}: max |policy - reference| log-prob {result['max_abs_logp_diff']:.2e} "
+          f"({result['max_abs_logp_diff_per_token']:.2e} per token){loss}, mean |reward| {result['mean_abs_reward']:.2e}")
+    if result["max_abs_logp_diff_per_token"] > cfg.reference_check_tolerance:
+        refuse_or_warn(cfg, f"policy and reference log-probs differ by {result['max_abs_logp_diff_per_token']:.3g} "
+                            f"per token (> --reference-check-tolerance {cfg.reference_check_tolerance}) before "
+                            "training")
 
 
 def run(cfg: DPOLoRAConfig):

@@ -20,7 +20,7 @@ from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import LoRAConfig, adapter_fingerprint, find_adapter, load_model_with_lora, save_lora
 from dpo_llama.run_dpo_lora import main as run_dpo
 from dpo_llama.run_sft_lora import main as run_sft
-from dpo_llama.utils.dataset_io import META_FILE
+from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples, save_examples
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.build_preference_datasets import main as build_preference
 from scripts.convert_lora_checkpoint import main as merge_lora
@@ -177,6 +177,22 @@ def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path, device, qlora
     assert len(accuracy) == 2 and accuracy[-1] >= 0.8
     assert loss[-1] < LN2 - 0.1 and series(history, "val/rewards/margins")[-1] > 0
     assert (tmp_path / "logs" / "run" / "reward_accuracy.png").is_file()
+
+
+def test_stored_references_off_by_more_than_the_tolerance_are_refused(ws, tmp_path, capsys):
+    """The first pair's stored chosen log-prob moved by 0.5 (its fingerprint unchanged): the step-0 check sees
+    0.5 / (its scored tokens) per token, above the default 1e-3, and refuses; a looser tolerance trains."""
+    data = edit_meta(ws["data"], tmp_path / "data", lambda meta: None)
+    examples = load_examples(data / TRAIN_FILE)
+    examples[0]["ref_chosen_logps"] = examples[0]["ref_chosen_logps"] + np.float32(0.5)
+    (data / TRAIN_FILE).unlink()  # a hard link to the workspace's split
+    save_examples(examples, data / TRAIN_FILE)
+    assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=data, max_train_steps=1)) == 1
+    assert "per token (> --reference-check-tolerance 0.001) before training" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=data, max_train_steps=1,
+                            reference_check_tolerance=1.0)) == 0
+    check = reference_check(tmp_path / "b")
+    assert check["max_abs_logp_diff"] == pytest.approx(0.5, abs=1e-4) and check["max_abs_logp_diff_per_token"] > 1e-3
 
 
 def test_kto_policy_starts_at_the_reference(ws, tmp_path):

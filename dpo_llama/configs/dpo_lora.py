@@ -36,7 +36,9 @@ class DPOLoRAConfig(FinetuneConfig):
     allow_reference_mismatch: bool = field(
         default=False, metadata={"help": "Train even if the dataset's reference does not match the starting policy."})
     reference_check_tolerance: float = field(
-        default=1e-2, metadata={"help": "Largest |policy - reference| summed log-prob accepted at step 0."})
+        default=1e-3, metadata={"help": "Largest |policy - reference| log-prob difference per scored token of a "
+                                        "sequence accepted at step 0 (bf16 drifts about 1e-4; a wrong reference is "
+                                        "off by 1e-2 or more)."})
     ckpt_dir: str = field(default=demo.DPO_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
     run_name: str = field(default="demo-dpo", metadata={"help": "Name of this run's log sub-directory."})
     max_train_steps: int = field(default=300, metadata={"help": "Number of optimizer steps."})

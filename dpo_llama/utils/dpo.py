@@ -159,17 +159,21 @@ def reference_check(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> di
     With the policy loaded exactly as the reference was (same weights, quantization, dtype) and every LoRA
     B = 0, the policy's log-probs equal the stored ones. Pairs: DPO's sigmoid loss is then ``h = 0`` and
     ``loss = -log σ(0) = ln 2`` with zero rewards; KTO examples: their completions and their KL completions are
-    compared. Returns the largest absolute log-prob difference, the mean |reward| at β = ``cfg.beta``, the
-    number of pairs (and the sigmoid loss) or of examples.
+    compared. Returns the largest absolute summed log-prob difference and the largest per scored token (a
+    sequence's difference over its scored tokens: bf16 results depend slightly on the padded length, so the
+    sums of long sequences drift), the mean |reward| at β = ``cfg.beta``, the number of pairs (and the sigmoid
+    loss) or of examples.
     """
     was_training = model.training
     model.eval()
+    scored = batch["mask"][:, 1:].sum(dim=-1)
     try:
         if "desirable" in batch:
             rewards = sequence_logps(model, batch["tokens"], batch["mask"], lengths=batch["lengths"])[0] \
                 - batch["ref_logps"]
             policy_kl, ref_kl = kl_logps(model, [batch])
             diff = torch.cat([rewards, policy_kl - ref_kl])
+            scored = torch.cat([scored, batch["kl_mask"][:, 1:].sum(dim=-1)])
             result = {"examples": len(rewards)}
         else:
             logps = policy_logps(model, batch)
@@ -180,5 +184,6 @@ def reference_check(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> di
             result = {"sigmoid_loss": float(loss), "ln2": math.log(2), "pairs": len(chosen)}
     finally:
         model.train(was_training)
-    return {"max_abs_logp_diff": float(diff.abs().max()), "mean_abs_reward": float(cfg.beta * rewards.abs().mean()),
-            **result}
+    return {"max_abs_logp_diff": float(diff.abs().max()),
+            "max_abs_logp_diff_per_token": float((diff.abs() / scored.clamp(min=1)).max()),
+            "mean_abs_reward": float(cfg.beta * rewards.abs().mean()), **result}

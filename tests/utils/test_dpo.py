@@ -117,17 +117,19 @@ def test_shifted_reference_gives_the_hand_computed_loss_and_metrics(model):
 
 def test_reference_check_measures_ln2_then_the_mismatch(model):
     """Equal log-probs: max |diff| 0, loss ln 2, mean |reward| 0. refc off by +0.3 on one pair: max |diff|
-    0.3, h = −0.3 there, mean |reward| = β·0.3/4 over the 4 sequences. The model's mode is restored."""
+    0.3 (0.1 per token: its chosen response scores 3 tokens), h = −0.3 there, mean |reward| = β·0.3/4 over the
+    4 sequences. The model's mode is restored."""
     model.train()
     exact = reference_check(model, with_reference(model, PAIRS), cfg())
-    assert exact == {"max_abs_logp_diff": 0.0, "sigmoid_loss": pytest.approx(LN2), "ln2": LN2,
-                     "mean_abs_reward": 0.0, "pairs": 2}
+    assert exact == {"max_abs_logp_diff": 0.0, "max_abs_logp_diff_per_token": 0.0, "sigmoid_loss": pytest.approx(LN2),
+                     "ln2": LN2, "mean_abs_reward": 0.0, "pairs": 2}
     assert model.training
     batch = with_reference(model, PAIRS)
     batch["ref_chosen"][1] += 0.3
     off = reference_check(model, batch, cfg())
     model.eval()
     assert off["max_abs_logp_diff"] == pytest.approx(0.3, rel=1e-4)
+    assert off["max_abs_logp_diff_per_token"] == pytest.approx(0.1, rel=1e-4)
     assert off["sigmoid_loss"] == pytest.approx((LN2 + math.log1p(math.exp(0.5 * 0.3))) / 2, rel=1e-4)
     assert off["mean_abs_reward"] == pytest.approx(0.5 * 0.3 / 4, rel=1e-4)
 
@@ -202,7 +204,8 @@ def test_reference_check_on_kto_compares_completions_and_kl_completions(model):
     reference off by 0.2 shows in max |diff| only (the KL completions carry no reward); a completion's
     reference off by 0.4 gives mean |reward| = β·0.4/3 (β = 0.5)."""
     exact = reference_check(model, kto_batch(model, kto_examples()), cfg(loss_type="kto"))
-    assert exact == {"max_abs_logp_diff": 0.0, "mean_abs_reward": 0.0, "examples": 3}
+    assert exact == {"max_abs_logp_diff": 0.0, "max_abs_logp_diff_per_token": 0.0, "mean_abs_reward": 0.0,
+                     "examples": 3}
     batch = kto_batch(model, kto_examples())
     batch["ref_kl_logps"][1] += 0.2
     off_kl = reference_check(model, batch, cfg(loss_type="kto"))
@@ -211,6 +214,7 @@ def test_reference_check_on_kto_compares_completions_and_kl_completions(model):
     batch["ref_logps"][0] -= 0.4
     off = reference_check(model, batch, cfg(loss_type="kto"))
     assert off["max_abs_logp_diff"] == pytest.approx(0.4, rel=1e-4)
+    assert off["max_abs_logp_diff_per_token"] == pytest.approx(0.2, rel=1e-4)  # completion 0 scores 2 tokens
     assert off["mean_abs_reward"] == pytest.approx(0.5 * 0.4 / 3, rel=1e-4)
 
 
