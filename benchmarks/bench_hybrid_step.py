@@ -3,7 +3,8 @@
 The model has DeepSeek-V2-Lite's shapes (MLA attention, 64 routed experts of 2048 x 1408 with top-6 routing,
 2 shared experts, vocabulary 102400) cut to ``--layers`` layers, the first dense and the rest MoE. Its random
 bf16 weights are saved once as a checkpoint and loaded the way ``run_dpo_lora.py`` loads a policy
-(``load_policy``: LoRA r ``--rank`` on the query and value projections, bf16). Each variant then runs the
+(``load_policy``: LoRA r ``--rank`` on the trainers' default targets, every attention projection and the dense
+MLP's gate / up / down; bf16). Each variant then runs the
 training step of ``run_dpo_lora.py``: the sigmoid DPO loss (plus the load-balancing loss) of ``--pairs`` pairs of
 ``--seq-len``-token sequences under bf16 autocast, its backward, and an AdamW step. Variants:
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers (the first dense, the rest MoE)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2x sequences)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--rank", type=int, default=64, help="LoRA rank on the query and value projections")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank (the trainers' default targets: attention and dense MLP)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (the kernel's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to run")

@@ -7,7 +7,8 @@ Formats (auto-detected per file from its first recognisable row, or forced with 
 (instruction/input/output), sharegpt (conversations: [{from, value}]), messages (OpenAI/TRL [{role, content}]),
 hh (HH-RLHF chosen transcripts), dolly (instruction/context/response). Files: .json, .jsonl, .jsonl.gz/.json.gz,
 .parquet.
-Every assistant turn is a training target; everything else is masked. Conversations longer than --max-seq-len
+Every assistant turn is a training target (except OpenAI messages turns with "weight": 0, kept as context);
+everything else is masked. Rows that declare tools (tools / functions) and KTO rows (label) are skipped. Conversations longer than --max-seq-len
 keep their first --max-seq-len tokens; those left with no assistant token are dropped and counted.
 With no arguments it builds the embedded demo's SFT data.
 """

@@ -32,7 +32,7 @@ Formats (``format=`` name: the keys of one row):
 
 Rows are skipped and counted when they have missing fields, non-string content, empty
 responses, identical chosen and rejected, an SHP score ratio below the minimum, declared tools
-(``tools`` / ``functions``, in the ShareGPT, TRL conversational and KTO formats), or anything
+(``tools`` / ``functions``), or anything
 :func:`~dpo_llama.utils.sft_formats.check_conversation` rejects.
 """
 
@@ -169,6 +169,7 @@ def trl_split(row: dict) -> Split:
     A prompt that is an HH-RLHF transcript up to its last ``Assistant:`` (Dahoas/rm-static, Dahoas/full-hh-rlhf:
     ``"\\n\\nHuman: ...\\n\\nAssistant:"``) is split into its turns, as the HH format would.
     """
+    refuse_tools(row)
     prompt = text_field(row, "prompt")
     if prompt.lstrip().startswith("Human:") and prompt.rstrip().endswith("\n\nAssistant:"):
         return hh_split({side: prompt + text_field(row, side) for side in ("chosen", "rejected")})

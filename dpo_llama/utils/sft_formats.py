@@ -168,8 +168,9 @@ def alpaca_prompt(row: dict) -> list[Message]:
     """System, history and user turn of an Alpaca / LLaMA-Factory row (everything but the answer).
 
     Raises:
-        BadRowError: Missing ``instruction``, non-string fields or a malformed ``history``.
+        BadRowError: Missing ``instruction``, non-string fields, a malformed ``history``, or declared tools.
     """
+    refuse_tools(row)
     messages = system_prompt(text_field(row, "system", required=False))
     history = row.get("history")
     if history is not None:

@@ -120,6 +120,8 @@ def test_trl_conversational_explicit_prompt():
     ("sharegpt_ranking", {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
                           "rejected": {"from": "gpt", "value": "b"}}),
     ("kto", {"prompt": [user("q")], "completion": [assistant("a")], "label": True}),
+    ("trl", {"prompt": "q", "chosen": "a", "rejected": "b"}),
+    ("alpaca_ranking", {"instruction": "q", "chosen": "a", "rejected": "b"}),
 ])
 def test_rows_declaring_tools_are_skipped(tmp_path, fmt, good):
     """TRL's and LLaMA-Factory's tools column would be dropped from the prompt, so such rows are skipped."""

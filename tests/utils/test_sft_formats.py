@@ -291,6 +291,7 @@ def test_openai_weight_zero_keeps_an_assistant_turn_as_context(tmp_path):
      "tools not supported"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
       "tools": "[{\"name\": \"get_weather\"}]"}, "tools not supported"),
+    ({"instruction": "q", "output": "a", "tools": "[{\"name\": \"get_weather\"}]"}, "tools not supported"),
     ({"messages": [user("q"), assistant("a")], "label": False}, "KTO row"),
     ({"messages": [user("q"), assistant("a")], "label": None}, "KTO row"),
     ({"instruction": "q", "output": "a", "label": True}, "KTO row"),

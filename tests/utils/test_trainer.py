@@ -24,6 +24,7 @@ from dpo_llama.utils.trainer import (
     latest_checkpoint,
     load_trainer_state,
     lr_factor,
+    resume_mismatches,
     rng_state,
     set_rng_state,
     train,
@@ -282,6 +283,14 @@ def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_pat
     assert state["betas"] == (0.5, 0.6) and state["eps"] == 1e-3 and state["weight_decay"] == 0.1
     with pytest.raises(ValueError, match=r"other settings(.|\n)*micro_batch_size: 2 -> 3\n  seed: 0 -> 4"):
         run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
+
+
+def test_resume_may_move_the_experts_between_bf16_backends_but_not_to_int8():
+    """torch <-> cpu_kernel computes the same experts; cpu_kernel_int8 quantizes them, like a 4-bit change."""
+    saved = {"experts_backend": "torch", "seed": 0}
+    assert resume_mismatches(saved, {"experts_backend": "cpu_kernel", "seed": 0}) == []
+    assert resume_mismatches(saved, {"experts_backend": "cpu_kernel_int8", "seed": 0}) == [
+        "experts_backend: 'torch' -> 'cpu_kernel_int8'"]
 
 
 def test_resume_refuses_changed_inputs(tmp_path):
