@@ -20,6 +20,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from dpo_llama.configs.dpo_lora import DPOLoRAConfig
 from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info, find_adapter
@@ -27,7 +29,7 @@ from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_j
 from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, input_fingerprints, load_policy,
-                                      resolve_dtype, run_main, trainable_summary)
+                                      resolve_dtype, run_main, trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
 from dpo_llama.utils.trainer import (autocast_context, autocast_name, latest_checkpoint, resolve_device, to_device,
@@ -76,11 +78,21 @@ def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> 
     units = f"{result['pairs']} pairs" if "pairs" in result else f"{result['examples']} examples"
     loss = f", DPO loss {result['sigmoid_loss']:.6f} (ln 2 = {result['ln2']:.6f})" if "pairs" in result else ""
     print(f"reference check on {units}: max |policy - reference| log-prob {result['max_abs_logp_diff']:.2e} "
-          f"({result['max_abs_logp_diff_per_token']:.2e} per token){loss}, mean |reward| {result['mean_abs_reward']:.2e}")
-    if result["max_abs_logp_diff_per_token"] > cfg.reference_check_tolerance:
+          f"({result['max_abs_logp_diff_per_token']:.2e} per token){loss}, "
+          f"mean |reward| {result['mean_abs_reward']:.2e}")
+    tolerance = reference_tolerance(cfg, device)
+    if result["max_abs_logp_diff_per_token"] > tolerance:
         refuse_or_warn(cfg, f"policy and reference log-probs differ by {result['max_abs_logp_diff_per_token']:.3g} "
-                            f"per token (> --reference-check-tolerance {cfg.reference_check_tolerance}) before "
-                            "training")
+                            f"per token (> --reference-check-tolerance {tolerance:g}) before training")
+
+
+def reference_tolerance(cfg: DPOLoRAConfig, device) -> float:
+    """``--reference-check-tolerance``, or by default 1e-3 per token for a policy computing in fp32 and 3e-2 in
+    bf16 / fp16 or under autocast (their results depend slightly on the padded length)."""
+    if cfg.reference_check_tolerance is not None:
+        return cfg.reference_check_tolerance
+    fp32 = resolve_dtype(cfg.dtype, device) == torch.float32 and autocast_name(device, cfg.mixed_precision) is None
+    return 1e-3 if fp32 else 3e-2
 
 
 def run(cfg: DPOLoRAConfig):
@@ -92,6 +104,7 @@ def run(cfg: DPOLoRAConfig):
     lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
     model = load_policy(cfg, device, lora_dir, base_sha256)
+    cfg = with_running_experts_backend(cfg, model)
     verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device, base_sha256)
     prepare_step = None
     if cfg.loss_type == "kto":

@@ -20,7 +20,7 @@ from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, input_fingerprints, load_policy, run_main,
-                                      trainable_summary)
+                                      trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
 from dpo_llama.utils.trainer import resolve_device, train
 
@@ -34,6 +34,7 @@ def run(cfg: SFTLoRAConfig):
     check_dataset_kind(meta, "sft", cfg.train_data_dir)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     model = load_policy(cfg, device)
+    cfg = with_running_experts_backend(cfg, model)
     print(f"SFT on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter's record and the resume check
     save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir, base_sha256))

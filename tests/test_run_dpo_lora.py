@@ -181,7 +181,8 @@ def test_dpo_learns_the_preference_on_unseen_prompts(ws, tmp_path, device, qlora
 
 def test_stored_references_off_by_more_than_the_tolerance_are_refused(ws, tmp_path, capsys):
     """The first pair's stored chosen log-prob moved by 0.5 (its fingerprint unchanged): the step-0 check sees
-    0.5 / (its scored tokens) per token, above the default 1e-3, and refuses; a looser tolerance trains."""
+    0.5 / (its scored tokens) per token, above the fp32 default 1e-3, and refuses; a looser tolerance trains;
+    a bf16 policy's default is 3e-2."""
     data = edit_meta(ws["data"], tmp_path / "data", lambda meta: None)
     examples = load_examples(data / TRAIN_FILE)
     examples[0]["ref_chosen_logps"] = examples[0]["ref_chosen_logps"] + np.float32(0.5)
@@ -193,6 +194,11 @@ def test_stored_references_off_by_more_than_the_tolerance_are_refused(ws, tmp_pa
                             reference_check_tolerance=1.0)) == 0
     check = reference_check(tmp_path / "b")
     assert check["max_abs_logp_diff"] == pytest.approx(0.5, abs=1e-4) and check["max_abs_logp_diff_per_token"] > 1e-3
+    from dpo_llama.configs.dpo_lora import DPOLoRAConfig
+    from dpo_llama.run_dpo_lora import reference_tolerance
+    assert reference_tolerance(DPOLoRAConfig(dtype="bf16"), torch.device("cpu")) == 3e-2
+    assert reference_tolerance(DPOLoRAConfig(dtype="fp32"), torch.device("cpu")) == 1e-3
+    assert reference_tolerance(DPOLoRAConfig(dtype="fp32"), torch.device("cuda")) == 3e-2  # bf16 autocast
 
 
 def test_kto_policy_starts_at_the_reference(ws, tmp_path):

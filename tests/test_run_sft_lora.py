@@ -148,6 +148,19 @@ def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatc
                         read_history(tmp_path / "whole" / "logs" / "run"))
 
 
+def test_the_config_records_the_experts_backend_that_runs():
+    """A kernel backend that fell back to torch (no compiler, say) is recorded as torch: a resume where the kernel
+    loads would otherwise switch the experts' math unnoticed. Models without the setting keep the config's."""
+    from types import SimpleNamespace
+
+    from dpo_llama.configs.sft_lora import SFTLoRAConfig
+    from dpo_llama.utils.finetune import with_running_experts_backend
+    cfg = SFTLoRAConfig(experts_backend="cpu_kernel_int8")
+    fell_back = SimpleNamespace(args=SimpleNamespace(experts_backend="torch"))
+    assert with_running_experts_backend(cfg, fell_back).experts_backend == "torch"
+    assert with_running_experts_backend(cfg, SimpleNamespace(args=SimpleNamespace())) is cfg
+
+
 def test_resume_on_a_rebuilt_dataset_or_changed_base_is_refused(workspace, tmp_path, capsys):
     """The same --train-data-dir rebuilt from other rows, or other weights at the same --pretrain-ckpt-dir:
     --resume refuses rather than continue its sampler's position in other data or its adapter on another base."""

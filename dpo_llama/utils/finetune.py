@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,13 @@ def adapter_callbacks(model: nn.Module, base_info: dict) -> tuple[Callable[[Path
     """``save_trainable`` / ``load_trainable`` for the trainer: the LoRA adapter (and trained norms)."""
     cfg = model.lora_config
     return (lambda out_dir: save_lora(model, out_dir, cfg, base_info)), (lambda ckpt: load_lora(model, ckpt))
+
+
+def with_running_experts_backend(cfg, model: nn.Module):
+    """``cfg`` with the MoE experts backend the model actually runs (the kernel backends fall back to ``"torch"``
+    where the kernel cannot load): checkpoints record it, and a resume compares it."""
+    running = getattr(model.args, "experts_backend", None)
+    return cfg if running in (None, cfg.experts_backend) else dataclasses.replace(cfg, experts_backend=running)
 
 
 def input_fingerprints(cfg, base_sha256: str) -> dict[str, str]:

@@ -56,9 +56,9 @@ CONFIG_FILE = "config.json"
 DEFAULT_PLOTS: tuple[PlotSpec, ...] = (("loss", ("train/loss", "val/loss")),)
 GROUP_WINDOW_BATCHES = 50  # length grouping sorts windows of this many micro-batches
 # Settings a resumed run may change: the schedule and optimizer hyperparameters (applied from the resumed step on),
-# logging, checkpointing, where and how the same math runs (the experts backend too, but not to or from int8
-# weights, see resume_mismatches). Any other difference from the checkpoint's config.json (data, batching, seed,
-# model, adapters, loss) would mix two runs, and is refused.
+# logging, checkpointing, where and how the same math runs. Any other difference from the checkpoint's
+# config.json (data, batching, seed, model and its experts backend, adapters, loss) would mix two runs, and is
+# refused.
 RESUME_ADJUSTABLE = frozenset({
     "max_train_steps", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "adam_betas", "adam_eps",
     "grad_clip", "log_interval", "val_interval", "val_batches", "ckpt_interval", "ckpt_dir", "log_dir", "run_name",
@@ -302,13 +302,11 @@ def resume_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     checkpoint's config and this run's, both as JSON values (settings only one of them has are skipped). A
     checkpoint records its ``*_dir`` paths resolved (:func:`with_absolute_dirs`), and this run's are resolved
     against the current directory; a relative path recorded by an older version is not compared (its working
-    directory is unknown). The MoE experts backend may change between the bf16 ones, not to or from int8."""
+    directory is unknown)."""
     current = json.loads(json.dumps(current))
 
     def differ(name: str) -> bool:
         old, new = saved[name], current[name]
-        if name == "experts_backend":  # the bf16 backends compute the same experts; int8 weights others
-            return str(old).endswith("_int8") != str(new).endswith("_int8")
         if name.endswith("_dir") and isinstance(old, str) and isinstance(new, str) and old and new:
             return Path(old).is_absolute() and old != str(Path(new).resolve())
         return old != new

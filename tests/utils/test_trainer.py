@@ -285,12 +285,12 @@ def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_pat
         run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
 
 
-def test_resume_may_move_the_experts_between_bf16_backends_but_not_to_int8():
-    """torch <-> cpu_kernel computes the same experts; cpu_kernel_int8 quantizes them, like a 4-bit change."""
+def test_resume_refuses_another_experts_backend():
+    """The kernel packs the experts in bf16 (or int8): another backend computes other experts."""
     saved = {"experts_backend": "torch", "seed": 0}
-    assert resume_mismatches(saved, {"experts_backend": "cpu_kernel", "seed": 0}) == []
-    assert resume_mismatches(saved, {"experts_backend": "cpu_kernel_int8", "seed": 0}) == [
-        "experts_backend: 'torch' -> 'cpu_kernel_int8'"]
+    assert resume_mismatches(saved, {"experts_backend": "torch", "seed": 0}) == []
+    assert resume_mismatches(saved, {"experts_backend": "cpu_kernel", "seed": 0}) == [
+        "experts_backend: 'torch' -> 'cpu_kernel'"]
 
 
 def test_resume_refuses_changed_inputs(tmp_path):
