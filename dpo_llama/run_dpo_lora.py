@@ -88,10 +88,12 @@ def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> 
 
 def reference_tolerance(cfg: DPOLoRAConfig, device) -> float:
     """``--reference-check-tolerance``, or by default 1e-3 per token for a policy computing in fp32 and 3e-2 in
-    bf16 / fp16 or under autocast (their results depend slightly on the padded length)."""
+    bf16 / fp16 (weights, 4-bit compute dtype or autocast), whose results depend slightly on the padded length."""
     if cfg.reference_check_tolerance is not None:
         return cfg.reference_check_tolerance
-    fp32 = resolve_dtype(cfg.dtype, device) == torch.float32 and autocast_name(device, cfg.mixed_precision) is None
+    four_bit_fp32 = not (cfg.quant_4bit or cfg.quant_lora_4bit) or cfg.quant_4bit_compute_dtype == "fp32"
+    fp32 = (resolve_dtype(cfg.dtype, device) == torch.float32 and four_bit_fp32
+            and autocast_name(device, cfg.mixed_precision) is None)
     return 1e-3 if fp32 else 3e-2
 
 

@@ -199,6 +199,7 @@ def test_stored_references_off_by_more_than_the_tolerance_are_refused(ws, tmp_pa
     assert reference_tolerance(DPOLoRAConfig(dtype="bf16"), torch.device("cpu")) == 3e-2
     assert reference_tolerance(DPOLoRAConfig(dtype="fp32"), torch.device("cpu")) == 1e-3
     assert reference_tolerance(DPOLoRAConfig(dtype="fp32"), torch.device("cuda")) == 3e-2  # bf16 autocast
+    assert reference_tolerance(DPOLoRAConfig(dtype="fp32", quant_4bit=True), torch.device("cpu")) == 3e-2
 
 
 def test_kto_policy_starts_at_the_reference(ws, tmp_path):

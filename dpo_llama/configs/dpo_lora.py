@@ -38,8 +38,9 @@ class DPOLoRAConfig(FinetuneConfig):
     reference_check_tolerance: Optional[float] = field(
         default=None, metadata={"help": "Largest |policy - reference| log-prob difference per scored token of a "
                                         "sequence accepted at step 0; none: 1e-3 when the policy computes in fp32, "
-                                        "3e-2 in bf16/fp16 or under autocast, whose results depend on the padded "
-                                        "length (up to about 1e-2 per token on short sequences on CPU)."})
+                                        "3e-2 in bf16/fp16 (weights, 4-bit compute or autocast), whose results "
+                                        "depend on the padded length (up to about 1e-2 per token on short "
+                                        "sequences on CPU)."})
     ckpt_dir: str = field(default=demo.DPO_CKPT, metadata={"help": "Directory of step-XXXXXX checkpoints."})
     run_name: str = field(default="demo-dpo", metadata={"help": "Name of this run's log sub-directory."})
     max_train_steps: int = field(default=300, metadata={"help": "Number of optimizer steps."})
