@@ -123,7 +123,7 @@ def run(cfg: DPOLoRAConfig):
     return train(cfg, model, train_set, collate, loss_fn, num_units, save_trainable=save_trainable,
                  load_trainable=load_trainable, val_set=val_set or None, batch_tokens=batch_tokens,
                  example_length=example_length, prepare_step=prepare_step,
-                 input_fingerprints=input_fingerprints(cfg, base_sha256), plots=PLOTS)
+                 input_fingerprints=input_fingerprints(cfg, base_sha256, device), plots=PLOTS)
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def run(cfg: SFTLoRAConfig):
                  save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set or None,
                  val_postprocess=add_perplexity, batch_tokens=batch_tokens,
                  example_length=lambda example: len(example["tokens"]),
-                 input_fingerprints=input_fingerprints(cfg, base_sha256), plots=PLOTS)
+                 input_fingerprints=input_fingerprints(cfg, base_sha256, device), plots=PLOTS)
 
 
 def main(argv=None) -> int:

@@ -161,6 +161,18 @@ def test_the_config_records_the_experts_backend_that_runs():
     assert with_running_experts_backend(cfg, SimpleNamespace(args=SimpleNamespace())) is cfg
 
 
+def test_resume_compares_the_dtype_auto_resolved_to(workspace):
+    """--dtype auto is bf16 on CUDA and fp32 on the CPU: a resume on the other device would change the precision
+    unnoticed (the config says auto either way), so the resolved dtype is one of the run's input fingerprints."""
+    import torch
+
+    from dpo_llama.configs.sft_lora import SFTLoRAConfig
+    from dpo_llama.utils.finetune import input_fingerprints
+    cfg = SFTLoRAConfig(train_data_dir=str(workspace["data"]))
+    on_cpu, on_cuda = (input_fingerprints(cfg, "w", torch.device(name)) for name in ("cpu", "cuda"))
+    assert on_cpu["weights dtype (dtype)"] == "fp32" and on_cuda["weights dtype (dtype)"] == "bf16"
+
+
 def test_resume_on_a_rebuilt_dataset_or_changed_base_is_refused(workspace, tmp_path, capsys):
     """The same --train-data-dir rebuilt from other rows, or other weights at the same --pretrain-ckpt-dir:
     --resume refuses rather than continue its sampler's position in other data or its adapter on another base."""

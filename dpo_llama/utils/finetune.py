@@ -96,10 +96,12 @@ def with_running_experts_backend(cfg, model: nn.Module):
     return cfg if running in (None, cfg.experts_backend) else dataclasses.replace(cfg, experts_backend=running)
 
 
-def input_fingerprints(cfg, base_sha256: str) -> dict[str, str]:
-    """What a resume must find unchanged in the run's directories: the base weights and the dataset."""
+def input_fingerprints(cfg, base_sha256: str, device: torch.device) -> dict[str, str]:
+    """What a resume must find unchanged: the base weights and the dataset in the run's directories, and the
+    dtype the weights load in (``--dtype auto`` is bf16 on CUDA and fp32 on the CPU)."""
     return {"base weights (pretrain_ckpt_dir)": base_sha256,
-            "dataset (train_data_dir)": dataset_fingerprint(cfg.train_data_dir)}
+            "dataset (train_data_dir)": dataset_fingerprint(cfg.train_data_dir),
+            "weights dtype (dtype)": dtype_name(resolve_dtype(cfg.dtype, device))}
 
 
 def trainable_summary(model: nn.Module) -> str:
