@@ -169,7 +169,6 @@ def trl_split(row: dict) -> Split:
     A prompt that is an HH-RLHF transcript up to its last ``Assistant:`` (Dahoas/rm-static, Dahoas/full-hh-rlhf:
     ``"\\n\\nHuman: ...\\n\\nAssistant:"``) is split into its turns, as the HH format would.
     """
-    refuse_tools(row)
     prompt = text_field(row, "prompt")
     if prompt.lstrip().startswith("Human:") and prompt.rstrip().endswith("\n\nAssistant:"):
         return hh_split({side: prompt + text_field(row, side) for side in ("chosen", "rejected")})
@@ -181,9 +180,7 @@ def trl_split(row: dict) -> Split:
 
 
 def trl_conversational_split(row: dict) -> Split:
-    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``; a row declaring
-    ``tools`` is skipped (no template here renders them)."""
-    refuse_tools(row)
+    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``."""
     chosen = as_messages(row, "chosen", "assistant")
     rejected = as_messages(row, "rejected", "assistant")
     if isinstance(row.get("prompt"), list):
@@ -253,7 +250,6 @@ def kto_split(row: dict) -> tuple[list[Message], list[Message], bool]:
     Raises:
         BadRowError: ``"invalid label"`` when ``label`` is not true/false, or a bad message.
     """
-    refuse_tools(row)
     label = row.get("label")
     if not isinstance(label, bool):
         raise BadRowError("invalid label", f"label must be true or false, got {label!r}")
@@ -330,6 +326,7 @@ def preference_parser(format: str, shp_min_score_ratio: float = 2.0) -> Callable
 
 
 def _preference_pair(split: Callable[[dict], Split], row: dict, location: str) -> PreferencePair:
+    refuse_tools(row)
     prompt, chosen, rejected = split(row)
     check_prompt(prompt, chosen, rejected)
     if chosen == rejected:
@@ -338,6 +335,7 @@ def _preference_pair(split: Callable[[dict], Split], row: dict, location: str) -
 
 
 def _unpaired_example(row: dict, location: str) -> UnpairedExample:
+    refuse_tools(row)
     prompt, completion, desirable = kto_split(row)
     check_prompt(prompt, completion)
     return UnpairedExample(prompt, completion, desirable, location)

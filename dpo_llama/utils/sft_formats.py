@@ -168,9 +168,8 @@ def alpaca_prompt(row: dict) -> list[Message]:
     """System, history and user turn of an Alpaca / LLaMA-Factory row (everything but the answer).
 
     Raises:
-        BadRowError: Missing ``instruction``, non-string fields, a malformed ``history``, or declared tools.
+        BadRowError: Missing ``instruction``, non-string fields or a malformed ``history``.
     """
-    refuse_tools(row)
     messages = system_prompt(text_field(row, "system", required=False))
     history = row.get("history")
     if history is not None:
@@ -187,7 +186,8 @@ def alpaca_prompt(row: dict) -> list[Message]:
 
 def refuse_tools(row: dict) -> None:
     """Raises ``BadRowError("tools not supported")`` for a row that declares tools (``tools``, or OpenAI's older
-    ``functions``): its turns refer to a tool list that no chat template here renders."""
+    ``functions``): its turns refer to a tool list that no chat template here renders. The SFT and preference
+    row parsers call it first, whatever the format."""
     for key in ("tools", "functions"):
         if row.get(key):
             raise BadRowError("tools not supported", f"a non-empty {key!r} field")
@@ -204,9 +204,8 @@ def sharegpt_messages(row: dict) -> list[Message]:
     """Messages of a ShareGPT row: ``conversations`` plus the optional ``system`` key.
 
     Raises:
-        BadRowError: Missing ``conversations``, a bad message, or declared tools.
+        BadRowError: Missing ``conversations`` or a bad message.
     """
-    refuse_tools(row)
     if "conversations" not in row:
         raise BadRowError("missing field", "'conversations'")
     messages = to_messages(row["conversations"], "from", "value", SHAREGPT_ROLES)
@@ -226,9 +225,8 @@ def messages_conversation(row: dict) -> list[Message]:
 
     Raises:
         BadRowError: Missing ``messages``, a bad message, a weight other than 0 or 1, only weight-0 assistant
-            messages, declared tools, or a KTO label.
+            messages, or a KTO label.
     """
-    refuse_tools(row)
     refuse_kto_label(row)
     if "messages" not in row:
         raise BadRowError("missing field", "'messages'")
@@ -316,6 +314,7 @@ def sft_parser(format: str) -> Callable[[dict, str], Conversation]:
     to_conversation = SFT_FORMATS[format]
 
     def parse(row: dict, location: str) -> Conversation:
+        refuse_tools(row)
         return Conversation(check_conversation(to_conversation(row)), location)
 
     return parse
