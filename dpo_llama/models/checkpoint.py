@@ -67,6 +67,13 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
 
 
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Calls ``write(tmp_path)`` then renames the temporary file to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def read_params(ckpt_dir: str | os.PathLike):
     """Reads ``params.json`` of a checkpoint directory into the matching args dataclass."""
     path = Path(ckpt_dir) / PARAMS_FILE
@@ -288,10 +295,9 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
             (out_dir / name).unlink(missing_ok=True)
     for tok_file in tokenizer_files:
         files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
-    params, tmp = out_dir / PARAMS_FILE, out_dir / f".{PARAMS_FILE}.tmp"
-    tmp.write_text(json.dumps(args.to_dict(), indent=2))
-    os.replace(tmp, params)
-    files.append(params)
+    params = json.dumps(args.to_dict(), indent=2)
+    write_atomically(out_dir / PARAMS_FILE, lambda tmp: tmp.write_text(params))
+    files.append(out_dir / PARAMS_FILE)
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
             "files": [str(f) for f in files]}
 

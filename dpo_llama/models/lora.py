@@ -48,7 +48,7 @@ import math
 import re
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,7 +60,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model, read_json
+from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model, read_json, write_atomically
 from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantize_4bit, replace_linears_4bit)
@@ -488,13 +488,6 @@ def base_weight_dtype(model: nn.Module) -> torch.dtype:
     if layer is None:
         return model.embed_tokens.weight.dtype
     return layer.packed.dtype if layer.packed is not None else layer.weight.dtype
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Calls ``write(tmp_path)`` then renames the temporary file to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig, base_info: dict[str, Any]) -> None:

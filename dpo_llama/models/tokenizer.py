@@ -31,7 +31,6 @@ that token, as in ``transformers``, and ``decode`` drops special tokens.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import sentencepiece
 import tokenizers
+
+from dpo_llama.models.checkpoint import read_json
 
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
@@ -204,10 +205,7 @@ def read_tokenizer_config(path: Path) -> dict:
     """The parsed ``tokenizer_config.json``, or ``{}`` when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return config

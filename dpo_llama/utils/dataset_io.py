@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from dpo_llama.models.checkpoint import files_sha256, read_json
+from dpo_llama.models.checkpoint import files_sha256, read_json, write_atomically
 
 TRAIN_FILE = "train.safetensors"
 VAL_FILE = "validation.safetensors"
@@ -59,9 +59,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically (tmp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

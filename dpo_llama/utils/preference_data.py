@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpo_llama.models.checkpoint import checkpoint_fingerprint
+from dpo_llama.models.checkpoint import checkpoint_fingerprint, read_json
 from dpo_llama.models.lora import adapter_fingerprint
 from dpo_llama.models.quant import quantization_summary
 from dpo_llama.models.tokenizer import Tokenizer
@@ -244,8 +244,8 @@ def sequences_digest(sequences: Sequence[TokenSequence]) -> str:
 def read_manifest(path: Path) -> Any:
     """A cache manifest's key, or None when it does not read back (the cache is then discarded)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_json(path)
+    except ValueError:
         return None
 
 
