@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers (the first dense, the rest MoE)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2x sequences)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--rank", type=int, default=64, help="LoRA rank (the trainers' default targets: attention and dense MLP)")
+    parser.add_argument("--rank", type=int, default=64,
+                        help="LoRA rank (the trainers' default targets: attention and dense MLP)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (the kernel's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to run")

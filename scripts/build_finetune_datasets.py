@@ -8,8 +8,9 @@ Formats (auto-detected per file from its first recognisable row, or forced with 
 hh (HH-RLHF chosen transcripts), dolly (instruction/context/response). Files: .json, .jsonl, .jsonl.gz/.json.gz,
 .parquet.
 Every assistant turn is a training target (except OpenAI messages turns with "weight": 0, kept as context);
-everything else is masked. Rows that declare tools (tools / functions) and KTO rows (label) are skipped. Conversations longer than --max-seq-len
-keep their first --max-seq-len tokens; those left with no assistant token are dropped and counted.
+everything else is masked. Rows that declare tools (tools / functions) and KTO rows (label) are skipped.
+Conversations longer than --max-seq-len keep their first --max-seq-len tokens; those left with no assistant token
+are dropped and counted.
 With no arguments it builds the embedded demo's SFT data.
 """
 
