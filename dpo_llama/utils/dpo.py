@@ -134,8 +134,8 @@ def add_step_kl_logps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
 
 
 def kto_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict]:
-    """Summed KTO loss of an unpaired batch, with z0 from the step's mismatched pairs (:func:`add_step_kl_logps`)
-    or, without them (validation), from the batch's own."""
+    """Summed KTO loss of an unpaired batch, with z0 from the step's mismatched pairs (:func:`add_step_kl_logps`,
+    in training and validation) or, without them, from the batch's own."""
     if "step_kl_logps" in batch:
         policy_kl, ref_kl = batch["step_kl_logps"], batch["step_ref_kl_logps"]
     else:

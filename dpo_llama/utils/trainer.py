@@ -18,7 +18,8 @@ exactly what one batch holding all N micro-batches gives. (Dividing each micro-b
 as the ancestor DPO-LLaMA did, over-weights units in short micro-batches.) Reported metrics
 are likewise ``sum_i metric_sum_i / W``. A loss that also depends on a statistic of the whole batch
 (KTO's reference point) gets it from an optional ``prepare_step(model, batches)``, which sees all N
-micro-batches (on the device) before their forward passes and may add step-wide values to them.
+micro-batches (on the device) before their forward passes and may add step-wide values to them; validation
+hands it the validation micro-batches in groups of N as well.
 
 Each run writes ``<ckpt_dir>/step-000123/`` checkpoints (trainable weights,
 ``trainer_state.pt``, ``config.json``) and TensorBoard/jsonl/PNG logs to ``<log_dir>/<run_name>/``.
@@ -392,11 +393,15 @@ def evaluate(
     max_batches: int = 0,
     device: torch.device | str = "cpu",
     mixed_precision: bool = False,
+    prepare_step: Callable[[nn.Module, list[Batch]], None] | None = None,
+    group_size: int = 1,
 ) -> dict[str, float]:
     """Weighted validation metrics over ``dataset`` in order, in eval mode.
 
     ``loss = sum_b loss_sum_b / sum_b w_b`` and likewise for every metric, over the first
-    ``max_batches`` micro-batches (0 = all).
+    ``max_batches`` micro-batches (0 = all). With ``prepare_step``, consecutive micro-batches are handed to it in
+    groups of ``group_size`` (a training step's worth), so a loss with a step-wide statistic (KTO's reference
+    point) is validated as it trains: the result depends on the step's batch size, not on how it is split.
     """
     device = torch.device(device)
     was_training = model.training
@@ -404,14 +409,23 @@ def evaluate(
     num_batches = math.ceil(len(dataset) / batch_size)
     if max_batches:
         num_batches = min(num_batches, max_batches)
+    starts = range(0, num_batches * batch_size, batch_size)
+    group_size = group_size if prepare_step is not None else 1
     sums: dict[str, Any] = {}
     total_weight = 0
-    for start in range(0, num_batches * batch_size, batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        total_weight += int(batch_weight(batch))
+
+    def batch_at(start: int) -> Batch:
+        return to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+
+    for first in range(0, len(starts), group_size):
+        batches = [batch_at(start) for start in starts[first:first + group_size]]
         with autocast_context(device, mixed_precision):
-            loss_sum, metric_sums = loss_fn(model, to_device(batch, device))
-        _add_sums(sums, {"loss": loss_sum, **metric_sums})
+            if prepare_step is not None:
+                prepare_step(model, batches)
+            for batch in batches:
+                total_weight += int(batch_weight(batch))
+                loss_sum, metric_sums = loss_fn(model, batch)
+                _add_sums(sums, {"loss": loss_sum, **metric_sums})
     model.train(was_training)
     if total_weight <= 0:
         raise ValueError("the validation set has no units to average over (batch_weight summed to 0)")
@@ -557,6 +571,7 @@ class Trainer:
             self.model, self.val_set, self.collate, self.loss_fn, self.batch_weight,
             batch_size=self.cfg.micro_batch_size, max_batches=self.cfg.val_batches,
             device=self.device, mixed_precision=self.cfg.mixed_precision,
+            prepare_step=self.prepare_step, group_size=self.cfg.gradient_accumulation_steps,
         )
         if self.val_postprocess is not None:
             metrics = self.val_postprocess(metrics)
@@ -688,8 +703,9 @@ def train(
         val_postprocess: ``metrics -> metrics`` applied to validation results (e.g. perplexity).
         batch_tokens: ``batch -> tokens processed``, for the ``tokens_per_sec`` metric.
         example_length: ``example -> length``, required when ``cfg.group_by_length``.
-        prepare_step: ``(model, batches)``, called in training mode with a step's micro-batches (on the device)
-            before their forward passes; may add step-wide values to them (see the module docstring).
+        prepare_step: ``(model, batches)``, called with a step's micro-batches (on the device) before their
+            forward passes, and with validation micro-batches in groups of as many; may add step-wide values to
+            them (see the module docstring).
         input_fingerprints: ``name -> digest`` of what the config's directories hold (base weights, dataset),
             recorded in every checkpoint: a resume whose inputs changed is refused, like changed settings.
         plots: ``(title, tags)`` specs of the PNG plots written at the end.

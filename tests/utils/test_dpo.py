@@ -5,6 +5,7 @@ reference ones, h = (πc − πr) − (refc − refr); softplus(x) = log(1 + eˣ
 """
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ from dpo_llama.utils.dpo import (add_step_kl_logps, batch_tokens, collate_pairs,
                                  kto_loss, num_units, paired_loss, policy_logps, reference_check, with_aux_loss)
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.preference_data import add_kl_pairs
+from dpo_llama.utils.trainer import evaluate
 
 LN2 = math.log(2)
 
@@ -248,6 +250,29 @@ def test_kto_accumulation_uses_the_steps_reference_point():
     assert one_z0 == pytest.approx([2.0], abs=1e-4) and acc_z0 == pytest.approx([2.0] * 3, abs=1e-4)
     torch.testing.assert_close(acc_grad, one_grad, atol=1e-7, rtol=1e-5)
     assert one_grad.abs().max() > 1e-4
+
+
+def test_kto_validation_uses_the_steps_reference_point():
+    """Validation hands add_step_kl_logps groups of N micro-batches, as training does: 3 micro-batches of 1 in
+    a group of 3 validate like 1 batch of 3 (z0 = mean(1, 2, 3) = 2 for every example); without the grouping each
+    example would use its own pair's estimate 1, 2 or 3, a different loss."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=64))
+    examples = kto_examples()
+    for i, example in enumerate(examples):
+        own = kto_batch(model, [dict(example)])
+        example["ref_logps"] = np.float32(own["ref_logps"][0] - 0.5)
+        example["ref_kl_logps"] = np.float32(own["ref_kl_logps"][0] - (i + 1))
+
+    def validate(batch_size, **grouping):
+        return evaluate(model, examples, partial(collate_unpaired, pad_id=0, max_seq_len=16),
+                        partial(kto_loss, cfg=cfg(loss_type="kto")), num_units, batch_size=batch_size, **grouping)
+
+    one = validate(3, prepare_step=add_step_kl_logps)
+    grouped = validate(1, prepare_step=add_step_kl_logps, group_size=3)
+    assert one["kl"] == pytest.approx(2.0, abs=1e-4) and grouped["kl"] == pytest.approx(2.0, abs=1e-4)
+    assert grouped["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert validate(1)["loss"] != pytest.approx(one["loss"], rel=1e-3)
 
 
 def test_moe_aux_loss_is_added_once_per_pair():

@@ -172,7 +172,8 @@ def test_accumulation_equals_one_batch_with_token_weights(tmp_path):
 
 def test_prepare_step_sees_all_micro_batches_before_their_forward_passes(tmp_path):
     """prepare_step gets each step's N = 3 micro-batches, in training mode, before any of their losses; what it
-    adds to them (here the step's token count) reaches loss_fn."""
+    adds to them (here the step's token count) reaches loss_fn. Validation (4 examples, at the end) hands it
+    groups of N micro-batches too, in eval mode: 3, then the 1 left."""
     calls = []
 
     def prepare_step(model, batches):
@@ -185,8 +186,9 @@ def test_prepare_step_sees_all_micro_batches_before_their_forward_passes(tmp_pat
         return loss_fn(model, batch)
 
     run(make_cfg(tmp_path, max_train_steps=2, micro_batch_size=1, gradient_accumulation_steps=3), ToyModel(seed=0),
-        make_dataset([1, 2, 3, 4]), loss=checked_loss, prepare_step=prepare_step)
-    assert calls == [(3, True), (3, True)]
+        make_dataset([1, 2, 3, 4]), loss=checked_loss, prepare_step=prepare_step,
+        val_set=make_dataset([1, 2, 3, 4], seed=5))
+    assert calls == [(3, True), (3, True), (3, False), (1, False)]
 
 
 def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
@@ -424,6 +426,33 @@ def test_evaluate_weights_batches_by_units():
     assert metrics["loss"] == pytest.approx(sum(per_example) / 4, rel=1e-6)
     only_first = evaluate(model, data, collate, loss_fn, batch_weight, batch_size=1, max_batches=1)
     assert only_first["loss"] == pytest.approx(per_example[0], rel=1e-6)
+
+
+def test_evaluate_hands_prepare_step_groups_of_micro_batches():
+    """5 validation micro-batches in groups of 2: prepare_step sees 2, 2, 1 of them (the last group is what is
+    left), in eval mode, before their losses; with max_batches = 3 it sees 2, 1."""
+    calls = []
+
+    def prepare_step(model, batches):
+        calls.append((len(batches), model.training))
+        for batch in batches:
+            batch["group"] = len(batches)
+
+    def checked_loss(model, batch):
+        assert "group" in batch
+        return loss_fn(model, batch)
+
+    model = ToyModel(seed=9).train()
+    data = make_dataset([1, 2, 3, 4, 5], seed=10)
+    metrics = evaluate(model, data, collate, checked_loss, batch_weight, batch_size=1, prepare_step=prepare_step,
+                       group_size=2)
+    plain = evaluate(model, data, collate, loss_fn, batch_weight, batch_size=1)
+    assert calls == [(2, False), (2, False), (1, False)] and model.training
+    assert metrics["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    calls.clear()
+    evaluate(model, data, collate, checked_loss, batch_weight, batch_size=1, max_batches=3,
+             prepare_step=prepare_step, group_size=2)
+    assert calls == [(2, False), (1, False)]
 
 
 def test_sampler_is_deterministic_resumable_and_covers_each_epoch():
