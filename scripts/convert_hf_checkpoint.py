@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
-from dpo_llama.utils.cli import at_least
+from dpo_llama.utils.cli import add_max_shard_gb, check_output_differs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,22 +22,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="HF model directory (config.json + model*.safetensors)")
     parser.add_argument("--output", required=True, help="output directory for the dpo_llama checkpoint")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES], help="cast weights (default: keep)")
-    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
-                        help="largest output shard in GiB (default: 4)")
+    add_max_shard_gb(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        print("error: --output must differ from --input (the HF checkpoint's files would be overwritten)",
-              file=sys.stderr)
-        return 1
     try:
+        check_output_differs(args.output, input=args.input)
         config = read_hf_config(args.input)
         model_args, tensors = hf_args_and_tensors(args.input, config, parse_dtype(args.dtype))
         summary = save_checkpoint(args.output, model_args, tensors, tokenizer_files(args.input),
-                                  max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                                  max_shard_bytes=args.max_shard_bytes)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

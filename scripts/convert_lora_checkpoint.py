@@ -44,7 +44,7 @@ from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, L
                                    apply_lora, check_adapter, check_adapter_base, find_adapter, read_adapter,
                                    read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
-from dpo_llama.utils.cli import at_least
+from dpo_llama.utils.cli import add_max_shard_gb, check_output_differs
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="merge even if --base's weights differ from those the adapter was trained on")
     parser.add_argument("--device", default="cpu",
                         help="device for the re-quantization and merge arithmetic, e.g. cuda (default: cpu)")
-    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
-                        help="largest output shard in GiB (default: 4)")
+    add_max_shard_gb(parser)
     return parser.parse_args(argv)
 
 
@@ -146,8 +145,7 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
     if not args.allow_other_base:
         check_adapter_base(lora_dir, base_dir)
-    if output.resolve() in (base_dir.resolve(), lora_dir.resolve()):
-        raise ValueError(f"--output {output} must differ from the base and adapter directories")
+    check_output_differs(output, base=base_dir, lora=lora_dir)
     adapter = read_adapter(lora_dir)
     model = adapted_model(model_args, cfg)
     check_adapter(adapter, adapter_shapes(model), str(lora_dir / ADAPTER_FILE))
@@ -156,7 +154,7 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     out_dtype = weight_dtype if args.dtype == "trained" else parse_dtype(args.dtype)
     tensors = merged_tensors(base_dir, model, adapter, weight_dtype, out_dtype, args.device, counts)
     summary = save_checkpoint(output, model_args, tensors, tokenizer_files(base_dir),
-                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                              max_shard_bytes=args.max_shard_bytes)
     return summary, f"{lora_dir} ({note})", counts, cfg
 
 

@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_meta import load_meta, meta_tensors
-from dpo_llama.utils.cli import at_least
+from dpo_llama.utils.cli import add_max_shard_gb, at_least, check_output_differs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,8 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="context length (default: 4096 LLaMA-2, 8192 LLaMA-3, 131072 LLaMA-3.1+)")
     parser.add_argument("--tokenizer", nargs="+", default=None,
                         help="tokenizer file(s) to copy (default: tokenizer.model from --input if present)")
-    parser.add_argument("--max-shard-gb", type=at_least(1e-6, float), default=4.0,
-                        help="largest output shard in GiB (default: 4)")
+    add_max_shard_gb(parser)
     return parser.parse_args(argv)
 
 
@@ -50,15 +49,12 @@ def default_tokenizer(meta_dir: str) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        print("error: --output must differ from --input (the Meta checkpoint's files would be overwritten)",
-              file=sys.stderr)
-        return 1
     tokenizer = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.input)
     try:
+        check_output_differs(args.output, input=args.input)
         model_args, shards = load_meta(args.input, args.max_seq_len)
         summary = save_checkpoint(args.output, model_args, meta_tensors(model_args, shards, parse_dtype(args.dtype)),
-                                  tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                                  tokenizer, max_shard_bytes=args.max_shard_bytes)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -54,6 +54,25 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+def add_max_shard_gb(parser: argparse.ArgumentParser) -> None:
+    """``--max-shard-gb`` of the scripts that write checkpoints, parsed into ``args.max_shard_bytes``."""
+
+    def gib_to_bytes(text: str) -> int:
+        return int(at_least(1e-6, float)(text) * 1024**3)
+
+    parser.add_argument("--max-shard-gb", dest="max_shard_bytes", type=gib_to_bytes, default=4 * 1024**3,
+                        help="largest output shard in GiB (default: 4)")
+
+
+def check_output_differs(output: str | Path, **inputs: str | Path) -> None:
+    """Refuses (ValueError) an output directory that is one of the ``inputs`` (flag name -> directory): writing
+    it would overwrite the files being read."""
+    clashes = [name for name, directory in inputs.items() if Path(directory).resolve() == Path(output).resolve()]
+    if clashes:
+        raise ValueError(f"--output {output} must differ from {' and '.join(f'--{name}' for name in clashes)} "
+                         "(its files would be overwritten)")
+
+
 def _optional_inner(tp: Any) -> Any:
     """Return X for ``Optional[X]`` / ``X | None``, else None."""
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):

@@ -45,7 +45,7 @@ def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsy
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
     assert not (out / "model.safetensors").exists() and len(weight_files(out)) > 1
     assert convert_hf(["--input", str(hf_dir), "--output", str(hf_dir)]) == 1
-    assert "--output must differ from --input" in capsys.readouterr().err
+    assert "must differ from --input" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("embedding_split_dim", [1, 0])

@@ -186,7 +186,7 @@ def test_other_base_weights_are_refused_and_the_output_keeps_the_trained_dtype(b
 def test_output_over_the_base_is_refused(base_dir, tmp_path, capsys):
     train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
     assert run(base_dir, tmp_path / "adapter", base_dir) == 1
-    assert "must differ from the base" in capsys.readouterr().err
+    assert "must differ from --base" in capsys.readouterr().err
 
 
 def test_defaults_are_the_demo_and_help(tmp_path, capsys):

@@ -9,7 +9,8 @@ from typing import Literal, Optional
 import pytest
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import at_least, config_to_dict, parse_config, save_config
+from dpo_llama.utils.cli import (add_max_shard_gb, at_least, check_output_differs, config_to_dict, parse_config,
+                                 save_config)
 
 
 @dataclass
@@ -179,3 +180,22 @@ def test_config_json_round_trip(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved == config_to_dict(cfg)
     assert ToyConfig(**{**saved, "betas": tuple(saved["betas"]), "layers": tuple(saved["layers"])}) == cfg
+
+
+def test_max_shard_gb_is_parsed_into_bytes():
+    """--max-shard-gb 0.5 -> 0.5 · 2³⁰ = 536870912 bytes; 4 GiB by default; 0 is refused."""
+    parser = argparse.ArgumentParser()
+    add_max_shard_gb(parser)
+    assert parser.parse_args(["--max-shard-gb", "0.5"]).max_shard_bytes == 536870912
+    assert parser.parse_args([]).max_shard_bytes == 4 * 1024**3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-shard-gb", "0"])
+
+
+def test_an_output_over_an_input_directory_is_refused(tmp_path):
+    """Every input the output resolves to is named; distinct directories pass."""
+    check_output_differs(tmp_path / "out", base=tmp_path / "base", lora=tmp_path / "lora")
+    with pytest.raises(ValueError, match="must differ from --lora "):
+        check_output_differs(tmp_path / "x" / ".." / "lora", base=tmp_path / "base", lora=tmp_path / "lora")
+    with pytest.raises(ValueError, match="must differ from --base and --lora"):
+        check_output_differs(tmp_path, base=tmp_path, lora=tmp_path)
