@@ -61,7 +61,7 @@ def add_max_shard_gb(parser: argparse.ArgumentParser) -> None:
         return int(at_least(1e-6, float)(text) * 1024**3)
 
     parser.add_argument("--max-shard-gb", dest="max_shard_bytes", type=gib_to_bytes, default=4 * 1024**3,
-                        help="largest output shard in GiB (default: 4)")
+                        metavar="GB", help="largest output shard in GiB (default: 4)")
 
 
 def check_output_differs(output: str | Path, **inputs: str | Path) -> None:
