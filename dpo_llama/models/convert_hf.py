@@ -97,12 +97,6 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta interleaved layout -> HF rotate-half layout (the inverse of ``unpermute_rotary``)."""
-    out_dim, in_dim = weight.shape
-    return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def llama_tensors_from_hf(hf_dir: str | Path, args: ModelArgs,
                           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams our ``(key, tensor)`` pairs from a HF LLaMA checkpoint, one tensor in memory at a time."""
