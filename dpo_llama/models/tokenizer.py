@@ -10,8 +10,9 @@ Which file is used:
   LLaMA-2's model has no pad piece (``pad_id() == -1``), so ``pad_id`` falls back to ``eos_id``; that is safe
   because every pad position is masked out of the loss and the attention.
 * ``tokenizer.json``: read with the ``tokenizers`` library (never ``transformers``). BOS / EOS / pad come from the
-  ``bos_token`` / ``eos_token`` / ``pad_token`` of the ``tokenizer_config.json`` beside it, written either as a
-  string or as ``{"content": ...}`` like the Hub does. A token the config does not name falls back to the first
+  ``bos_token`` / ``eos_token`` / ``pad_token`` of the ``tokenizer_config.json`` beside it, or of the
+  ``special_tokens_map.json`` beside it where that names them (it overrides the config, as in ``transformers``),
+  written either as a string or as ``{"content": ...}`` like the Hub does. A token the config does not name falls back to the first
   well-known name in the vocabulary (``<s>`` / ``</s>``, ``<|begin_of_text|>`` / ``<|end_of_text|>``,
   ``<｜begin▁of▁sentence｜>`` / ``<｜end▁of▁sentence｜>``); pad falls back to EOS. A tokenizer may have no BOS
   (Qwen-style ChatML): ``bos_id`` is then ``None``.
@@ -149,7 +150,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizer.json`` with the optional ``tokenizer_config.json`` beside it."""
+    """A Hugging Face ``tokenizer.json`` with the optional ``tokenizer_config.json`` and ``special_tokens_map.json``
+    beside it."""
 
     def __init__(self, path: Path):
         try:
@@ -158,15 +160,20 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {error}") from error
         self._tok.no_truncation()  # a file saved with truncation / padding enabled would apply it to every encode
         self._tok.no_padding()
-        config_path = path.parent / "tokenizer_config.json"
-        config = read_tokenizer_config(config_path)
-        self.files = (path, config_path) if config_path.is_file() else (path,)
-        self.bos_id = self._special_id(config, "bos_token", BOS_NAMES, config_path, null_means_none=True)
-        eos_id = self._special_id(config, "eos_token", EOS_NAMES, config_path)
+        sources = [path.parent / name for name in ("tokenizer_config.json", "special_tokens_map.json")]
+        sources = [source for source in sources if source.is_file()]
+        self.files = (path, *sources)
+        config, origin = {}, {}
+        for source in sources:  # special_tokens_map.json overrides tokenizer_config.json, as in transformers
+            for key, value in read_tokenizer_config(source).items():
+                config[key], origin[key] = value, source
+        self.bos_id = self._special_id(config, "bos_token", BOS_NAMES, origin, null_means_none=True)
+        eos_id = self._special_id(config, "eos_token", EOS_NAMES, origin)
         if eos_id is None:
-            raise ValueError(f"no EOS token: {config_path} names no eos_token and {path} has none of {EOS_NAMES}")
+            raise ValueError(f"no EOS token: no tokenizer_config.json or special_tokens_map.json beside {path} names "
+                             f"an eos_token, and it has none of {EOS_NAMES}")
         self.eos_id = eos_id
-        pad_id = self._special_id(config, "pad_token", (), config_path)
+        pad_id = self._special_id(config, "pad_token", (), origin)
         self.pad_id = eos_id if pad_id is None else pad_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -185,24 +192,26 @@ class HFTokenizer(Tokenizer):
             return None
         return self._tok.token_to_id(piece)
 
-    def _special_id(self, config: dict, key: str, fallbacks: tuple[str, ...], config_path: Path,
+    def _special_id(self, config: dict, key: str, fallbacks: tuple[str, ...], origin: dict[str, Path],
                     null_means_none: bool = False) -> int | None:
-        """Id of the token ``config[key]`` names; else the first fallback name in the vocabulary. With
-        ``null_means_none`` a key that is there but null means the model has no such token (Qwen's no-BOS)."""
+        """Id of the token ``config[key]`` names (``origin[key]``: the file that named it); else the first fallback
+        name in the vocabulary. With ``null_means_none`` a key that is there but null means the model has no
+        such token (Qwen's no-BOS)."""
         if null_means_none and key in config and config[key] is None:
             return None
-        name = config_token(config, key, config_path)
+        name = config_token(config, key, origin.get(key))
         if name is not None:
             token = self._tok.token_to_id(name)
             if token is None:
-                raise ValueError(f"{config_path}: {key} {name!r} is not in the vocabulary")
+                raise ValueError(f"{origin[key]}: {key} {name!r} is not in the vocabulary")
             return token
         found = (self._tok.token_to_id(candidate) for candidate in fallbacks)
         return next((token for token in found if token is not None), None)
 
 
 def read_tokenizer_config(path: Path) -> dict:
-    """The parsed ``tokenizer_config.json``, or ``{}`` when the file does not exist."""
+    """The parsed ``tokenizer_config.json`` (or ``special_tokens_map.json``), or ``{}`` when the file does not
+    exist."""
     if not path.is_file():
         return {}
     config = read_json(path)
@@ -211,7 +220,7 @@ def read_tokenizer_config(path: Path) -> dict:
     return config
 
 
-def config_token(config: dict, key: str, config_path: Path) -> str | None:
+def config_token(config: dict, key: str, config_path: Path | None) -> str | None:
     """The token text of ``config[key]``: a string, ``{"content": str}`` as the Hub writes it, or ``None``."""
     value = config.get(key)
     if isinstance(value, dict):

@@ -153,6 +153,28 @@ def test_config_with_a_null_bos_means_no_bos(tmp_path):
     assert load_tokenizer(tmp_path).eos_id == load_tokenizer(tmp_path).token_id("<|end_of_text|>")  # EOS: by name
 
 
+def test_special_tokens_map_overrides_the_config_as_in_transformers(tmp_path):
+    """tokenizer_config.json names EOS <|eot_id|> and no pad; special_tokens_map.json names EOS <|end_of_text|>
+    and pad <|end_header_id|>: the map wins for both (transformers' AutoTokenizer agrees), BOS stays the config's,
+    and the map is one of the files a checkpoint copies and the fingerprint covers."""
+    make_hf_tokenizer(tmp_path, "llama3")
+    before = load_tokenizer(tmp_path)
+    special_map = tmp_path / "special_tokens_map.json"
+    special_map.write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>", "normalized": False},
+                                       "pad_token": "<|end_header_id|>"}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.eos_id == tokenizer.token_id("<|end_of_text|>") != before.eos_id
+    assert tokenizer.pad_id == tokenizer.token_id("<|end_header_id|>") and tokenizer.bos_id == before.bos_id
+    assert tokenizer.files[-1] == special_map and tokenizer.fingerprint() != before.fingerprint()
+    transformers = pytest.importorskip("transformers")
+    oracle = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (oracle.eos_token_id, oracle.pad_token_id, oracle.bos_token_id) == \
+        (tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id)
+    special_map.write_text(json.dumps({"eos_token": "<|not_there|>"}))
+    with pytest.raises(ValueError, match=r"special_tokens_map.json: eos_token '<\|not_there\|>'"):
+        load_tokenizer(tmp_path)
+
+
 def test_config_naming_a_missing_token_is_an_error(tmp_path):
     make_hf_tokenizer(tmp_path, "llama3")
     config_path = tmp_path / "tokenizer_config.json"

@@ -31,16 +31,19 @@ def test_sharded_hf_checkpoint_converts_and_matches_logits(tmp_path):
 
 def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsys):
     """Converting again into the same --output replaces the earlier checkpoint: a stale index would win over a new
-    single file (and an old tokenizer.json over a new tokenizer.model), so they are removed. Converting into
-    --input itself is refused."""
+    single file (and an old tokenizer.json over a new tokenizer.model), so they are removed; the tokenizer files
+    present (here tokenizer.model and special_tokens_map.json) are copied. Converting into --input itself is
+    refused."""
     hf_dir, out = tmp_path / "hf", tmp_path / "ours"
     make_hf_llama(hf_dir)
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
     assert len(weight_files(out)) > 1
     (hf_dir / "tokenizer.model").write_bytes(b"sentencepiece model")
+    (hf_dir / "special_tokens_map.json").write_text("{}")
     (out / "tokenizer.json").write_text("{}")
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--dtype", "bf16"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "params.json", "special_tokens_map.json",
+                                                     "tokenizer.model"]
     assert load_model(out).embed_tokens.weight.dtype == torch.bfloat16
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
     assert not (out / "model.safetensors").exists() and len(weight_files(out)) > 1
