@@ -12,8 +12,8 @@ Which file is used:
 * ``tokenizer.json``: read with the ``tokenizers`` library (never ``transformers``). BOS / EOS / pad come from the
   ``bos_token`` / ``eos_token`` / ``pad_token`` of the ``tokenizer_config.json`` beside it, or of the
   ``special_tokens_map.json`` beside it where that names them (it overrides the config, as in ``transformers``),
-  written either as a string or as ``{"content": ...}`` like the Hub does. A token the config does not name falls back to the first
-  well-known name in the vocabulary (``<s>`` / ``</s>``, ``<|begin_of_text|>`` / ``<|end_of_text|>``,
+  written either as a string or as ``{"content": ...}`` like the Hub does. A token neither names falls back to
+  the first well-known name in the vocabulary (``<s>`` / ``</s>``, ``<|begin_of_text|>`` / ``<|end_of_text|>``,
   ``<｜begin▁of▁sentence｜>`` / ``<｜end▁of▁sentence｜>``); pad falls back to EOS. A tokenizer may have no BOS
   (Qwen-style ChatML): ``bos_id`` is then ``None``.
 * a directory: its ``tokenizer.json`` when present, else its ``tokenizer.model``. ``tokenizer.json`` wins because
