@@ -115,6 +115,20 @@ def test_shifted_reference_gives_the_hand_computed_loss_and_metrics(model):
     assert float(metrics["rewards/accuracies"]) == 2.0
     expected_chosen = float(batch["ref_chosen"].sum()) + 2.0
     assert float(metrics["logps/chosen"]) == pytest.approx(expected_chosen, rel=1e-5)
+    expected_rejected = float(batch["ref_rejected"].sum()) - 2.0
+    assert float(metrics["logps/rejected"]) == pytest.approx(expected_rejected, rel=1e-5)
+
+
+def test_policy_logps_counts_scored_tokens_per_side(model):
+    """PAIRS score 2 and 3 chosen tokens, 1 and 2 rejected ones; the per-token losses divide by these counts:
+    IPO's loss is (h̄ − 1/(2β))² with h̄ from the sums over each side's own count (refc = πc − 1, refr = πr + 2
+    gives h̄ = 1/2 + 2/1 = 2.5 and 1/3 + 2/2 = 1.3333; β = 0.5: (2.5 − 1)² + (1.3333 − 1)² = 2.36111; with the
+    counts swapped it would be 1.02778)."""
+    logps = policy_logps(model, collate_pairs(PAIRS, pad_id=0))
+    assert logps.chosen_counts.tolist() == [2, 3] and logps.rejected_counts.tolist() == [1, 2]
+    batch = with_reference(model, PAIRS, shift_chosen=-1.0, shift_rejected=2.0)
+    loss_sum, _ = paired_loss(model, batch, cfg(loss_type="ipo"))
+    assert loss_sum.item() == pytest.approx(1.5**2 + (4 / 3 - 1) ** 2, rel=1e-4)
 
 
 def test_reference_check_measures_ln2_then_the_mismatch(model):

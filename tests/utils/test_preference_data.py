@@ -183,6 +183,12 @@ def test_kto_multi_turn_prompt_history_scored_only_with_score_all(tokenizer):
     assert default["desirable"] is False
     score_all = tokenize_unpaired(record, tokenizer, "llama2", LONG, LONG, True)
     assert score_all["prompt_mask"].tolist() == first_mask + [False] * len(second)
+    neighbour = tokenize_unpaired(load_preference_records(FIXTURES / "kto_en_demo.json")[0][0], tokenizer, "llama2",
+                                  LONG, LONG, True)
+    add_kl_pairs([score_all, neighbour])
+    _, mask = kl_sequence(score_all, LONG)  # the KL pair scores only the mismatched completion, never history
+    assert not mask[:len(score_all["prompt"])].any()
+    assert mask[len(score_all["prompt"]):].tolist() == score_all["kl_completion_mask"].tolist()
 
 
 def long_pair(words: int = 40) -> PreferencePair:
@@ -228,6 +234,10 @@ def test_pairs_identical_or_empty_after_truncation_are_dropped_and_counted(token
                                 report)
     assert len(examples) == 1 and report.rows_kept == 1
     assert dict(report.skipped) == {"identical responses after truncation": 1, "empty response after truncation": 1}
+    swapped = PreferencePair(two_turns.prompt, two_turns.rejected, two_turns.chosen, "x:4")
+    report = ParseReport(rows_kept=1)
+    assert tokenize_records([swapped], tokenizer, "llama2", prompt_len + 3, 8, False, report) == []
+    assert dict(report.skipped) == {"empty response after truncation": 1}  # the rejected side is the empty one
 
 
 def test_a_cut_prompt_never_scores_its_first_token(tmp_path):
@@ -343,6 +353,17 @@ def test_interrupted_precompute_resumes_where_it_stopped(tokenizer, model, tmp_p
                                       **limits)
     assert counting.calls == len(batches) - 1
     np.testing.assert_array_equal(resumed, uninterrupted)
+
+
+def test_the_last_partial_chunk_is_saved_too(tokenizer, model, tmp_path):
+    """16 batches in chunks of 3: 6 chunks are saved, the last one holding the 16th batch alone, so a crash after
+    the precompute (before the dataset is written) loses no batch."""
+    sequences = fixture_sequences(tokenizer)
+    batches = length_sorted_batches([len(ids) for ids, _ in sequences], 128, 2)
+    saved = []
+    compute_reference_logps(model, sequences, tokenizer.pad_id, "cpu", tmp_path, {"r": 1}, max_batch_tokens=128,
+                            max_batch_size=2, chunk_batches=3, on_chunk=saved.append)
+    assert len(batches) == 16 and saved == [0, 1, 2, 3, 4, 5]
 
 
 def test_cache_of_another_key_data_or_batching_is_discarded(tokenizer, model, tmp_path):

@@ -19,8 +19,8 @@ from dpo_llama.models.llama import Transformer
 from dpo_llama.models.presets import get_preset
 from dpo_llama.models.tokenizer import load_tokenizer
 from dpo_llama.utils.raw_data import ParseReport
-from dpo_llama.utils.sft import (add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens,
-                                 tokenize_conversation, tokenize_conversations)
+from dpo_llama.utils.sft import (add_perplexity, batch_tokens, collate_sft, context_only_turns_unscored, sft_loss,
+                                 target_tokens, tokenize_conversation, tokenize_conversations)
 from dpo_llama.utils.sft_formats import Conversation
 from tests.tokenizer_fixtures import make_sentencepiece
 
@@ -69,6 +69,14 @@ def test_a_context_only_assistant_turn_is_not_scored(tokenizer):
     assert example["tokens"].tolist() == ids
     assert example["mask"].tolist() == [False] * second + mask[second:]
     assert tokenize_conversation(chat, tokenizer, "llama2", max_seq_len=second) is None
+
+
+def test_scored_runs_must_match_the_assistant_turns():
+    """Run k of the mask is assistant turn k; a mask with one run for two assistant turns is a template bug."""
+    answers = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b", "train": False}]
+    assert context_only_turns_unscored([True, False, True], answers) == [True, False, False]
+    with pytest.raises(ValueError, match="1 scored runs for 2 assistant turns"):
+        context_only_turns_unscored([False, True, True, False], answers)
 
 
 def test_truncation_keeps_the_first_tokens_and_drops_examples_without_assistant_tokens(tokenizer):
@@ -203,3 +211,4 @@ def test_moe_aux_loss_accumulates_exactly():
 
 def test_perplexity_is_exp_of_the_loss():
     assert add_perplexity({"loss": math.log(7.0)}) == {"loss": math.log(7.0), "perplexity": pytest.approx(7.0)}
+    assert add_perplexity({"loss": 1000.0})["perplexity"] == pytest.approx(math.exp(50.0))  # capped, no overflow

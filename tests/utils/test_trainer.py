@@ -375,6 +375,29 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
         assert torch.equal(param, saved[name])
 
 
+def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
+    """From step 3 the loss gains sqrt(s − s.detach()) with s = the parameters' sum: its value is 0 (the loss
+    stays finite) but its gradient 1/(2·sqrt(0)) is inf. The step stops before AdamW sees it; the weights stay
+    finite and as saved at step 2."""
+    cfg = make_cfg(tmp_path, max_train_steps=4, ckpt_interval=2)
+    model = ToyModel(seed=8)
+    calls = {"train": 0}
+
+    def inf_gradient_from_step_3(model_, batch):
+        calls["train"] += 1
+        loss_sum, metrics = loss_fn(model_, batch)
+        if calls["train"] > 2 * 2:
+            total = sum(p.sum() for p in model_.parameters())
+            loss_sum = loss_sum + torch.sqrt(total - total.detach())
+        return loss_sum, metrics
+
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient norm is (inf|nan).*step-000002"):
+        run(cfg, model, make_dataset([2, 3, 4]), inf_gradient_from_step_3)
+    saved = torch.load(tmp_path / "ckpt" / "step-000002" / "weights.pt", weights_only=True)
+    for name, param in model.state_dict().items():
+        assert torch.isfinite(param).all() and torch.equal(param, saved[name])
+
+
 def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
     cfg = make_cfg(tmp_path, max_train_steps=5, ckpt_interval=2)
     result = run(cfg, ToyModel(), make_dataset([2, 3, 4]))
