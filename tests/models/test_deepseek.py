@@ -41,6 +41,8 @@ V2_VARIANTS = {
     # DeepSeek-V2-Lite's layout: plain q_proj, YaRN with mscale == mscale_all_dim
     "plain_q_yarn": dict(q_lora_rank=None, rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
     "plain_q_no_scaling_tied": dict(q_lora_rank=None, rope_scaling=None, tie_word_embeddings=True, n_shared_experts=1),
+    # rms_norm_eps far from 1e-6: the block norms use it, q_a_layernorm / kv_a_layernorm keep their default 1e-6
+    "norm_eps_1e-2": dict(q_lora_rank=24, rms_norm_eps=1e-2),
 }
 
 
@@ -421,6 +423,23 @@ def test_yarn_frequencies_hand_example():
     plain = rope_frequencies(8, 10000.0, None)
     torch.testing.assert_close(inv_freq / plain, torch.tensor([1, 0.625, 0.25, 0.25], dtype=torch.float64))
     assert factor == pytest.approx((0.1 * math.log(4) + 1) / (0.0707 * math.log(4) + 1))
+
+
+def test_yarn_ramp_of_deepseek_v2_lite():
+    """d = 64, theta = 1e4, L = 4096, s = 40: d(32) = 64 ln(4096 / 64 pi) / (2 ln 1e4) = 10.47 -> lo = 10,
+    d(1) = 22.53 -> hi = 23. Dimensions 0..10 keep f, 23..31 get f / 40, and dimension 11 is 1/13 of the way:
+    f' / f = 1 - (1 - 1/40) / 13."""
+    scaling = get_preset("deepseek-v2-lite").rope_scaling
+    ratio = yarn_frequencies(64, 10000.0, scaling)[0] / rope_frequencies(64, 10000.0, None)
+    assert ratio[:11].tolist() == [1.0] * 11 and ratio[23:].tolist() == pytest.approx([1 / 40] * 9)
+    assert ratio[11].item() == pytest.approx(1 - (1 - 1 / 40) / 13)
+
+
+def test_moe_layer_freq_picks_every_other_layer():
+    """first_k_dense_replace = 1, moe_layer_freq = 2 (the reference code's rule): layers 2 and 4 of 5 are MoE."""
+    args = get_preset("tiny-deepseek-v2", n_layers=5, first_k_dense_replace=1, moe_layer_freq=2)
+    assert [args.is_moe_layer(i) for i in range(5)] == [False, False, True, False, True]
+    assert len(DeepseekTransformer(args).moe_layers()) == 2
 
 
 def test_mla_softmax_scale_of_deepseek_v2_lite():

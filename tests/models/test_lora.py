@@ -11,9 +11,9 @@ from torch import nn
 from dpo_llama.models.checkpoint import save_model
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_fingerprint,
-                                   apply_lora, disable_adapters, load_lora, load_model_with_lora, lora_layers,
-                                   lora_state_dict, lora_targets, merge_lora, read_lora_config, save_lora,
-                                   unmerge_lora)
+                                   apply_lora, disable_adapters, find_adapter, load_lora, load_model_with_lora,
+                                   lora_layers, lora_state_dict, lora_targets, merge_lora, read_lora_config,
+                                   save_lora, unmerge_lora)
 from dpo_llama.models.presets import get_preset
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -93,6 +93,73 @@ def test_only_lora_parameters_train(train_norms):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None, name
+
+
+def adapted_linear(dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> tuple[nn.Linear, LoRALinear]:
+    """A linear layer and a LoRA copy of it (r 4, s = 2) with random B."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8, bias=False).to(dtype)
+    layer = LoRALinear.from_linear(copy.deepcopy(linear), r=4, scaling=2.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    return linear, layer
+
+
+def test_lora_dropout_drops_the_adapters_input_in_training_only():
+    """p = 0.5: in training y = W x + s B A (m ⊙ x / (1 − p)), the mask m drawn by the dropout (drawn again
+    here from the same seed); in eval y = W x + s B A x."""
+    linear, layer = adapted_linear(dropout=0.5)
+    x = torch.randn(6, 16)
+
+    def expected(adapter_input):
+        return linear(x) + 2.0 * adapter_input @ layer.lora_A.T @ layer.lora_B.T
+
+    with torch.no_grad():
+        torch.manual_seed(5)
+        trained = layer.train()(x)
+        torch.manual_seed(5)
+        dropped = nn.functional.dropout(x, 0.5, training=True)
+        assert not torch.equal(dropped, x)
+        torch.testing.assert_close(trained, expected(dropped))
+        torch.testing.assert_close(layer.eval()(x), expected(x))
+
+
+def test_merged_and_disabled_layer_is_the_base_in_training_too():
+    """Merged, then disabled, with dropout 0.5 and in training mode: x (W + sBA)ᵀ − s B A x without dropout,
+    i.e. the base output up to rounding."""
+    linear, layer = adapted_linear(dropout=0.5)
+    x = torch.randn(6, 16)
+    layer.merge()
+    with torch.no_grad(), disable_adapters(layer):
+        torch.testing.assert_close(layer.train()(x), linear(x), atol=1e-6, rtol=1e-5)
+
+
+def test_a_bf16_layer_returns_bf16():
+    """The float32 adapters' update is cast to the base output's dtype, so a bf16 model stays bf16 (B = 0 at
+    first: the output is the base's exactly)."""
+    linear, layer = adapted_linear(dtype=torch.bfloat16)
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.bfloat16
+        layer.lora_B.zero_()
+        assert torch.equal(layer(x), linear(x))
+
+
+def test_apply_lora_on_a_loaded_bf16_model_widens_the_trained_norms():
+    """train_norms on an already loaded bf16 model (convert_lora_checkpoint.py's path): the norm weights become
+    trainable float32 parameters, as when the checkpoint streams in."""
+    model = apply_lora(tiny_model().to(torch.bfloat16), LoRAConfig(lora_r=4, train_norms=True))
+    norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    assert norms and all(p.dtype == torch.float32 and p.requires_grad for p in norms)
+
+
+def test_find_adapter_takes_the_numerically_highest_step(tmp_path):
+    """step-10 is after step-9 (and after the zero-padded step-000002), though "step-9" sorts last as text."""
+    for step in ("step-9", "step-10", "step-000002"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / LORA_CONFIG_FILE).write_text("{}")
+    path, note = find_adapter(tmp_path)
+    assert path == tmp_path / "step-10" and note.startswith("highest of 3 step checkpoint(s)")
 
 
 def test_scaling_alpha_over_r_or_explicit():
@@ -392,6 +459,17 @@ def test_adapter_config_of_an_earlier_version_with_train_bias_loads():
     assert LoRAConfig.from_dict(saved) == LoRAConfig(lora_r=4)
     with pytest.raises(ValueError, match=r"unknown LoRA config keys: \['train_biases'\]"):
         LoRAConfig.from_dict({**LoRAConfig().to_dict(), "train_biases": True})
+
+
+def test_expert_adapters_created_while_loading_start_as_a_no_op(tmp_path):
+    """Adapters created while the checkpoint streams into a meta-device model: B = 0 and A random, so the
+    loaded model computes the base model's logits."""
+    base = tiny_deepseek()
+    save_model(base, tmp_path / "base")
+    loaded = load_model_with_lora(tmp_path / "base", LoRAConfig(**ROUTED)).eval()
+    adapters = [a for layer in loaded.moe_layers() for a in layer.experts.lora.values()]
+    assert adapters and all(not a.lora_B.any() and a.lora_A.abs().sum() > 0 for a in adapters)
+    torch.testing.assert_close(logits(loaded), logits(base))
 
 
 def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):

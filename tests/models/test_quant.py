@@ -79,6 +79,19 @@ def test_dequantized_weight_is_the_one_the_layer_multiplies_with(weight_dtype, c
         assert torch.equal(layer(x), nn.functional.linear(x, layer.packed.dequantize()))
 
 
+@pytest.mark.parametrize(("x_dtype", "compute_dtype"), [(torch.float32, torch.bfloat16),
+                                                       (torch.bfloat16, torch.float32)])
+def test_output_comes_back_in_the_inputs_dtype(x_dtype, compute_dtype):
+    """The product runs in compute_dtype and returns x's dtype: Ŵ x computed in compute_dtype, then cast."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32, bias=False), Quant4bitConfig(compute_dtype=compute_dtype))
+    x = torch.randn(3, 64, dtype=x_dtype)
+    with torch.no_grad():
+        y = layer(x)
+        expected = nn.functional.linear(x.to(compute_dtype), layer.packed.dequantize()).to(x_dtype)
+    assert y.dtype == x_dtype and torch.equal(y, expected)
+
+
 def test_gradient_flows_to_the_input_only():
     """dL/dx = dL/dy · Ŵ for y = x Ŵᵀ; the 4-bit weight is frozen and holds no Parameter."""
     layer = Linear4bit.from_linear(nn.Linear(64, 32, bias=False), Quant4bitConfig(**FP32))

@@ -20,6 +20,8 @@ USER_2 = {"role": "user", "content": "And of Italy?"}
 ANSWER_2 = {"role": "assistant", "content": "Rome."}
 SINGLE_TURN = [SYSTEM, USER_1, ANSWER_1]
 MULTI_TURN = [SYSTEM, USER_1, ANSWER_1, USER_2, ANSWER_2]
+PADDED = [{"role": "user", "content": "  What is the capital?  \n"}, {"role": "assistant", "content": " Paris. "},
+          {"role": "user", "content": "\tAnd Italy? "}]  # content with surrounding whitespace
 CONVERSATIONS = [
     [USER_1, ANSWER_1],
     SINGLE_TURN,
@@ -197,8 +199,9 @@ def test_generation_prompts(tokenizers):
     assert chatml[-len(header):] == header
 
 
-def test_stop_ids(tokenizers):
-    """llama3 stops on <|eot_id|> and <|end_of_text|> (its EOS is <|eot_id|>); ChatML's EOS is <|im_end|>."""
+def test_stop_ids(tokenizers, tmp_path):
+    """llama3 stops on <|eot_id|> and <|end_of_text|> (its EOS is <|eot_id|>); ChatML's EOS is <|im_end|>, and a
+    ChatML base model whose EOS is <|endoftext|> (Qwen's) stops on both."""
     assert stop_ids(tokenizers["llama2"], "llama2") == [2]
     tok = tokenizers["llama3"]
     assert stop_ids(tok, "llama3") == [tok.token_id("<|eot_id|>"), tok.token_id("<|end_of_text|>")]
@@ -206,6 +209,11 @@ def test_stop_ids(tokenizers):
     assert stop_ids(tok, "deepseek") == [tok.token_id("<｜end▁of▁sentence｜>")]
     tok = tokenizers["chatml"]
     assert stop_ids(tok, "chatml") == [tok.token_id("<|im_end|>")]
+    directory = make_hf_tokenizer(tmp_path, "chatml")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(directory)
+    assert stop_ids(tok, "chatml") == [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
 
 
 @pytest.mark.parametrize("style", HF_STYLES)
@@ -220,7 +228,7 @@ def test_hf_templates_match_transformers(tokenizers, tmp_path, style, add_genera
     directory = make_hf_tokenizer(tmp_path, style)
     oracle = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
     tok = load_tokenizer(directory)
-    for messages in [*CONVERSATIONS, [SYSTEM, USER_1], [USER_1, ANSWER_1, USER_2]]:
+    for messages in [*CONVERSATIONS, [SYSTEM, USER_1], [USER_1, ANSWER_1, USER_2], PADDED]:
         ours, _ = render_conversation(messages, tok, style, add_generation_prompt=add_generation_prompt)
         reference = oracle.apply_chat_template(messages, tokenize=True,
                                                add_generation_prompt=add_generation_prompt)["input_ids"]
@@ -245,7 +253,7 @@ def test_llama2_matches_transformers_and_a_converted_tokenizer_json(tokenizers, 
     oracle = transformers.AutoTokenizer.from_pretrained(tmp_path / "meta")
     oracle.save_pretrained(tmp_path / "hf")
     sentencepiece_tok, hf_tok = load_tokenizer(tmp_path / "meta" / "tokenizer.model"), load_tokenizer(tmp_path / "hf")
-    for messages in [*CONVERSATIONS, [SYSTEM, USER_1]]:
+    for messages in [*CONVERSATIONS, [SYSTEM, USER_1], PADDED]:
         ours = render_conversation(messages, sentencepiece_tok, "llama2")
         assert ours[0] == oracle.apply_chat_template(messages, tokenize=True)["input_ids"]
         assert render_conversation(messages, hf_tok, "llama2") == ours
