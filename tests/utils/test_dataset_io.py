@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dpo_llama.utils import dataset_io
-from dpo_llama.utils.dataset_io import (META_FILE, TRAIN_FILE, load_examples, read_dataset, save_examples,
-                                        split_train_val, write_dataset)
+from dpo_llama.utils.dataset_io import (META_FILE, TRAIN_FILE, VAL_FILE, dataset_fingerprint, load_examples,
+                                        read_dataset, save_examples, split_train_val, write_dataset)
 
 
 def test_split_holds_out_at_least_one_and_keeps_one_for_training():
@@ -43,6 +43,23 @@ def test_examples_round_trip_by_column(tmp_path):
     assert load_examples(tmp_path / "empty.safetensors") == []
     save_examples(examples, tmp_path / "again.safetensors")  # same bytes: a resume compares their hash
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "train.safetensors").read_bytes()
+
+
+def test_a_dataset_directory_round_trips_each_split_and_its_fingerprint_covers_every_file(tmp_path):
+    """write_dataset then read_dataset gives back train (2 examples), validation (1) and meta as written; rewriting
+    any one of the three files changes the dataset's fingerprint."""
+    examples = kto_examples()
+    write_dataset(tmp_path, examples[:2], examples[2:], {"kind": "kto"})
+    train, validation, meta = read_dataset(tmp_path)
+    assert [int(e["count"]) for e in train] == [0, 1] and [int(e["count"]) for e in validation] == [2]
+    assert meta == {"kind": "kto"}
+    before = dataset_fingerprint(tmp_path)
+    save_examples(examples[:1], tmp_path / VAL_FILE)
+    after_val = dataset_fingerprint(tmp_path)
+    save_examples(examples[1:], tmp_path / TRAIN_FILE)
+    after_train = dataset_fingerprint(tmp_path)
+    (tmp_path / META_FILE).write_text('{"kind": "other"}')
+    assert len({before, after_val, after_train, dataset_fingerprint(tmp_path)}) == 4
 
 
 def test_examples_that_cannot_be_stored_by_column_are_refused(tmp_path):

@@ -132,6 +132,26 @@ def test_rows_declaring_tools_are_skipped(tmp_path, fmt, good):
     assert len(records) == 1 and report.skipped == {"tools not supported": 1}
 
 
+GOOD_ROWS = {"trl_conversational": {"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
+             "kto": {"prompt": "q", "completion": "a", "label": True},
+             "shp": {"history": "q", "human_ref_A": "a", "human_ref_B": "b", "labels": 1, "score_A": 10, "score_B": 2}}
+
+
+@pytest.mark.parametrize("fmt, bad, reason", [
+    # a prompt ending on another turn than the user's: the continuation would score the user turn it starts with
+    ("trl_conversational", {"prompt": [user("q"), assistant("a")], "chosen": [user("q2"), assistant("b")],
+                            "rejected": [user("q2"), assistant("c")]}, "prompt does not end with a user turn"),
+    ("kto", {"label": 1}, "invalid label"),  # a bool, not a number or a string
+    ("kto", {"label": "true"}, "invalid label"),
+    ("shp", {"score_A": True, "score_B": False}, "invalid scores"),
+])
+def test_malformed_rows_are_skipped_with_their_reason(tmp_path, fmt, bad, reason):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD_ROWS[fmt]) + "\n" + json.dumps({**GOOD_ROWS[fmt], **bad}) + "\n")
+    records, report = load_preference_records(path, format=fmt)
+    assert len(records) == 1 and report.skipped == {reason: 1}
+
+
 def test_trl_conversational_implicit_prompt():
     """trl-lib/ultrafeedback_binarized rows (no prompt) and a HuggingFaceH4/ultrafeedback_binarized row
     (prompt string beside full conversations): the prompt is the shared message prefix."""
@@ -367,6 +387,12 @@ def test_parquet_implicit_prompt(tmp_path):
 )
 def test_detect_preference_format(name, expected):
     assert detect_preference_format(first_row(name)) == expected
+
+
+def test_a_trl_row_whose_prompt_is_an_hh_transcript_is_trl():
+    """Dahoas-style rows: prompt / chosen / rejected with HH markers inside are TRL rows, not HH ones."""
+    row = {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": " b\n\nHuman: c", "rejected": " d"}
+    assert detect_preference_format(row) == "trl"
 
 
 def test_detect_unknown_format_lists_formats_and_keys():

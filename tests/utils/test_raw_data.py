@@ -57,6 +57,13 @@ def test_json_gz_array(tmp_path):
     assert locations(path) == [f"{path}:[{i}]" for i in range(5)]
 
 
+def test_json_array_with_a_utf8_bom(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark; the indented Alpaca array still reads row by row."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "alpaca_data.json").read_bytes())
+    assert locations(path) == [f"{path}:[{i}]" for i in range(5)]
+
+
 def test_json_object_with_data_list(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"version": "1.0", "data": [{"a": 1}, {"a": 2}]}))

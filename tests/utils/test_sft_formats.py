@@ -248,6 +248,9 @@ def test_parse_hh_transcript_quirks():
     assert parse_hh_transcript("Human: hi\n\nAssistant: hello") == [user("hi"), assistant("hello")]
     assert parse_hh_transcript("\n\nHuman: a\n\nHuman: b \n\nAssistant:  c  ") == [user("a\n\nb"), assistant("c")]
     assert parse_hh_transcript("\n\nHuman: x\n\nAssistant: ") == [user("x"), assistant("")]
+    # only a blank line starts a turn: a reply quoting "Human:" after a single newline stays the reply
+    assert parse_hh_transcript("\n\nHuman: hi\n\nAssistant: sure.\nHuman: really?") == [
+        user("hi"), assistant("sure.\nHuman: really?")]
     for text in ("no markers at all", "Intro\n\nHuman: hi\n\nAssistant: hello"):
         with pytest.raises(BadRowError, match="not an HH transcript"):
             parse_hh_transcript(text)
@@ -270,6 +273,24 @@ def test_alpaca_bad_rows(tmp_path, row, reason):
     assert len(records) == 1
     assert report.skipped == {reason: 1}
     assert report.first_skipped[0].startswith(f"{path}:[1]: {reason}")
+
+
+@pytest.mark.parametrize("fmt, row, messages", [
+    ("messages", {"messages": [system(""), user("q"), assistant("a")]}, [user("q"), assistant("a")]),
+    ("alpaca", {"instruction": "q", "output": "a", "system": "  "}, [user("q"), assistant("a")]),
+    # a leading system turn wins over the system key
+    ("sharegpt", {"system": "key", "conversations": [{"from": "system", "value": "turn"},
+                                                     {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     [system("turn"), user("q"), assistant("a")]),
+    ("sharegpt", {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},
+     [user("q"), assistant("a")]),
+])
+def test_system_messages_and_role_aliases(tmp_path, fmt, row, messages):
+    """An empty or blank system message is no system message; ShareGPT also names its roles user/assistant."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([row]))
+    records, _ = load_sft_records(path, format=fmt)
+    assert records[0].messages == messages
 
 
 def test_openai_weight_zero_keeps_an_assistant_turn_as_context(tmp_path):
@@ -320,6 +341,7 @@ def test_rows_with_tools_or_a_kto_label_are_skipped(tmp_path, row, reason):
         ([user("q"), system("s"), assistant("a")], "misplaced system message"),
         ([user("q"), assistant(" \n")], "empty response"),
         ([user(""), assistant("a")], "empty message"),
+        ([user("q"), assistant(" "), user("q2"), assistant("a")], "empty message"),  # not the final response
     ],
 )
 def test_check_conversation_rejects(messages, reason):
