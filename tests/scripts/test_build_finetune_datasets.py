@@ -172,6 +172,22 @@ def test_several_files_and_validation_split(tmp_path, tokenizer_paths):
     assert meta["rows"]["rows_kept"] == 6 and meta["rows"]["rows_skipped"] == 3 + 1
 
 
+def test_the_seed_picks_the_split_and_meta_counts_target_tokens(tmp_path, tokenizer_paths):
+    """--seed decides which 2 of the 6 examples are held out (the same seed the same split); meta's target token
+    total is the number of scored tokens over both splits, fewer than all tokens."""
+    inputs = [FIXTURES / "sharegpt.json", FIXTURES / "databricks-dolly-15k.jsonl"]
+    splits = {}
+    for seed in (1, 1, 3, 4):
+        rc, out = run_builder(tmp_path / str(len(splits)), tokenizer_paths["llama2"], "llama2", inputs,
+                              val_ratio=0.25, seed=seed)
+        assert rc == 0
+        splits.setdefault(seed, []).append([e["tokens"].tolist() for e in read_split(out / VAL_FILE)])
+    assert splits[1][0] == splits[1][1] and splits[1][0] not in (splits[3][0], splits[4][0])
+    examples, meta = load_examples(out)
+    assert meta["target_tokens"]["total"] == sum(int(e["mask"].sum()) for e in examples)
+    assert meta["target_tokens"]["total"] < meta["tokens"]["total"]
+
+
 def test_invalid_unicode_rows_are_skipped_and_train_is_never_empty(tmp_path, tokenizer_paths, capsys):
     """A lone surrogate escape (valid JSON, seen in scraped data) is counted and skipped, not a crash; a ratio that
     would hold out everything keeps one example for training; a bad ratio is refused before any tokenization."""

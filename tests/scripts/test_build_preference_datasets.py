@@ -193,6 +193,26 @@ def test_no_reference_build_needs_no_model(reference, tmp_path):
     assert meta["reference"] is None and "ref_chosen_logps" not in examples[0]
 
 
+def test_shp_minimum_score_ratio_reaches_the_parser(reference, tmp_path):
+    """The SHP fixture's ratios are 4.33, 1.04, 3.33, inf and 2.0: the default minimum 2 keeps 4 pairs,
+    --shp-min-score-ratio 1 all 5."""
+    shp = FIXTURES / "shp_askculinary_train.json"
+    assert build(reference, tmp_path / "default", [shp], "--no-reference") == 0
+    assert build(reference, tmp_path / "one", [shp], "--no-reference", shp_min_score_ratio=1.0) == 0
+    assert [len(load(tmp_path / name)[0]) for name in ("default", "one")] == [4, 5]
+
+
+def test_a_kto_example_alone_in_its_split_gets_another_examples_completion(reference, tmp_path):
+    """kto_en_demo.json keeps 2 examples; val_ratio 0.5 leaves one in each split, so each one's KL completion is
+    the other split's completion, never its own."""
+    assert build(reference, tmp_path / "d", [FIXTURES / "kto_en_demo.json"], "--no-reference", val_ratio=0.5) == 0
+    train, validation = (load_examples(tmp_path / "d" / name) for name in (TRAIN_FILE, VAL_FILE))
+    assert len(train) == len(validation) == 1
+    for example, other in ((train[0], validation[0]), (validation[0], train[0])):
+        assert np.array_equal(example["kl_completion"], other["completion"])
+        assert not np.array_equal(example["kl_completion"], example["completion"])
+
+
 def test_unusable_inputs_are_clear_errors(reference, tmp_path, capsys):
     """A file with no usable row, and paired mixed with unpaired files: exit 1, one error line, no output."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}])
