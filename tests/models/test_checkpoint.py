@@ -1,4 +1,6 @@
-"""dpo_llama.models.checkpoint: what an interrupted save leaves, and weights stored twice."""
+"""dpo_llama.models.checkpoint: what an interrupted save leaves, weights stored twice, shards and fingerprints."""
+
+import json
 
 import pytest
 import torch
@@ -60,3 +62,52 @@ def test_a_save_interrupted_after_its_weights_reads_as_no_checkpoint(tmp_path, m
     monkeypatch.setattr(checkpoint.shutil, "copy2", real_copy)
     with pytest.raises(FileNotFoundError, match="params.json not found"):
         checkpoint.load_model(tmp_path / "ckpt")
+
+
+def test_shards_respect_the_limit_and_are_numbered_from_one(tmp_path):
+    """Tensors of 400, 400, 400 and 1200 bytes with a 1000-byte limit: greedy shards [a, b], [c], [d] (a shard
+    only closes when the next tensor would overflow it; a lone tensor over the limit gets its own), named
+    model-00001..3-of-00003, with an index naming each tensor's shard and the 2400-byte total."""
+    writer = checkpoint.ShardedWriter(tmp_path, max_shard_bytes=1000)
+    for key, n in (("a", 100), ("b", 100), ("c", 100), ("d", 300)):
+        writer.add(key, torch.zeros(n))
+    files = writer.close()
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert [f.name for f in files] == [*names, checkpoint.INDEX_FILE]
+    index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+    assert index == {"metadata": {"total_size": 2400},
+                     "weight_map": {"a": names[0], "b": names[0], "c": names[1], "d": names[2]}}
+
+
+def test_the_fingerprint_covers_params_every_shard_and_whole_files(tmp_path):
+    """Another rope_theta in params.json, a changed tensor in the last of several shards, and a changed last
+    byte of a file read in 4-byte chunks each change the fingerprint."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny"))
+    checkpoint.save_checkpoint(tmp_path / "a", model.args, model.state_dict().items(), max_shard_bytes=50_000)
+    shards = checkpoint.weight_files(tmp_path / "a")
+    assert len(shards) > 2
+    base = checkpoint.checkpoint_fingerprint(tmp_path / "a")
+    text = (tmp_path / "a" / "params.json").read_text()
+    (tmp_path / "a" / "params.json").write_text(json.dumps({**json.loads(text), "rope_theta": 5e5}))
+    assert checkpoint.checkpoint_fingerprint(tmp_path / "a") != base
+    (tmp_path / "a" / "params.json").write_text(text)
+    assert checkpoint.checkpoint_fingerprint(tmp_path / "a") == base
+    last = dict(iter_safetensors([shards[-1]]))
+    save_file({key: value + 1 for key, value in last.items()}, shards[-1], metadata={"format": "pt"})
+    assert checkpoint.checkpoint_fingerprint(tmp_path / "a") != base
+    data = bytearray(shards[0].read_bytes())
+    before = checkpoint.files_sha256([shards[0]], chunk_bytes=4)
+    data[-1] ^= 1
+    shards[0].write_bytes(bytes(data))
+    assert checkpoint.files_sha256([shards[0]], chunk_bytes=4) != before
+
+
+def test_weights_that_disagree_with_params_are_refused(tmp_path):
+    """params.json says hidden_dim 100 while the MLP weights were saved with the preset's width: loading names
+    the first tensor of the wrong shape."""
+    save_model(Transformer(get_preset("tiny")), tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "hidden_dim": 100}))
+    with pytest.raises(ValueError, match=r"shape mismatch for layers\.0\.mlp"):
+        checkpoint.load_model(tmp_path)

@@ -7,8 +7,10 @@ import torch
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.presets import get_preset
 from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils import evaluation
 from dpo_llama.utils.evaluation import generation_rewards, preference_accuracy
 from dpo_llama.utils.logprobs import sequence_logps
+from dpo_llama.utils.templates import render_conversation, stop_ids
 from tests.tokenizer_fixtures import make_sentencepiece
 
 
@@ -60,3 +62,22 @@ def test_generation_rewards_score_each_greedy_answer(tmp_path):
                                  max_new_tokens=4)
     assert rewards == [0, 1] and [i for i, _ in seen] == [0, 1]
     assert all(isinstance(text, str) for _, text in seen)
+
+
+def test_generation_rewards_prompt_with_the_template_and_score_only_the_answer(tmp_path, monkeypatch):
+    """generate gets the prompt rendered with the assistant header and the template's stop ids; the reward sees
+    the decoded answer alone, not the prompt."""
+    tokenizer = load_tokenizer(make_sentencepiece(tmp_path))
+    messages = [{"role": "user", "content": "1 + 2 ="}]
+    calls, answer = [], tokenizer.encode(" 3")
+    monkeypatch.setattr(evaluation, "generate", lambda model, prompt_ids, n, stop_ids: calls.append(
+        (prompt_ids, stop_ids)) or answer)
+    texts = generation_rewards(None, tokenizer, "llama2", [messages], lambda i, text: text)
+    assert calls == [(render_conversation(messages, tokenizer, "llama2", add_generation_prompt=True)[0],
+                      stop_ids(tokenizer, "llama2"))]
+    assert texts == [tokenizer.decode(answer)]
+
+
+def test_a_tied_pair_is_not_a_win(model):
+    """Chosen and rejected equal: log π(chosen) = log π(rejected), so the pair is lost."""
+    assert preference_accuracy(model, [pair([1, 5], [7, 8], [7, 8])], pad_id=0) == 0.0
