@@ -19,6 +19,7 @@ Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -526,6 +527,22 @@ def test_lora_delta_without_hidden(force_isa, isa):
         assert_close(g.detach(), w, tolerance(isa, "bf16"), f"{isa} {name}")
 
 
+@pytest.mark.parametrize("needs_grad", ["weights", "delta"])
+def test_backward_when_only_the_weights_or_only_the_delta_need_a_gradient(extension, needs_grad):
+    """LoRA on the routed experts with a frozen router and an input that needs no gradient (only the delta
+    does), or the routing weights alone: the forward still saves what the backward needs, whose gradient for that
+    one input matches the float64 reference."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    delta, _ = make_hooks(*ids.shape, experts[0].shape[1])
+    packed = moe.PackedExperts.from_weights(*experts)
+    _, _, _, grad_w, grad_delta = reference_hook_grads(x, ids, weights, delta, grad, None, experts)
+    wk = weights.clone().requires_grad_(needs_grad == "weights")
+    dk = delta.clone().requires_grad_(needs_grad == "delta")
+    moe.cpu_moe(x, ids, wk, packed, gate_up_delta=sorted_by_expert(ids, dk)).backward(grad)
+    got, want = (wk.grad, grad_w) if needs_grad == "weights" else (dk.grad, grad_delta)
+    assert_close(got, want, tolerance(moe.selected_isa(), "bf16"), f"grad of the {needs_grad}")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_lora_hidden_without_delta(force_isa, isa):
     """return_hidden=True without a delta: h of the frozen experts, differentiable."""
@@ -707,10 +724,24 @@ def test_bad_inputs_raise_value_error(extension):
     packed = moe.PackedExperts.from_weights(*experts)
     with pytest.raises(ValueError, match="topk_ids"):
         moe.cpu_moe(x, ids + 8, weights, packed)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 8\)"):  # E itself is one too many
+        moe.cpu_moe(x, torch.full_like(ids, packed.num_experts), weights, packed)
     with pytest.raises(ValueError, match="x must be"):
         moe.cpu_moe(x[:, :-1], ids, weights, packed)
     with pytest.raises(ValueError, match="x must be a float tensor"):
         moe.cpu_moe(x.long(), ids, weights, packed)
+
+
+def test_a_failed_build_reads_as_no_kernel(monkeypatch):
+    """kernel_available() is False (not an exception) when the build fails, so the MoE layer's backend check can
+    say to use experts_backend='torch'."""
+    @functools.cache
+    def failed_build():
+        raise RuntimeError("Error building extension 'dpo_llama_moe'")
+
+    monkeypatch.setattr(moe, "_compile", failed_build)
+    monkeypatch.setattr(moe, "_is_built", lambda: True)
+    assert moe.kernel_available() is False
 
 
 def test_stale_build_lock_is_removed(tmp_path, capsys):
@@ -732,6 +763,8 @@ def test_forced_isa_validation(extension, monkeypatch):
     monkeypatch.setenv("DPO_LLAMA_MOE_ISA", "sse9")
     with pytest.raises(ValueError, match="DPO_LLAMA_MOE_ISA"):
         moe.selected_isa()
+    monkeypatch.setenv("DPO_LLAMA_MOE_ISA", " Portable ")  # as typed in a shell or a .env file
+    assert moe.selected_isa() == "portable"
     monkeypatch.delenv("DPO_LLAMA_MOE_ISA")
     assert moe.selected_isa() == moe.available_isas()[0]
     assert moe.available_isas()[-1] == "portable"
