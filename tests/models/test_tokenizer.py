@@ -137,6 +137,18 @@ def test_hf_decode_drops_an_eos_that_tokenizer_json_does_not_flag_special(tmp_pa
     assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.eos_id]) == "Paris."
 
 
+def test_hf_decode_drops_a_pad_that_tokenizer_json_does_not_flag_special(tmp_path):
+    """ChatML's pad <|endoftext|> added as a plain token: decode still drops it, like the EOS above."""
+    path = make_hf_tokenizer(tmp_path, "chatml") / "tokenizer.json"
+    content = json.loads(path.read_text(encoding="utf-8"))
+    for token in content["added_tokens"]:
+        token["special"] = token["content"] != "<|endoftext|>" and token["special"]
+    path.write_text(json.dumps(content), encoding="utf-8")
+    tokenizer = load_tokenizer(path.parent)
+    assert tokenizer.pad_id == tokenizer.token_id("<|endoftext|>") != tokenizer.eos_id
+    assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.pad_id] * 2) == "Paris."
+
+
 def test_chatml_tokenizer_without_bos_refuses_bos(tmp_path):
     tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path, "chatml"))
     with pytest.raises(ValueError, match="no BOS"):

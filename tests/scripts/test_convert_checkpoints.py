@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_llama.models.checkpoint import INDEX_FILE, iter_safetensors, load_model, read_params, weight_files
 from dpo_llama.models.convert_hf import llama_args_from_hf, rope_settings
+from dpo_llama.models.convert_meta import meta_args, meta_hidden_dim
 from scripts.convert_hf_checkpoint import main as convert_hf
 from scripts.convert_meta_checkpoint import main as convert_meta
 from tests.model_fixtures import TINY_HF_LLAMA, make_hf_llama, write_meta_checkpoint
@@ -154,6 +155,37 @@ def test_hf_config_without_rms_norm_eps_takes_the_hf_default():
     config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
               "intermediate_size": 192}
     assert llama_args_from_hf(config).norm_eps == 1e-6
+
+
+def test_an_explicit_head_dim_converts_and_matches_logits(tmp_path):
+    """head_dim 32 with 4 heads of a 64-wide model (q / o project to 128): taken from config.json, not 64 / 4."""
+    hf_model = make_hf_llama(tmp_path / "hf", head_dim=32)
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ours")(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_other_than_llama3_is_refused():
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+              "intermediate_size": 192, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not supported for llama"):
+        llama_args_from_hf(config)
+
+
+def test_meta_params_give_the_published_shapes_and_defaults():
+    """SwiGLU widths: LLaMA-2-7B 11008 (4096, multiple 256), LLaMA-3-8B 14336 (multiplier 1.3, multiple 1024),
+    LLaMA-2-70B 28672 (8192, 1.3, 4096). Context defaults: 4096 for rope_theta 1e4, 8192 for LLaMA-3's 5e5, 131072
+    with scaled rope, whose factor is rope_scaling_factor when given (LLaMA-3.2: 32), else 8; norm_eps 1e-5."""
+    assert meta_hidden_dim(4096, 256, None) == 11008
+    assert meta_hidden_dim(4096, 1024, 1.3) == 14336
+    assert meta_hidden_dim(8192, 4096, 1.3) == 28672
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4}
+    assert meta_args(base, 300).max_seq_len == 4096 and meta_args(base, 300).norm_eps == 1e-5
+    assert meta_args({**base, "rope_theta": 5e5}, 300).max_seq_len == 8192
+    scaled = meta_args({**base, "rope_theta": 5e5, "use_scaled_rope": True}, 300)
+    assert scaled.max_seq_len == 131072 and scaled.rope_scaling["factor"] == 8.0
+    assert meta_args({**base, "use_scaled_rope": True, "rope_scaling_factor": 32.0}, 300).rope_scaling["factor"] == 32
 
 
 @pytest.mark.parametrize("script", ["convert_hf_checkpoint.py", "convert_meta_checkpoint.py"])

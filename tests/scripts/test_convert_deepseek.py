@@ -51,6 +51,7 @@ def state(ckpt_dir) -> dict[str, torch.Tensor]:
 def test_real_configs_give_the_presets():
     assert deepseek_args_from_hf(V2_LITE_HUB) == get_preset("deepseek-v2-lite")
     assert deepseek_args_from_hf(V2_LITE_NEW) == get_preset("deepseek-v2-lite")
+    assert deepseek_args_from_hf({**V2_LITE_HUB, "norm_topk_prob": True}).norm_topk_prob is True
     moe_16b = deepseek_moe_config(hidden_size=2048, intermediate_size=10944, max_position_embeddings=4096,
                                   moe_intermediate_size=1408, n_routed_experts=64, num_attention_heads=16,
                                   num_experts_per_tok=6, num_hidden_layers=28, num_key_value_heads=16,

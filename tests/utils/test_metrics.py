@@ -54,6 +54,16 @@ def test_resumed_logger_rewrites_jsonl_from_history(tmp_path):
 
     assert [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1.0, 2.0, 30.0]
     assert [r["train/loss"] for r in resumed.history] == [1.0, 2.0, 30.0]
+    # TensorBoard drops the crashed run's step 3 (purge_step): one value per step, the replayed one
+    assert scalars(tmp_path / "run")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_each_record_reaches_the_jsonl_file_at_once(tmp_path):
+    """A crash loses no logged step: metrics.jsonl holds each record as soon as it is logged, before close()."""
+    logger = MetricsLogger(tmp_path, "run")
+    logger.log(1, {"loss": 0.5})
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "train/loss": 0.5}]
+    logger.close()
 
 
 def test_save_plots_writes_one_png_per_spec_and_skips_empty_ones(tmp_path):
