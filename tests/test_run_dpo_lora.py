@@ -147,6 +147,10 @@ def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tm
     data = build(ws, tmp_path / "data", lora=tmp_path / "adapter")
     recorded = json.loads((data / META_FILE).read_text())["reference"]
     assert recorded["lora_sha256"] == adapter_fingerprint(tmp_path / "adapter")
+    # --quant-4bit is ignored with --lora (the adapter's own settings apply): the same reference, the same values
+    same = build(ws, tmp_path / "data-4bit", lora=tmp_path / "adapter", quant_4bit="nf4")
+    assert json.loads((same / META_FILE).read_text())["reference"] == recorded
+    assert (same / TRAIN_FILE).read_bytes() == (data / TRAIN_FILE).read_bytes()
 
     assert run_dpo(dpo_argv(ws, tmp_path / "fresh", train_data_dir=data, max_train_steps=1)) == 1
     assert "lora_sha256: dataset has" in capsys.readouterr().err
