@@ -124,14 +124,21 @@ def test_hf_tokenizer_saved_with_truncation_or_padding_encodes_whole_text(tmp_pa
         assert load_tokenizer(path.parent).encode(text) == plain and len(plain) > 4
 
 
-def test_hf_decode_drops_an_eos_that_tokenizer_json_does_not_flag_special(tmp_path):
-    """An EOS added as a plain token (some ChatML fine-tunes) is still dropped by decode, as transformers does."""
-    import tokenizers
+def chatml_with_a_plain_token(tmp_path, plain: str):
+    """The ChatML fixture's tokenizer.json with ``plain`` added as a plain token, not a special one (as some
+    fine-tunes add theirs)."""
     path = make_hf_tokenizer(tmp_path, "chatml") / "tokenizer.json"
     content = json.loads(path.read_text(encoding="utf-8"))
     for token in content["added_tokens"]:
-        token["special"] = token["content"] != "<|im_end|>" and token["special"]
+        token["special"] = token["content"] != plain and token["special"]
     path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def test_hf_decode_drops_an_eos_that_tokenizer_json_does_not_flag_special(tmp_path):
+    """An EOS added as a plain token (some ChatML fine-tunes) is still dropped by decode, as transformers does."""
+    import tokenizers
+    path = chatml_with_a_plain_token(tmp_path, "<|im_end|>")
     tokenizer = load_tokenizer(path.parent)
     assert not tokenizers.Tokenizer.from_file(str(path)).decode([tokenizer.eos_id], skip_special_tokens=True) == ""
     assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.eos_id]) == "Paris."
@@ -139,12 +146,7 @@ def test_hf_decode_drops_an_eos_that_tokenizer_json_does_not_flag_special(tmp_pa
 
 def test_hf_decode_drops_a_pad_that_tokenizer_json_does_not_flag_special(tmp_path):
     """ChatML's pad <|endoftext|> added as a plain token: decode still drops it, like the EOS above."""
-    path = make_hf_tokenizer(tmp_path, "chatml") / "tokenizer.json"
-    content = json.loads(path.read_text(encoding="utf-8"))
-    for token in content["added_tokens"]:
-        token["special"] = token["content"] != "<|endoftext|>" and token["special"]
-    path.write_text(json.dumps(content), encoding="utf-8")
-    tokenizer = load_tokenizer(path.parent)
+    tokenizer = load_tokenizer(chatml_with_a_plain_token(tmp_path, "<|endoftext|>").parent)
     assert tokenizer.pad_id == tokenizer.token_id("<|endoftext|>") != tokenizer.eos_id
     assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.pad_id] * 2) == "Paris."
 

@@ -352,16 +352,23 @@ def test_resume_falls_back_over_an_unreadable_checkpoint(tmp_path, capsys):
     assert load_trainer_state(tmp_path / "ckpt" / "step-000004")["step"] == 4
 
 
+def loss_failing_from(step: int, corrupt):
+    """loss_fn whose loss goes through ``corrupt(model, loss_sum)`` from optimizer step ``step`` on (2 micro-batches
+    per step, as make_cfg sets)."""
+    calls = {"train": 0}
+
+    def failing(model_, batch):
+        calls["train"] += 1
+        loss_sum, metrics = loss_fn(model_, batch)
+        return (corrupt(model_, loss_sum) if calls["train"] > (step - 1) * 2 else loss_sum), metrics
+
+    return failing
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, max_train_steps=8, ckpt_interval=2)
     model = ToyModel(seed=8)
-    calls = {"train": 0}
-
-    def nan_at_step_5(model_, batch):
-        calls["train"] += 1
-        loss_sum, metrics = loss_fn(model_, batch)
-        return (loss_sum * math.nan if calls["train"] > 4 * 2 else loss_sum), metrics
-
+    nan_at_step_5 = loss_failing_from(5, lambda model_, loss_sum: loss_sum * math.nan)
     with pytest.raises(NonFiniteLossError, match=r"step 5: the loss is nan.*step-000004") as error:
         run(cfg, model, make_dataset([2, 3, 4]), nan_at_step_5)
 
@@ -381,16 +388,12 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
     finite and as saved at step 2."""
     cfg = make_cfg(tmp_path, max_train_steps=4, ckpt_interval=2)
     model = ToyModel(seed=8)
-    calls = {"train": 0}
 
-    def inf_gradient_from_step_3(model_, batch):
-        calls["train"] += 1
-        loss_sum, metrics = loss_fn(model_, batch)
-        if calls["train"] > 2 * 2:
-            total = sum(p.sum() for p in model_.parameters())
-            loss_sum = loss_sum + torch.sqrt(total - total.detach())
-        return loss_sum, metrics
+    def inf_gradient(model_, loss_sum):
+        total = sum(p.sum() for p in model_.parameters())
+        return loss_sum + torch.sqrt(total - total.detach())
 
+    inf_gradient_from_step_3 = loss_failing_from(3, inf_gradient)
     with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient norm is (inf|nan).*step-000002"):
         run(cfg, model, make_dataset([2, 3, 4]), inf_gradient_from_step_3)
     saved = torch.load(tmp_path / "ckpt" / "step-000002" / "weights.pt", weights_only=True)
