@@ -151,6 +151,36 @@ def test_hf_decode_drops_a_pad_that_tokenizer_json_does_not_flag_special(tmp_pat
     assert tokenizer.decode(tokenizer.encode("Paris.") + [tokenizer.pad_id] * 2) == "Paris."
 
 
+def test_the_unknown_token_is_no_token_id(tmp_path):
+    """token_id names real tokens only: a word-level tokenizer.json's unk_token "<unk>" has an id in the
+    vocabulary, but asking for it means the piece is unknown, so it is refused like any missing piece."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "sky": 1, "</s>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.token_id("sky") == 1 and tokenizer.eos_id == 2
+    with pytest.raises(ValueError, match="'<unk>' is not in the vocabulary"):
+        tokenizer.token_id("<unk>")
+
+
+def test_a_sentencepiece_model_without_bos_has_none(tmp_path):
+    """bos_id -1 in the model (no BOS piece): bos_id is None and encode(bos=True) is refused."""
+    import io
+
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the sky is blue", "the grass is green"] * 8), model_writer=model, vocab_size=40,
+        model_type="bpe", unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
+    assert tokenizer.bos_id is None and tokenizer.eos_id == 1
+    with pytest.raises(ValueError, match="no BOS"):
+        tokenizer.encode("the sky", bos=True)
+
+
 def test_chatml_tokenizer_without_bos_refuses_bos(tmp_path):
     tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path, "chatml"))
     with pytest.raises(ValueError, match="no BOS"):
