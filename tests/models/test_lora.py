@@ -162,6 +162,18 @@ def test_find_adapter_takes_the_numerically_highest_step(tmp_path):
     assert path == tmp_path / "step-10" and note.startswith("highest of 3 step checkpoint(s)")
 
 
+def test_nested_disable_adapters_restores_the_outer_state():
+    """An inner disable_adapters block (a reference computed inside a disabled one) leaves the adapters disabled
+    for the rest of the outer block, LoRA layers and routed experts alike; after it they are enabled again."""
+    model = apply_lora(tiny_deepseek(), LoRAConfig(**ROUTED, lora_attn_query=True))
+    modules = [layer for _, layer in lora_layers(model)] + [layer.experts for layer in model.moe_layers()]
+    with disable_adapters(model):
+        with disable_adapters(model):
+            pass
+        assert modules and not any(module.adapter_enabled for module in modules)
+    assert all(module.adapter_enabled for module in modules)
+
+
 def test_scaling_alpha_over_r_or_explicit():
     """One layer with in = 2, out = 1, r = 1, W = 0, A = [[1, 2]], B = [[3]] and x = [1, 1]:
 

@@ -82,6 +82,13 @@ def test_sequence_aux_loss_hand_example():
     assert sequence_aux_loss(SCORES, IDS, 0.01).mean().item() == pytest.approx(0.0115)
 
 
+def test_sequence_aux_loss_counts_every_one_of_the_k_slots():
+    """E = 4, k = 2, T = 2 tokens routed to (0, 1) and (2, 3), uniform scores 1/4: ce = count / (T k / E) = 1 for
+    every expert, so a perfectly balanced sequence gives aux = alpha · sum_i 1 · 1/4 = alpha."""
+    scores = torch.full((1, 2, 4), 0.25)
+    assert sequence_aux_loss(scores, torch.tensor([[[0, 1], [2, 3]]]), 0.01).item() == pytest.approx(0.01)
+
+
 def test_batch_aux_loss_hand_example():
     """Over all 4 tokens: counts (3, 1), f = E * count / (N k) = (1.5, 0.5), P = (0.5, 0.5): aux = alpha * 1.0."""
     assert batch_aux_loss(SCORES.view(4, 2), IDS.view(4, 1), 0.01).item() == pytest.approx(0.01)
@@ -491,6 +498,35 @@ def test_expert_adapters_merge_unmerge_and_disable():
     experts.unmerge()
     torch.testing.assert_close(experts(x, ids, weights), plain, atol=1e-6, rtol=0)  # unmerged up to rounding
     torch.testing.assert_close(experts.gate_proj, base.gate_proj, atol=1e-6, rtol=0)
+
+
+def test_a_bf16_merge_sums_in_float32_and_merging_twice_is_merging_once():
+    """bf16 experts: W <- bf16(float32(W) + s·B A), one rounding; a second merge() changes nothing."""
+    experts = adapted_experts().to(torch.bfloat16)
+    for adapters in experts.lora.values():
+        adapters.float()
+    before = {name: getattr(experts, name).clone() for name in ("gate_proj", "up_proj", "down_proj")}
+    experts.merge()
+    merged = {name: getattr(experts, name).clone() for name in before}
+    for name, weight in before.items():
+        assert torch.equal(merged[name], (weight.float() + experts.lora[name].delta_weight()).bfloat16()), name
+    experts.merge()
+    assert all(torch.equal(getattr(experts, name), merged[name]) for name in merged)
+
+
+def test_expert_adapter_dropout_applies_in_training_on_the_torch_backend():
+    """Dropout 0.5 on the adapters' input: two training forwards differ, eval forwards are equal."""
+    experts = make_experts().requires_grad_(False)
+    experts.add_lora(r=3, scaling=0.5, dropout=0.5)
+    with torch.no_grad():
+        for adapters in experts.lora.values():
+            adapters.lora_B.normal_(std=0.5)
+    x, ids, weights = (t.detach() for t in routing_inputs())
+    with torch.no_grad():
+        experts.train()
+        assert not torch.equal(experts(x, ids, weights), experts(x, ids, weights))
+        experts.eval()
+        assert torch.equal(experts(x, ids, weights), experts(x, ids, weights))
 
 
 def test_merged_then_disabled_experts_are_the_base_in_train_mode():

@@ -88,6 +88,18 @@ def test_bf16_model_trains_float32_norms_and_merges_them(base_dir, tmp_path):
     torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(model), atol=0, rtol=0)
 
 
+def test_a_bf16_merge_sums_in_float32(tmp_path):
+    """A bf16 checkpoint with trained adapters: the merged weight is bf16(float32(W) + s·B A), rounded once (in
+    bf16 the update would be rounded before the sum, and the sum again)."""
+    save_model(Transformer(get_preset("tiny")).to(torch.bfloat16), tmp_path / "base")
+    model = train_adapter(tmp_path / "base", tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
+    assert run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged") == 0
+    merged = dict(iter_safetensors(weight_files(tmp_path / "merged")))
+    layer = model.layers[0].mlp.down_proj
+    expected = (layer.weight.float() + layer.scaling * layer.lora_B @ layer.lora_A).bfloat16()
+    assert torch.equal(merged["layers.0.mlp.down_proj.weight"], expected)
+
+
 def test_4bit_adapter_merges_into_the_model_it_trained(base_dir, tmp_path, capsys):
     """The merged weights are Ŵ + s·B A (LoRA layers) and Ŵ (other 4-bit layers), so the plain merged model
     computes what the 4-bit LoRA model computed — and differs from merging into the unquantized W."""
@@ -209,6 +221,23 @@ def test_adapter_for_a_model_without_the_base_layers_is_refused(base_dir, tmp_pa
     save_lora(model, tmp_path / "adapter", LoRAConfig(lora_head=True), {})
     assert run(tmp_path / "tied", tmp_path / "adapter", tmp_path / "merged") == 1
     assert "tie_word_embeddings" in capsys.readouterr().err
+
+
+def test_bf16_4bit_experts_are_requantized_from_bf16(tmp_path):
+    """An fp32 DeepSeek checkpoint trained as bf16 with 4-bit experts: the merge quantizes each expert's bf16
+    weight as training did, so the merged experts are exactly the ones the trained model dequantized."""
+    from dpo_llama.models.deepseek import DeepseekTransformer
+
+    save_model(DeepseekTransformer(get_preset("tiny-deepseek-v2")), tmp_path / "base")
+    cfg = LoRAConfig(lora_r=4, lora_moe_routed_experts=True, quant_lora_4bit=True, quant_4bit_compute_dtype="bf16")
+    model = load_model_with_lora(tmp_path / "base", cfg, dtype=torch.bfloat16)
+    save_lora(model, tmp_path / "adapter", cfg, {})
+    assert run(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", "--dtype", "bf16") == 0
+    merged = dict(iter_safetensors(weight_files(tmp_path / "merged")))
+    layer = model.moe_layers()[0]
+    key = next(k for k in merged if k.endswith("experts.gate_proj"))
+    for e, packed in enumerate(layer.experts.packed["gate_proj"]):
+        assert torch.equal(merged[key][e], packed.dequantize()), e
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["full-precision", "4bit-experts"])
