@@ -214,6 +214,53 @@ def test_kto_policy_starts_at_the_reference(ws, tmp_path):
     assert check["max_abs_logp_diff"] < 1e-5 and check["mean_abs_reward"] < 1e-6 and check["examples"] == 4
 
 
+def test_load_policy_applies_activation_checkpointing_and_widens_bf16_trained_norms(ws):
+    """--activation-checkpointing reaches the model; with --dtype bf16 --train-norms the trained norm weights are
+    float32 (a bf16 weight near 1 would never move), the frozen weights stay bf16."""
+    from dpo_llama.configs.dpo_lora import DPOLoRAConfig
+    from dpo_llama.utils.finetune import load_policy
+
+    cfg = DPOLoRAConfig(pretrain_ckpt_dir=str(ws["base"]), train_data_dir=str(ws["data"]), dtype="bf16",
+                        train_norms=True, activation_checkpointing=True)
+    model = load_policy(cfg, torch.device("cpu"))
+    assert model.activation_checkpointing is True
+    assert model.norm.weight.dtype == torch.float32 and model.norm.weight.requires_grad
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_the_step0_check_refuses_just_above_its_tolerance(ws, tmp_path, capsys):
+    """A reference off by d per token (measured once with the check allowed): a tolerance of 0.9 d refuses the
+    run, 1.1 d lets it train."""
+    data = build(ws, tmp_path / "data")
+    examples = load_examples(data / TRAIN_FILE)
+    for example in examples:
+        example["ref_chosen_logps"] = example["ref_chosen_logps"] - np.float32(0.05)
+    save_examples(examples, data / TRAIN_FILE)
+    assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=data, max_train_steps=1,
+                            reference_check_tolerance=1e9)) == 0
+    d = reference_check(tmp_path / "a")["max_abs_logp_diff_per_token"]
+    assert d > 1e-3
+    assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=data, max_train_steps=1,
+                            reference_check_tolerance=0.9 * d)) == 1
+    assert run_dpo(dpo_argv(ws, tmp_path / "c", train_data_dir=data, max_train_steps=1,
+                            reference_check_tolerance=1.1 * d)) == 0
+
+
+def test_kto_trains_a_split_step_as_one_batch(ws, tmp_path):
+    """KTO's z0 over the whole optimizer step: 2 micro-batches of 2 train like 1 batch of 4 (loss, z0 and the
+    gradient norm of every step)."""
+    data = build(ws, tmp_path / "kto", input=ws["kto"])
+    runs = {"one": dict(micro_batch_size=4, gradient_accumulation_steps=1),
+            "split": dict(micro_batch_size=2, gradient_accumulation_steps=2)}
+    for name, shape in runs.items():
+        assert run_dpo(dpo_argv(ws, tmp_path / name, train_data_dir=data, loss_type="kto", learning_rate=0.1,
+                                **shape)) == 0
+    one, split = (read_history(tmp_path / name / "logs" / "run") for name in runs)
+    for metric in ("train/loss", "train/kl", "train/grad_norm"):
+        assert series(split, metric) == pytest.approx(series(one, metric), rel=1e-4, abs=1e-6), metric
+    assert max(series(one, "train/kl")) > 0
+
+
 def cpu_autocast_for_cuda(monkeypatch) -> None:
     """CPU bf16 autocast stands in for CUDA's (CI has no GPU) in the builder and the step-0 check. Not in the
     trainer: the adapters' backward follows the forward's autocast on CUDA only (``LoRAUpdate``)."""
@@ -272,6 +319,10 @@ def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
     ({"loss_type": "kto", "desirable_weight": -1.0}, "desirable_weight and undesirable_weight must be >= 0"),
     ({"loss_type": "kto", "sft_weight": 1.0}, "sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'"),
     ({"lora_scaling": 0.0}, "lora_scaling must be > 0"),
+    ({"beta": 0.0}, "beta must be > 0"),  # a constant ln 2 loss
+    ({"loss_type": "kto", "desirable_weight": 0.0, "undesirable_weight": 0.0}, "not both 0"),
+    ({"reference_check_tolerance": -1.0}, "reference_check_tolerance must be >= 0"),
+    ({"train_data_dir": ""}, "pretrain_ckpt_dir and train_data_dir must be set"),
 ])
 def test_settings_that_would_train_nothing_or_backwards_are_refused(ws, tmp_path, capsys, flags_, message):
     """Each would run to the end and exit 0 (no signal, an ignored flag, or a loss that trains backwards)."""

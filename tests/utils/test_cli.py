@@ -140,6 +140,12 @@ def test_train_config_flags_and_validation(capsys):
     (["--adam-betas", "0.9", "nan"], "adam_betas must be finite"),
     (["--run-name", ""], "run_name must not be empty"),
     (["--seed", "-1"], "seed must be in [0, 2**32)"),
+    (["--seed", "4294967296"], "seed must be in [0, 2**32)"),
+    (["--grad-clip", "-1"], "grad_clip must be >= 0"),  # would turn clipping off unnoticed
+    (["--adam-betas", "0.9", "1.0"], "adam_betas must be two values in [0, 1)"),
+    (["--adam-eps", "0"], "adam_eps must be > 0"),
+    (["--log-interval", "0"], "log_interval must be >= 1"),
+    (["--ckpt-dir", ""], "ckpt_dir must not be empty"),  # would write checkpoints into the working directory
 ])
 def test_train_config_refuses_non_finite_empty_and_out_of_range_values(capsys, argv, message):
     """NaN passes every < / > check (grad clipping silently off, a loss that turns NaN steps later): refused."""

@@ -7,6 +7,7 @@ SFT's token-level cross-entropy.
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,12 @@ def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
         assert lrs[step - 1] == pytest.approx(lr, abs=1e-6)
     assert lr_factor(11, 3, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(1, 0, 1, 0.2) == pytest.approx(0.2)
+    assert lr_factor(4, 3, 3, 0.1) == pytest.approx(0.1)  # warmup as long as the run: the scheduler's last call
+
+
+def test_a_run_whose_warmup_is_the_whole_run_finishes(tmp_path):
+    result = run(make_cfg(tmp_path, max_train_steps=3, warmup_steps=3), ToyModel(), make_dataset([2] * 4))
+    assert [record["step"] for record in result.history] == [1, 2, 3]
 
 
 def test_grad_clipping_scales_the_gradient(tmp_path):
@@ -258,6 +265,8 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     with pytest.raises(Crash):
         run(make_cfg(tmp_path / "cut", **settings), ToyModel(dropout=0.5, seed=7), data, crashing_loss, val_set=val)
     assert latest_checkpoint(tmp_path / "cut" / "ckpt").name == "step-000003"
+    (tmp_path / "empty" / "ckpt" / "step-000005").mkdir(parents=True)  # no trainer_state.pt: no checkpoint
+    assert latest_checkpoint(tmp_path / "empty" / "ckpt") is None
     resumed_model = ToyModel(dropout=0.5, seed=99)
     resumed = run(make_cfg(tmp_path / "cut", resume=True, **settings), resumed_model, data, val_set=val)
 
@@ -285,6 +294,17 @@ def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_pat
     assert state["betas"] == (0.5, 0.6) and state["eps"] == 1e-3 and state["weight_decay"] == 0.1
     with pytest.raises(ValueError, match=r"other settings(.|\n)*micro_batch_size: 2 -> 3\n  seed: 0 -> 4"):
         run(make_cfg(tmp_path, resume=True, max_train_steps=4, micro_batch_size=3, seed=4), ToyModel(), data)
+
+
+def test_resume_refuses_changed_loss_lora_and_input_settings():
+    """Only the settings in RESUME_ADJUSTABLE may change on a resume: the loss, LoRA and the model it starts from
+    may not, nor may a data or weights directory (compared resolved, as the checkpoint records them)."""
+    saved = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "lora_r": 16,
+             "pretrain_ckpt_dir": str(Path("base").resolve()), "train_data_dir": str(Path("data").resolve())}
+    changed = {"beta": 0.2, "loss_type": "ipo", "label_smoothing": 0.1, "lora_r": 8, "pretrain_ckpt_dir": "other",
+               "train_data_dir": "data-copy"}
+    assert [line.split(":")[0] for line in resume_mismatches(saved, changed)] == sorted(saved)
+    assert resume_mismatches(saved, {"pretrain_ckpt_dir": "base", "train_data_dir": "data"}) == []
 
 
 def test_resume_refuses_another_experts_backend():
