@@ -17,7 +17,8 @@ import torch
 import dpo_llama.run_dpo_lora as run_dpo_module
 import scripts.build_preference_datasets as builder_module
 from dpo_llama.models.checkpoint import load_model
-from dpo_llama.models.lora import LoRAConfig, adapter_fingerprint, find_adapter, load_model_with_lora, save_lora
+from dpo_llama.models.lora import (LoRAConfig, adapter_fingerprint, base_info, find_adapter, load_model_with_lora,
+                                   save_lora)
 from dpo_llama.run_dpo_lora import main as run_dpo
 from dpo_llama.run_sft_lora import main as run_sft
 from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples, save_examples
@@ -259,6 +260,18 @@ def test_kto_trains_a_split_step_as_one_batch(ws, tmp_path):
     for metric in ("train/loss", "train/kl", "train/grad_norm"):
         assert series(split, metric) == pytest.approx(series(one, metric), rel=1e-4, abs=1e-6), metric
     assert max(series(one, "train/kl")) > 0
+
+
+def test_continuing_an_adapter_on_other_base_weights_is_refused(ws, tmp_path, capsys):
+    """--init-lora-dir with an adapter trained on base A, --pretrain-ckpt-dir base B (same shapes, other
+    weights): refused before training, also for a loss that needs no reference (nothing else would notice)."""
+    save_lora(load_model_with_lora(ws["base"], LoRAConfig(lora_r=2)), tmp_path / "adapter", LoRAConfig(lora_r=2),
+              base_info(ws["base"]))
+    other = tiny_llama(tmp_path / "other", ws["tokenizer"], seed=1)
+    no_reference = build(ws, tmp_path / "noref", "--no-reference")
+    assert run_dpo(dpo_argv(ws, tmp_path / "run", train_data_dir=no_reference, loss_type="simpo",
+                            pretrain_ckpt_dir=other, init_lora_dir=tmp_path / "adapter")) == 1
+    assert "was trained on other base weights" in capsys.readouterr().err
 
 
 def cpu_autocast_for_cuda(monkeypatch) -> None:
