@@ -31,3 +31,18 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                  "logs/demo-sft/loss.png", "logs/demo-dpo/reward_accuracy.png", "logs/demo-dpo/reference_check.json"):
         assert (tmp_path / path).is_file(), path
     assert list((tmp_path / "logs" / "demo-dpo").glob("events.out.tfevents.*"))
+    assert (tmp_path / "logs" / "demo-extra-loss" / "metrics.jsonl").is_file()  # the extra loss's stage ran too
+
+
+def test_a_rerun_removes_only_the_demos_earlier_outputs(tmp_path, monkeypatch, capsys):
+    """The demo's datasets, checkpoints and logs/demo-* go (every stage then starts fresh, instead of refusing a
+    checkpoint directory that is not empty); the user's other logs stay."""
+    from scripts.run_demo import clean_previous_outputs
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("datasets/demo/sft", "checkpoints/demo/sft-lora", "logs/demo-sft", "logs/my-run"):
+        (tmp_path / path).mkdir(parents=True)
+    clean_previous_outputs()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["checkpoints", "datasets", "logs",
+                                                                                 "logs/my-run"]
+    assert "removing previous demo output" in capsys.readouterr().out
