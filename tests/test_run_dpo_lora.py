@@ -274,6 +274,34 @@ def test_continuing_an_adapter_on_other_base_weights_is_refused(ws, tmp_path, ca
     assert "was trained on other base weights" in capsys.readouterr().err
 
 
+def test_dpo_resume_continues_without_remeasuring_the_trained_policy(ws, tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint and resumed logs the uninterrupted run's losses: the resume
+    skips the step-0 check (its trained policy no longer equals the reference), which --resume true on an empty
+    checkpoint directory still runs."""
+    from dpo_llama.utils.trainer import Trainer
+
+    run = dict(max_train_steps=4, ckpt_interval=2, learning_rate=0.1)
+    assert run_dpo(dpo_argv(ws, tmp_path / "whole", **run)) == 0
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, history):
+        path = save(self, history)
+        raise KeyboardInterrupt(f"killed after {path.name}")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt, match="step-000002"):
+        run_dpo(dpo_argv(ws, tmp_path / "killed", **run))
+    monkeypatch.undo()
+    check = tmp_path / "killed" / "logs" / "run" / "reference_check.json"
+    check.unlink()
+    assert run_dpo(dpo_argv(ws, tmp_path / "killed", resume=True, **run)) == 0
+    assert not check.exists()
+    killed, whole = (read_history(tmp_path / name / "logs" / "run") for name in ("killed", "whole"))
+    assert series(killed, "train/loss") == pytest.approx(series(whole, "train/loss"), rel=1e-6)
+    assert run_dpo(dpo_argv(ws, tmp_path / "fresh", resume=True, max_train_steps=1)) == 0
+    assert reference_check(tmp_path / "fresh")["max_abs_logp_diff"] < 1e-5
+
+
 def cpu_autocast_for_cuda(monkeypatch) -> None:
     """CPU bf16 autocast stands in for CUDA's (CI has no GPU) in the builder and the step-0 check. Not in the
     trainer: the adapters' backward follows the forward's autocast on CUDA only (``LoRAUpdate``)."""
