@@ -307,6 +307,16 @@ def test_resume_refuses_changed_loss_lora_and_input_settings():
     assert resume_mismatches(saved, {"pretrain_ckpt_dir": "base", "train_data_dir": "data"}) == []
 
 
+def test_a_checkpoint_records_its_directories_resolved(tmp_path, monkeypatch):
+    """ckpt_dir and log_dir given relative: the checkpoint's config.json holds them absolute, so a resume started
+    from another working directory still compares the same directories."""
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(tmp_path, max_train_steps=1, ckpt_dir="ckpt", log_dir="logs")
+    run(cfg, ToyModel(), make_dataset([2]))
+    saved = json.loads((tmp_path / "ckpt" / "step-000001" / "config.json").read_text())
+    assert (saved["ckpt_dir"], saved["log_dir"]) == (str(tmp_path / "ckpt"), str(tmp_path / "logs"))
+
+
 def test_resume_refuses_another_experts_backend():
     """The kernel packs the experts in bf16 (or int8): another backend computes other experts."""
     saved = {"experts_backend": "torch", "seed": 0}
