@@ -21,6 +21,7 @@ from dpo_llama.models.deepseek import DeepseekTransformer
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.presets import get_preset
 from dpo_llama.models.tokenizer import load_tokenizer
+from dpo_llama.utils.trainer import Trainer
 
 # A short LoRA run on CPU: no warmup, no intermediate checkpoints or validations, quiet logging.
 SMALL_RUN = dict(device="cpu", max_train_steps=3, micro_batch_size=4, gradient_accumulation_steps=1,
@@ -124,3 +125,15 @@ def kto_rows(count: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if desirable else "rejected"],
                      "label": desirable})
     return rows
+
+
+def die_after_the_next_checkpoint(monkeypatch) -> None:
+    """Makes training raise KeyboardInterrupt ("killed after step-...") right after it writes a checkpoint: a run
+    killed at its most delicate moment, for resume tests (``monkeypatch.undo()`` lets the next run finish)."""
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, history):
+        path = save(self, history)
+        raise KeyboardInterrupt(f"killed after {path.name}")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)

@@ -20,10 +20,11 @@ from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, find_adapter, load_model_with_lora
 from dpo_llama.run_sft_lora import main as run_sft
 from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples
-from dpo_llama.utils.trainer import STATE_FILE, Trainer
+from dpo_llama.utils.trainer import STATE_FILE
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.convert_lora_checkpoint import main as merge_lora
-from tests.pipeline_fixtures import SMALL_RUN, flags, read_history, series, sft_rows, tiny_llama, write_jsonl
+from tests.pipeline_fixtures import (SMALL_RUN, die_after_the_next_checkpoint, flags, read_history, series, sft_rows,
+                                     tiny_llama, write_jsonl)
 from tests.tokenizer_fixtures import make_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,13 +134,7 @@ def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatc
     run = dict(max_train_steps=8, warmup_steps=2, ckpt_interval=3, val_interval=4, micro_batch_size=3)
     assert run_sft(sft_argv(workspace, tmp_path / "whole", **run)) == 0
 
-    save = Trainer._save_checkpoint
-
-    def save_then_die(self, history):
-        path = save(self, history)
-        raise KeyboardInterrupt(f"killed after {path.name}")
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    die_after_the_next_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt, match="step-000003"):
         run_sft(sft_argv(workspace, tmp_path / "killed", **run))
     monkeypatch.undo()
