@@ -68,10 +68,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Calls ``write(tmp_path)`` then renames the temporary file to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Calls ``write(tmp_path)``, flushes the temporary file to disk and renames it to ``path``; a write that
+    fails or is interrupted leaves ``path`` as it was and no temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_params(ckpt_dir: str | os.PathLike):

@@ -64,17 +64,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Writes numpy arrays to a safetensors file atomically: a temporary file, fsynced, renamed over ``path``."""
+    """Writes numpy arrays to a safetensors file atomically (:func:`write_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(tmp), metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    contiguous = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    write_atomically(path, lambda tmp: save_file(contiguous, str(tmp), metadata))
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -111,3 +111,19 @@ def test_weights_that_disagree_with_params_are_refused(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({**params, "hidden_dim": 100}))
     with pytest.raises(ValueError, match=r"shape mismatch for layers\.0\.mlp"):
         checkpoint.load_model(tmp_path)
+
+
+def test_an_interrupted_atomic_write_leaves_the_file_and_no_temporary(tmp_path):
+    """The writer fails half-way: the old file is intact and no temporary file remains beside it."""
+    path = tmp_path / "params.json"
+    path.write_text("old")
+
+    def write_then_fail(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomically(path, write_then_fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["params.json"]
+    checkpoint.write_atomically(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["params.json"]
