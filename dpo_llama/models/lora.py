@@ -508,14 +508,20 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig, bas
     write_atomically(out_dir / LORA_CONFIG_FILE, lambda p: p.write_text(content))
 
 
-def read_lora_config(lora_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
-    """Reads ``lora_config.json``: returns the LoRA config and the ``base`` dict (model_type, params, ...)."""
+def read_lora_config_file(lora_dir: str | os.PathLike) -> dict[str, Any]:
+    """``lora_config.json`` as saved: a dict with the ``lora`` and ``base`` sections."""
     path = Path(lora_dir) / LORA_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {lora_dir} a LoRA adapter directory?")
     content = read_json(path)
     if not isinstance(content, dict) or "lora" not in content or "base" not in content:
         raise ValueError(f"{path} lacks the 'lora' or 'base' section")
+    return content
+
+
+def read_lora_config(lora_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
+    """Reads ``lora_config.json``: returns the LoRA config and the ``base`` dict (model_type, params, ...)."""
+    content = read_lora_config_file(lora_dir)
     return LoRAConfig.from_dict(content["lora"]), content["base"]
 
 
@@ -534,8 +540,8 @@ def find_adapter(path: str | Path) -> tuple[Path, str]:
 def adapter_fingerprint(lora_dir: str | os.PathLike) -> str:
     """SHA-256 of an adapter's tensors and LoRA settings as saved (not of free-form base info such as paths), so
     that it does not change when a later version reads the settings differently."""
-    read_lora_config(lora_dir)  # a malformed config is refused as when loading
-    content = read_json(Path(lora_dir) / LORA_CONFIG_FILE)
+    content = read_lora_config_file(lora_dir)
+    LoRAConfig.from_dict(content["lora"])  # a malformed config is refused as when loading
     digest = hashlib.sha256(json.dumps({"lora": content["lora"], "model_type": content["base"].get("model_type")},
                                        sort_keys=True).encode())
     digest.update((Path(lora_dir) / ADAPTER_FILE).read_bytes())
