@@ -90,7 +90,7 @@ def truncate_prompt(ids: list[int], mask: list[bool], keep: int, bos_id: int | N
     """
     if len(ids) <= keep:
         return ids, mask
-    if ids and ids[0] == bos_id and keep > 1:
+    if ids and ids[0] == bos_id and keep > 0:
         return ids[:1] + ids[len(ids) - keep + 1:], mask[:1] + mask[len(mask) - keep + 1:]
     return ids[len(ids) - keep:], [False] * min(keep, 1) + mask[len(mask) - keep + 1:]
 

@@ -224,9 +224,11 @@ def test_unusable_inputs_are_clear_errors(reference, tmp_path, capsys):
 
 
 def test_a_tokenizer_larger_than_the_reference_vocabulary_is_refused(reference, tmp_path, capsys):
-    other = make_sentencepiece(tmp_path / "tok", vocab_size=450)
+    """The reference has the 400 ids of the default tokenizer: one id more is refused (equal sizes are built by
+    every other test)."""
+    other = make_sentencepiece(tmp_path / "tok", vocab_size=401)
     assert build(reference, tmp_path / "d", [FIXTURES / "trl_preference.jsonl"], tokenizer=other) == 1
-    assert "the tokenizer has 450 ids but the reference model" in capsys.readouterr().err
+    assert "the tokenizer has 401 ids but the reference model" in capsys.readouterr().err
 
 
 def test_sequences_longer_than_the_reference_takes_are_refused_before_its_pass(reference, tmp_path, capsys):

@@ -31,6 +31,7 @@ from dpo_llama.utils.preference_data import (
     tokenize_pair,
     tokenize_records,
     tokenize_unpaired,
+    truncate_prompt,
 )
 from dpo_llama.utils.preference_formats import PreferencePair, load_preference_records
 from dpo_llama.utils.raw_data import ParseReport
@@ -210,6 +211,16 @@ def test_long_prompt_is_cut_first_keeping_its_end_and_bos(tokenizer):
     for side in ("chosen", "rejected"):
         assert cut[side] == full[side][:40 - keep]
         assert len(cut["prompt"]) + len(cut[side]) <= 40
+
+
+def test_truncate_prompt_keeps_bos_even_when_it_keeps_one_token():
+    """BOS (id 1) is the first kept token for any keep >= 1; without BOS the last ``keep`` tokens are kept and the
+    first of them is not scored."""
+    ids, mask = [1, 5, 6, 7], [False, True, True, False]
+    assert truncate_prompt(ids, mask, 3, 1) == ([1, 6, 7], [False, True, False])
+    assert truncate_prompt(ids, mask, 1, 1) == ([1], [False])
+    assert truncate_prompt(ids, mask, 2, None) == ([6, 7], [False, False])
+    assert truncate_prompt(ids, mask, 4, 1) == (ids, mask)
 
 
 def test_sequences_never_exceed_max_seq_len_even_with_a_larger_max_prompt_len(tokenizer):
