@@ -30,19 +30,25 @@ from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, input_fingerprints, load_policy,
                                       resolve_dtype, run_main, trainable_summary, with_running_experts_backend)
-from dpo_llama.utils.losses import REFERENCE_FREE_LOSS_TYPES
+from dpo_llama.utils.losses import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
 from dpo_llama.utils.trainer import (autocast_context, autocast_name, latest_checkpoint, resolve_device, to_device,
                                      train)
 
 
 def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
-    """Refuses data that cannot serve this loss: unpaired vs paired, or no reference where one is needed."""
+    """Refuses data that cannot serve this loss: unpaired vs paired, a scored prompt history where it would not
+    cancel, or no reference where one is needed."""
     check_dataset_kind(meta, "preference", cfg.train_data_dir)
     if meta["unpaired"] != (cfg.loss_type == "kto"):
         kind = "unpaired (KTO)" if meta["unpaired"] else "paired"
         raise ValueError(f"{cfg.train_data_dir} holds {kind} data; loss_type {cfg.loss_type!r} needs "
                          f"{'unpaired' if cfg.loss_type == 'kto' else 'paired'} data")
+    if meta.get("score_all_assistant_turns") and cfg.loss_type in (*AVERAGED_LOSS_TYPES, "kto"):
+        raise ValueError(f"{cfg.train_data_dir} was built with --score-all-assistant-turns: its prompt history is "
+                         f"scored, the same tokens in both responses, which cancel only in the summed log-ratios of "
+                         f"sigmoid, robust and hinge; loss_type {cfg.loss_type!r} would train them too (it averages "
+                         f"per token, or compares with a KL estimate that leaves them out): rebuild without the flag")
     if meta["reference"] is None and cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES:
         raise ValueError(f"{cfg.train_data_dir} was built with --no-reference; loss_type {cfg.loss_type!r} needs "
                          f"reference log-probs (reference-free: {', '.join(REFERENCE_FREE_LOSS_TYPES)})")

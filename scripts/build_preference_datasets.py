@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=at_least(2), default=512, help="prompt + longer response, in tokens")
     p.add_argument("--max-prompt-len", type=at_least(1), default=256, help="the prompt may be cut down to this length")
     p.add_argument("--score-all-assistant-turns", action="store_true",
-                   help="score every assistant turn of the trajectories (M-DPO) instead of only the final one")
+                   help="score every assistant turn of the trajectories (M-DPO) instead of only the final one; "
+                        "paired data for the sigmoid, robust and hinge losses only")
     p.add_argument("--shp-min-score-ratio", type=float, default=2.0, help="SHP: keep pairs with score ratio >= this")
     p.add_argument("--max-samples", type=at_least(1), default=None, help="use at most this many records")
     p.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
@@ -120,6 +121,9 @@ def tokenize_and_split(args, tokenizer):
         raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")
     train, validation = split_train_val(examples, args.val_ratio, args.seed)
     if is_unpaired_dataset(examples):
+        if args.score_all_assistant_turns:
+            raise ValueError("--score-all-assistant-turns is for paired data: KTO's KL estimate scores only the "
+                             "final completions, so a scored history would enter its rewards alone")
         for split, other in ((train, validation), (validation, train)):
             add_kl_pairs(split, other[0] if other else None)
     return train, validation, report

@@ -353,6 +353,8 @@ def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
     ({"loss_type": "kto", "sft_weight": 1.0}, "sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'"),
     ({"lora_scaling": 0.0}, "lora_scaling must be > 0"),
     ({"beta": 0.0}, "beta must be > 0"),  # a constant ln 2 loss
+    ({"loss_type": "simpo", "simpo_gamma": -0.5}, "sft_weight and simpo_gamma must be >= 0"),
+    ({"sft_weight": -1.0}, "sft_weight and simpo_gamma must be >= 0"),  # trains the chosen responses away
     ({"loss_type": "kto", "desirable_weight": 0.0, "undesirable_weight": 0.0}, "not both 0"),
     ({"reference_check_tolerance": -1.0}, "reference_check_tolerance must be >= 0"),
     ({"train_data_dir": ""}, "pretrain_ckpt_dir and train_data_dir must be set"),
@@ -378,6 +380,15 @@ def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
     assert "holds paired data; loss_type 'kto' needs unpaired data" in capsys.readouterr().err
     assert run_dpo(dpo_argv(ws, tmp_path / "d", train_data_dir=kto)) == 1
     assert "holds unpaired (KTO) data; loss_type 'sigmoid' needs paired data" in capsys.readouterr().err
+
+
+def test_a_scored_history_is_refused_where_it_would_not_cancel(ws, tmp_path, capsys):
+    """--score-all-assistant-turns data: sigmoid trains (the shared history cancels in its summed log-ratio);
+    ipo, which averages per token, is refused before loading the model."""
+    data = build(ws, tmp_path / "all", "--score-all-assistant-turns")
+    assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=data)) == 0
+    assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=data, loss_type="ipo")) == 1
+    assert "was built with --score-all-assistant-turns" in capsys.readouterr().err
 
 
 def logits(model) -> torch.Tensor:

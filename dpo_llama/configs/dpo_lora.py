@@ -25,12 +25,13 @@ class DPOLoRAConfig(FinetuneConfig):
         default=None, metadata={"help": "Continue this adapter (or the latest step of a run's ckpt_dir); it must "
                                         "be the one the dataset's reference was built with (--lora there)."})
     loss_type: LossType = field(default="sigmoid", metadata={
-        "help": "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo, hinge = SLiC, simpo and orpo "
+        "help": "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo, hinge (RSO), simpo and orpo "
                 "(reference-free), kto (unpaired data)."})
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the reward β·log(π/π_ref)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label-noise ε of cDPO (sigmoid) and rDPO (robust)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin γ."})
-    sft_weight: float = field(default=0.0, metadata={"help": "Weight of the chosen responses' NLL (RPO); ORPO's λ=1."})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the chosen responses' NLL (RPO's α); orpo uses 1 (its objective's NLL) when 0."})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of desirable examples."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of undesirable examples."})
     allow_reference_mismatch: bool = field(
@@ -57,6 +58,8 @@ class DPOLoRAConfig(FinetuneConfig):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing is used by loss_type sigmoid and robust only, not {self.loss_type!r}")
+        if min(self.sft_weight, self.simpo_gamma) < 0:
+            raise ValueError(f"sft_weight and simpo_gamma must be >= 0, got {self.sft_weight} and {self.simpo_gamma}")
         if self.sft_weight and self.loss_type == "kto":
             raise ValueError("sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'")
         if min(self.desirable_weight, self.undesirable_weight) < 0 or not (self.desirable_weight

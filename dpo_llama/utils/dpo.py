@@ -6,10 +6,12 @@ scored positions — the first response token included — and compared with the
 the dataset. The trainer averages the summed loss over the pairs of the whole optimizer step.
 
 Reported metrics (per pair, train and validation): ``rewards/chosen``, ``rewards/rejected`` (β-scaled
-implicit rewards), ``rewards/accuracies`` (share of pairs with chosen reward > rejected reward),
+implicit rewards, on the log-probs the loss uses: per-token averages for ipo, simpo and orpo, where TRL reports
+IPO's on sums), ``rewards/accuracies`` (share of pairs with chosen reward > rejected reward),
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (policy, summed over scored tokens); KTO reports
 ``kl`` (the z0 estimate), ``rewards/accuracies`` (share of examples whose reward has the sign of its label),
-``rewards/margins`` (the reward times +1 for desirable, -1 for undesirable) and ``logps/completion`` (policy,
+``rewards/margins`` (the reward times +1 for desirable, -1 for undesirable, averaged over examples; TRL's KTO
+margin is the desirable examples' mean reward minus the undesirable ones') and ``logps/completion`` (policy,
 desirable and undesirable completions alike).
 """
 

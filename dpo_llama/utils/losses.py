@@ -17,7 +17,7 @@ The trainer calls :func:`preference_loss` for paired data and :func:`kto_batch_l
 both do the sum → per-token-average normalisation that each loss expects.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo")
+AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
 
 
@@ -180,11 +181,15 @@ def hinge_loss(
     ref_rejected_logps: Tensor,
     beta: float,
 ) -> LossOutput:
-    """Hinge loss of SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback").
+    """Hinge loss on the normalised likelihood (Liu et al. 2023, "Statistical Rejection Sampling Improves
+    Preference Optimization", RSO; TRL's ``loss_type="hinge"``).
 
     loss = relu(1 − β·h)
 
-    with ``h`` the margin of summed log-probs. The loss, and its gradient, are zero once ``β·h ≥ 1``.
+    with ``h`` the margin of summed log-probs. The loss, and its gradient, are zero once ``β·h ≥ 1``. It equals
+    ``β·relu(1/β − h)``: the calibration loss of SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood
+    Calibration with Human Feedback"), ``relu(δ − log π(y_c|x) + log π(y_r|x))``, with δ = 1/β, the reference's
+    log-ratio subtracted and scaled by β.
 
     Args:
         policy_chosen_logps: Summed log-probs of the chosen responses under the policy, ``[B]``.
@@ -246,8 +251,10 @@ def orpo_loss(policy_chosen_avg: Tensor, policy_rejected_avg: Tensor, beta: floa
 
     As avg → 0⁻ the odds go to infinity; ``log(1 − exp(avg))`` is computed with ``expm1`` there, and avg is
     clamped to at most −(machine epsilon) so that avg = 0 exactly (a token predicted with probability 1 in
-    float32) gives a finite loss and gradient. The clamp changes nothing measurable: a float32 log-softmax
-    cannot resolve log-probs closer to 0 than about that epsilon.
+    float32) gives a finite loss. The clamp also zeroes the gradient of an average above −eps (about −1.2e-7
+    in float32), where a rejected response's exact gradient is about β/|avg| (over 10⁶·β). A float32
+    log-softmax resolves log-probs that close to 0 only to about their own size, so such averages are
+    rounding noise; an average just below the ceiling still gets its full gradient.
 
     Args:
         policy_chosen_avg: Per-token average log-probs of the chosen responses under the policy, ``[B]``.
@@ -343,6 +350,21 @@ def sft_nll(chosen_logps_sum: Tensor, chosen_token_counts: Tensor) -> Tensor:
     return -chosen_logps_sum / chosen_token_counts.to(chosen_logps_sum.dtype).clamp(min=1)
 
 
+def _at_least_float32(batch):
+    """The same dataclass of tensors with its bf16/fp16 ones in float32: in bf16 a log-prob near −230 is
+    rounded to a multiple of 1, more than a typical margin (and ORPO's clamp ceiling would be −2⁻⁷)."""
+    values = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return replace(batch, **{name: value.to(torch.promote_types(value.dtype, torch.float32))
+                             for name, value in values.items()
+                             if isinstance(value, Tensor) and value.is_floating_point()})
+
+
+def _check_beta(beta: float) -> None:
+    """Every loss here needs β > 0: β = 0 makes it constant and β < 0 trains towards the rejected responses."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
 @dataclass
 class PreferenceLogps:
     """Summed log-probs of one batch of (chosen, rejected) pairs, all ``[B]``.
@@ -390,7 +412,7 @@ class PreferenceLossConfig(Protocol):
 
 def _paired_loss(loss_type: str, batch: PreferenceLogps, cfg: PreferenceLossConfig) -> LossOutput:
     """Run one paired loss on the normalisation it expects: sums, or per-token averages."""
-    if loss_type in ("ipo", "simpo", "orpo"):
+    if loss_type in AVERAGED_LOSS_TYPES:
         batch = batch.averaged()
     policy = (batch.policy_chosen_logps, batch.policy_rejected_logps)
     if loss_type == "simpo":
@@ -421,7 +443,8 @@ def preference_loss(loss_type: str, batch: PreferenceLogps, cfg: PreferenceLossC
 
     sigmoid (DPO/cDPO), robust and hinge use summed log-probs; ipo, simpo and orpo use per-token averages.
     When the NLL weight is positive, ``weight · sft_nll(chosen)`` is added to every example's loss:
-    RPO when combined with a DPO-family loss, and always for ORPO, whose objective includes it.
+    RPO when combined with a DPO-family loss, and always for ORPO, whose objective includes it. bf16/fp16
+    log-probs are taken in float32.
 
     Args:
         loss_type: One of :data:`LOSS_TYPES`.
@@ -432,13 +455,15 @@ def preference_loss(loss_type: str, batch: PreferenceLogps, cfg: PreferenceLossC
         Losses ``[B]`` (NLL included) and detached rewards.
 
     Raises:
-        ValueError: For an unknown ``loss_type``, a negative ``sft_weight``, or missing reference log-probs
-            for a loss that needs them.
+        ValueError: For an unknown ``loss_type``, ``beta`` <= 0, a negative ``sft_weight`` or ``simpo_gamma``,
+            or missing reference log-probs for a loss that needs them.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-    if cfg.sft_weight < 0:
-        raise ValueError(f"sft_weight must be >= 0, got {cfg.sft_weight}")
+    _check_beta(cfg.beta)
+    if min(cfg.sft_weight, cfg.simpo_gamma) < 0:
+        raise ValueError(f"sft_weight and simpo_gamma must be >= 0, got {cfg.sft_weight} and {cfg.simpo_gamma}")
+    batch = _at_least_float32(batch)
     output = _paired_loss(loss_type, batch, cfg)
     nll_weight = _nll_weight(loss_type, cfg.sft_weight)
     if nll_weight == 0:
@@ -479,7 +504,8 @@ def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> tuple[LossOutput, Ten
     """KTO loss of one unpaired batch, with z0 estimated from the batch's mismatched pairs.
 
     Rewards and z0 both use SUMMED log-probs, as in the paper and TRL: z0 estimates a KL between whole
-    responses, and it is compared with whole-response log-ratios, so both must be on the same scale.
+    responses, and it is compared with whole-response log-ratios, so both must be on the same scale. bf16/fp16
+    log-probs are taken in float32.
 
     Args:
         batch: Summed log-probs of the examples and of the mismatched pairs.
@@ -488,7 +514,12 @@ def kto_batch_loss(batch: KTOLogps, cfg: KTOLossConfig) -> tuple[LossOutput, Ten
     Returns:
         ``(output, z0)``: losses ``[B]`` in batch order with the rewards of desirable / undesirable examples,
         and the detached KL estimate z0 used as the reference point.
+
+    Raises:
+        ValueError: If ``beta`` <= 0.
     """
+    _check_beta(cfg.beta)
+    batch = _at_least_float32(batch)
     kl = kto_kl_estimate(batch.policy_kl_logps, batch.ref_kl_logps)
     output = kto_loss(
         batch.policy_logps,

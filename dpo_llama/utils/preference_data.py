@@ -9,7 +9,8 @@ The sequences the model sees are ``prompt + chosen`` and ``prompt + rejected``; 
 same way) mark the scored tokens. By default only the final assistant turn of each continuation is scored;
 with ``score_all_assistant_turns`` every assistant token of the whole trajectory is (M-DPO, Xiong et al. 2024,
 "Building Math Agents with Multi-Turn Iterative Preference Learning"), prompt history included — identical
-in both trajectories, those tokens cancel in the DPO log-ratio but count in averaged losses and the NLL.
+in both trajectories, those tokens cancel in summed log-ratios (the sigmoid, robust and hinge losses, the only
+ones that take such data) and count in the NLL term.
 
 An unpaired (KTO) example holds ``prompt``, ``completion`` (+ masks), ``desirable`` and ``kl_completion``
 (+ mask): the completion of another example which, appended to this prompt, gives the mismatched pair used

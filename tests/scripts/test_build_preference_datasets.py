@@ -214,13 +214,16 @@ def test_a_kto_example_alone_in_its_split_gets_another_examples_completion(refer
 
 
 def test_unusable_inputs_are_clear_errors(reference, tmp_path, capsys):
-    """A file with no usable row, and paired mixed with unpaired files: exit 1, one error line, no output."""
+    """A file with no usable row, paired mixed with unpaired files, and KTO data with a scored history: exit 1,
+    one error line, no output."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}])
     assert build(reference, tmp_path / "a", [bad]) == 1
     assert "no usable rows" in capsys.readouterr().err
     assert build(reference, tmp_path / "b", [FIXTURES / "trl_preference.jsonl", FIXTURES / "kto_standard.jsonl"]) == 1
     assert "cannot mix paired and unpaired" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert build(reference, tmp_path / "c", [FIXTURES / "kto_en_demo.json"], "--score-all-assistant-turns") == 1
+    assert "--score-all-assistant-turns is for paired data" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_a_tokenizer_larger_than_the_reference_vocabulary_is_refused(reference, tmp_path, capsys):

@@ -472,11 +472,45 @@ def test_sft_weight_gradient():
     torch.testing.assert_close(grads[1] - grads[0], torch.tensor([-0.125, -0.5 / 3], dtype=torch.float64))
 
 
+def test_bf16_log_probs_are_taken_in_float32():
+    """bf16 inputs (all exact in bf16) give the float32 losses of the same values: πc = −230, πr = −20.5,
+    refc = −229, refr = −20.5, so h = −209.5 − (−208.5) = −1 and the sigmoid loss is −log σ(−0.1) = 0.7444.
+    In bf16 arithmetic (8 significant bits: spacing 1 between 128 and 256) −209.5 and −208.5 round to even,
+    −210 and −208, giving h = −2 and −log σ(−0.2) = 0.7981."""
+    batch = PreferenceLogps(*(torch.tensor(v, dtype=torch.bfloat16) for v in ([-230.0], [-20.5], [-229.0], [-20.5])),
+                            chosen_counts=torch.tensor([100]), rejected_counts=torch.tensor([100]))
+    assert preference_loss("sigmoid", batch, cfg(beta=0.1)).losses.item() == pytest.approx(0.744397, abs=1e-6)
+    widened = PreferenceLogps(*(x.float() for x in (batch.policy_chosen_logps, batch.policy_rejected_logps,
+                                                    batch.ref_chosen_logps, batch.ref_rejected_logps)),
+                              chosen_counts=batch.chosen_counts, rejected_counts=batch.rejected_counts)
+    for loss_type in LOSS_TYPES:
+        output = preference_loss(loss_type, batch, cfg(beta=0.1))
+        assert output.losses.dtype == torch.float32
+        torch.testing.assert_close(output.losses, preference_loss(loss_type, widened, cfg(beta=0.1)).losses)
+    kto, _ = kto_batch_loss(bf16_kto_batch(), SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
+    assert kto.losses.dtype == torch.float32
+
+
+def bf16_kto_batch() -> KTOLogps:
+    return KTOLogps(policy_logps=torch.tensor([-230.4, -231.0], dtype=torch.bfloat16),
+                    ref_logps=torch.tensor([-230.0, -231.0], dtype=torch.bfloat16),
+                    is_desirable=torch.tensor([True, False]),
+                    policy_kl_logps=torch.tensor([-5.0], dtype=torch.bfloat16),
+                    ref_kl_logps=torch.tensor([-6.0], dtype=torch.bfloat16))
+
+
 def test_dispatcher_errors():
     with pytest.raises(ValueError, match="sigmoid, robust, ipo, hinge, simpo, orpo"):
         preference_loss("dpo", make_batch(), cfg())
     with pytest.raises(ValueError, match="sft_weight"):
         preference_loss("sigmoid", make_batch(), cfg(sft_weight=-1.0))
+    with pytest.raises(ValueError, match="simpo_gamma"):
+        preference_loss("simpo", make_batch(), cfg(simpo_gamma=-0.5))
+    for beta in (0.0, -0.1):  # constant, or trained towards the rejected responses
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            preference_loss("orpo", make_batch(), cfg(beta=beta))
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            kto_batch_loss(bf16_kto_batch(), SimpleNamespace(beta=beta, desirable_weight=1.0, undesirable_weight=1.0))
     batch = make_batch()
     batch.ref_chosen_logps = None
     with pytest.raises(ValueError, match="ref_chosen_logps"):
