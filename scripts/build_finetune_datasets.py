@@ -1,6 +1,6 @@
 """Build a tokenized SFT dataset (train/validation.safetensors, meta.json) from local chat/instruction files.
 
-    python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/oasst.jsonl \
+    python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/ultrachat.jsonl \
         --tokenizer checkpoints/llama-2-7b-chat/tokenizer.model --template llama2 --output datasets/sft
 
 Formats (auto-detected per file from its first recognisable row, or forced with --format): alpaca
@@ -28,7 +28,7 @@ from dpo_llama.utils.cli import at_least
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.sft import tokenize_conversations
 from dpo_llama.utils.sft_formats import SFT_FORMATS, load_sft_records
-from dpo_llama.utils.templates import TEMPLATE_NAMES
+from dpo_llama.utils.templates import TEMPLATE_NAMES, template_or_demo_default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", default="auto", choices=["auto", *SFT_FORMATS], help="input format (default: auto)")
     parser.add_argument("--tokenizer", default=str(demo.TOKENIZER),
                         help="tokenizer.model, tokenizer.json or a checkpoint directory (default: demo tokenizer)")
-    parser.add_argument("--template", default=demo.TEMPLATE, choices=TEMPLATE_NAMES, help="chat template")
+    parser.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
+                        help="chat template (required, except with the demo's tokenizer: llama2)")
     parser.add_argument("--max-seq-len", type=at_least(2), default=512, help="longest example in tokens (default: 512)")
     parser.add_argument("--max-samples", type=at_least(1), default=None, help="use at most this many records")
     parser.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     try:
         check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         tokenizer = load_tokenizer(args.tokenizer)
+        args.template = template_or_demo_default(args.template, tokenizer)
         records, report = load_sft_records(args.input, args.format, args.max_samples)
         with tqdm(total=len(records), desc="tokenizing", unit="conv", disable=None) as progress:
             examples = tokenize_conversations(records, tokenizer, args.template, args.max_seq_len, report, progress)

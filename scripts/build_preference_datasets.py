@@ -46,7 +46,7 @@ from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, comput
                                              is_unpaired_dataset, model_fingerprint, store_reference,
                                              tokenize_records)
 from dpo_llama.utils.preference_formats import PREFERENCE_FORMAT_KEYS, load_preference_records
-from dpo_llama.utils.templates import TEMPLATE_NAMES
+from dpo_llama.utils.templates import TEMPLATE_NAMES, template_or_demo_default
 from dpo_llama.utils.trainer import autocast_context, autocast_name, resolve_device
 
 CACHE_DIR = ".reference_cache"
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true",
                    help="skip reference log-probs (only for the reference-free losses simpo and orpo)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the --ref-model's)")
-    p.add_argument("--template", default=demo.TEMPLATE, choices=TEMPLATE_NAMES, help="chat template")
+    p.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
+                   help="chat template (required, except with the demo's tokenizer: llama2)")
     p.add_argument("--max-seq-len", type=at_least(2), default=512, help="prompt + longer response, in tokens")
     p.add_argument("--max-prompt-len", type=at_least(1), default=256, help="the prompt may be cut down to this length")
     p.add_argument("--score-all-assistant-turns", action="store_true",
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     try:
         check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         tokenizer = load_tokenizer(args.tokenizer or args.ref_model)
+        args.template = template_or_demo_default(args.template, tokenizer)
         train, validation, report = tokenize_and_split(args, tokenizer)
         fingerprint = None if args.no_reference else add_reference(args, train, validation, tokenizer)
     except (FileNotFoundError, ValueError) as err:

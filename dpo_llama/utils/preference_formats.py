@@ -54,6 +54,7 @@ from dpo_llama.utils.sft_formats import (
     is_hh_row,
     parse_hh_transcript,
     refuse_tools,
+    sharegpt_keys,
     sharegpt_messages,
     to_message,
     to_messages,
@@ -180,10 +181,15 @@ def trl_split(row: dict) -> Split:
 
 
 def trl_conversational_split(row: dict) -> Split:
-    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``."""
+    """TRL conversational row, explicit or implicit prompt -> ``(prompt, chosen, rejected)``.
+
+    An explicit prompt is a message list, or a string when the responses are assistant messages only; a string
+    prompt beside whole conversations (UltraFeedback) is implied by their shared start.
+    """
     chosen = as_messages(row, "chosen", "assistant")
     rejected = as_messages(row, "rejected", "assistant")
-    if isinstance(row.get("prompt"), list):
+    prompt = row.get("prompt")
+    if isinstance(prompt, list) or (isinstance(prompt, str) and chosen and chosen[0]["role"] == "assistant"):
         return as_messages(row, "prompt", "user"), chosen, rejected
     return split_shared_prompt(chosen, rejected)
 
@@ -194,7 +200,7 @@ def sharegpt_ranking_split(row: dict) -> Split:
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
             raise BadRowError("missing field", repr(key))
-        answers.append([to_message(row[key], "from", "value", SHAREGPT_ROLES)])
+        answers.append([to_message(row[key], *sharegpt_keys(row[key]), SHAREGPT_ROLES)])
     return sharegpt_messages(row), answers[0], answers[1]
 
 

@@ -162,6 +162,8 @@ def iter_rows(path: PathLike, report: ParseReport | None = None) -> Iterator[tup
         ImportError: A Parquet file is read and ``pyarrow`` is missing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory: pass its data files (e.g. {path}/*.jsonl.gz)")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     name = path.name.lower()

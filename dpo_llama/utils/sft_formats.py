@@ -200,6 +200,15 @@ def refuse_kto_label(row: dict) -> None:
         raise BadRowError("KTO row", "a 'label' of true/false/null: build it with build_preference_datasets.py")
 
 
+def sharegpt_keys(raw: object) -> tuple[str, str]:
+    """The role and content keys of ShareGPT messages (one message or a list): ``from``/``value``, or
+    ``role``/``content`` when the (first) message has those instead (LLaMA-Factory's other tag set)."""
+    first = raw[0] if isinstance(raw, list) and raw else raw
+    if isinstance(first, dict) and "from" not in first and "role" in first:
+        return "role", "content"
+    return "from", "value"
+
+
 def sharegpt_messages(row: dict) -> list[Message]:
     """Messages of a ShareGPT row: ``conversations`` plus the optional ``system`` key.
 
@@ -208,7 +217,7 @@ def sharegpt_messages(row: dict) -> list[Message]:
     """
     if "conversations" not in row:
         raise BadRowError("missing field", "'conversations'")
-    messages = to_messages(row["conversations"], "from", "value", SHAREGPT_ROLES)
+    messages = to_messages(row["conversations"], *sharegpt_keys(row["conversations"]), SHAREGPT_ROLES)
     if messages and messages[0]["role"] == "system":
         return messages
     return system_prompt(text_field(row, "system", required=False)) + messages
@@ -231,7 +240,8 @@ def messages_conversation(row: dict) -> list[Message]:
     if "messages" not in row:
         raise BadRowError("missing field", "'messages'")
     messages = to_messages(row["messages"], "role", "content", OPENAI_ROLES)
-    weights = [item.get("weight", 1) for item in row["messages"] if OPENAI_ROLES[item["role"]] == "assistant"]
+    weights = [1 if item.get("weight") is None else item["weight"]  # Parquet fills a missing weight with null
+               for item in row["messages"] if OPENAI_ROLES[item["role"]] == "assistant"]
     if any(weight not in (0, 1) for weight in weights):
         raise BadRowError("invalid weight", "an assistant message's weight must be 0 or 1")
     if weights and not any(weights):

@@ -54,7 +54,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import groupby
 
-from dpo_llama.models.tokenizer import Tokenizer
+from dpo_llama.configs import demo
+from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 
 TEMPLATE_NAMES = ("llama2", "llama3", "deepseek", "chatml")
 ROLES = ("system", "user", "assistant")
@@ -139,6 +140,21 @@ def stop_ids(tokenizer: Tokenizer, template: str) -> list[int]:
 def unknown_template(template: str) -> ValueError:
     """The error for a template name that is not in ``TEMPLATE_NAMES``."""
     return ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+
+
+def template_or_demo_default(template: str | None, tokenizer: Tokenizer) -> str:
+    """``template``, or the demo's (llama2) when none is given and ``tokenizer`` is the demo's.
+
+    Raises:
+        ValueError: No template for another tokenizer: the chat format is the model's own, and a wrong one
+            would build a dataset without any error.
+    """
+    if template is not None:
+        return template
+    if tokenizer.fingerprint() != load_tokenizer(demo.TOKENIZER).fingerprint():
+        raise ValueError(f"pass --template ({', '.join(TEMPLATE_NAMES)}), the chat format of this tokenizer's model: "
+                         f"the default {demo.TEMPLATE!r} is only assumed for the demo's tokenizer")
+    return demo.TEMPLATE
 
 
 def check_messages(messages: Sequence[dict]) -> None:

@@ -257,3 +257,15 @@ def test_a_template_the_tokenizer_cannot_render_is_a_clear_error(tmp_path, token
     assert rc == 1
     err = capsys.readouterr().err
     assert "template error: 3" in err and "<|im_start|>" in err
+
+
+def test_the_template_may_be_left_out_only_with_the_demo_tokenizer(tmp_path, tokenizer_paths, capsys):
+    """No --template: the demo's tokenizer gets llama2 (its template); another tokenizer is refused, since any
+    template would render it without an error."""
+    data = [FIXTURES / "databricks-dolly-15k.jsonl"]
+    assert build(["--input", *map(str, data)] + flags(output=tmp_path / "demo", val_ratio=0.0)) == 0
+    assert json.loads((tmp_path / "demo" / META_FILE).read_text())["template"] == "llama2"
+    argv = ["--input", *map(str, data)] + flags(tokenizer=tokenizer_paths["llama3"], output=tmp_path / "other")
+    assert build(argv) == 1
+    assert "pass --template (llama2, llama3, deepseek, chatml)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -243,3 +243,10 @@ def test_sequences_longer_than_the_reference_takes_are_refused_before_its_pass(r
     assert build(reference, tmp_path / "out", [data], max_seq_len=1024) == 1
     assert "takes at most 256: pass --max-seq-len 256 or less" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_template_is_required_with_a_reference_other_than_the_demo(reference, tmp_path, capsys):
+    """The reference's own tokenizer is not the demo's: without --template the build stops before any work."""
+    argv = ["--input", str(FIXTURES / "trl_preference.jsonl")] + flags(ref_model=reference, output=tmp_path / "out")
+    assert builder.main(argv) == 1
+    assert "pass --template" in capsys.readouterr().err and not (tmp_path / "out").exists()

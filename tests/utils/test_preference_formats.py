@@ -152,6 +152,15 @@ def test_malformed_rows_are_skipped_with_their_reason(tmp_path, fmt, bad, reason
     assert len(records) == 1 and report.skipped == {reason: 1}
 
 
+def test_trl_conversational_string_prompt_with_assistant_only_responses(tmp_path):
+    """A string prompt beside assistant-message responses is the prompt (a user message); beside whole
+    conversations (UltraFeedback) the prompt is their shared start, tested below."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2?", "chosen": [assistant("4")], "rejected": [assistant("5")]}) + "\n")
+    records, _ = load_preference_records(path, "trl_conversational")
+    assert records == [PreferencePair([user("2 + 2?")], [assistant("4")], [assistant("5")], f"{path}:1")]
+
+
 def test_trl_conversational_implicit_prompt():
     """trl-lib/ultrafeedback_binarized rows (no prompt) and a HuggingFaceH4/ultrafeedback_binarized row
     (prompt string beside full conversations): the prompt is the shared message prefix."""
@@ -230,6 +239,16 @@ def test_sharegpt_ranking():
         f"{path}:[4]: identical chosen and rejected",
         f"{path}:[5]: roles do not alternate (turn 2 is assistant, expected user)",
     ]
+
+
+def test_sharegpt_ranking_with_role_and_content_tags(tmp_path):
+    """LLaMA-Factory's other tag set, in the conversation and in the chosen/rejected messages."""
+    path = tmp_path / "ranking.json"
+    path.write_text(json.dumps([{"conversations": [{"role": "user", "content": "2 + 2?"}],
+                                 "chosen": {"role": "assistant", "content": "4"},
+                                 "rejected": {"role": "assistant", "content": "5"}}]))
+    records, _ = load_preference_records(path, "sharegpt_ranking")
+    assert records == [PreferencePair([user("2 + 2?")], [assistant("4")], [assistant("5")], f"{path}:[0]")]
 
 
 def test_alpaca_ranking():

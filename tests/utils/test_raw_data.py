@@ -122,6 +122,8 @@ def test_without_report_a_bad_line_raises_with_its_location():
 def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         list(iter_rows(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="is a directory: pass its data files"):
+        list(iter_rows(tmp_path))
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"data\.csv: unsupported file type"):

@@ -299,12 +299,24 @@ def test_openai_weight_zero_keeps_an_assistant_turn_as_context(tmp_path):
     rows = [{"messages": [user("Capital of France?"), {**assistant("Paris"), "weight": 0}, user("Sure?"),
                           {**assistant("Yes, Paris."), "weight": 1}]},
             {"messages": [user("q"), {**assistant("a"), "weight": 0}]},
-            {"messages": [user("q"), {**assistant("a"), "weight": 0.5}]}]
+            {"messages": [user("q"), {**assistant("a"), "weight": 0.5}]},
+            {"messages": [user("q"), {**assistant("a"), "weight": None}]}]  # what Parquet stores for "no weight"
     path = tmp_path / "weights.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     records, report = load_sft_records(path)
     assert [m.get("train", True) for m in records[0].messages] == [True, False, True, True]
+    assert [m.get("train", True) for m in records[1].messages] == [True, True]
     assert report.skipped == {"no trained assistant turn": 1, "invalid weight": 1}
+
+
+def test_sharegpt_with_role_and_content_tags(tmp_path):
+    """LLaMA-Factory's other ShareGPT tag set (``role``/``content``, roles user/assistant) reads as from/value."""
+    path = tmp_path / "sharegpt_role.json"
+    path.write_text(json.dumps([{"conversations": [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello!"}],
+                                 "system": "Be kind."}]))
+    records, _ = load_sft_records(path, "sharegpt")
+    assert records[0].messages == [system("Be kind."), user("Hi"), assistant("Hello!")]
 
 
 @pytest.mark.parametrize("row, reason", [
