@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         model_args, tensors = hf_args_and_tensors(args.input, config, parse_dtype(args.dtype))
         summary = save_checkpoint(args.output, model_args, tensors, tokenizer_files(args.input),
                                   max_shard_bytes=args.max_shard_bytes)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"converted {config.get('model_type')} checkpoint {args.input} -> {args.output}")

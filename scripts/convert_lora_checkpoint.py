@@ -45,6 +45,8 @@ from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, L
                                    read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
 from dpo_llama.utils.cli import add_max_shard_gb, check_output_differs
+from dpo_llama.utils.trainer import resolve_device
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +115,7 @@ def adapter_of(module: torch.nn.Module, path: str, name: str) -> tuple[str, floa
 
 
 def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, torch.Tensor],
-                   weight_dtype: torch.dtype, out_dtype: torch.dtype | None, device: str,
+                   weight_dtype: torch.dtype, out_dtype: torch.dtype | None, device: torch.device,
                    counts: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams the base tensors with adapters merged and 4-bit round trips applied, counting each kind."""
     for key, tensor in iter_safetensors(weight_files(base_dir)):
@@ -140,6 +142,7 @@ def merged_tensors(base_dir: Path, model: torch.nn.Module, adapter: dict[str, to
 def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConfig]:
     """Checks everything, then writes the merged checkpoint; returns its summary and what was merged."""
     base_dir, output = Path(args.base), Path(args.output)
+    device = resolve_device(args.device)
     lora_dir, note = find_adapter(args.lora)
     cfg, base = read_lora_config(lora_dir)
     model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
@@ -152,7 +155,7 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     weight_dtype = getattr(torch, base.get("weight_dtype", "float32"))
     counts = {"merged": 0, "trained": 0, "4-bit": 0}
     out_dtype = weight_dtype if args.dtype == "trained" else parse_dtype(args.dtype)
-    tensors = merged_tensors(base_dir, model, adapter, weight_dtype, out_dtype, args.device, counts)
+    tensors = merged_tensors(base_dir, model, adapter, weight_dtype, out_dtype, device, counts)
     summary = save_checkpoint(output, model_args, tensors, tokenizer_files(base_dir),
                               max_shard_bytes=args.max_shard_bytes)
     return summary, f"{lora_dir} ({note})", counts, cfg
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary, adapter_note, counts, cfg = merge(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     quant = cfg.quant_config()

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         model_args, shards = load_meta(args.input, args.max_seq_len)
         summary = save_checkpoint(args.output, model_args, meta_tensors(model_args, shards, parse_dtype(args.dtype)),
                                   tokenizer, max_shard_bytes=args.max_shard_bytes)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"converted Meta checkpoint {args.input} ({len(shards)} shard(s)) -> {args.output}")

@@ -278,7 +278,8 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     Every key and shape is checked against the model ``args`` describe before anything is finalised; on an
     error the temporary shard files are removed and nothing is left half-written. ``params.json`` is removed
     before the new weights replace old ones and written last, so a save interrupted in between reads as no
-    checkpoint, never as new weights under an old ``params.json`` or beside an old tokenizer.
+    checkpoint, never as new weights under an old ``params.json`` or beside an old tokenizer. The directory keeps
+    only the tokenizer files given (none when ``tokenizer_files`` is empty).
 
     Returns:
         A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
@@ -295,10 +296,9 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     except BaseException:
         writer.abort()
         raise
-    if tokenizer_files:  # an old tokenizer.json left beside a new tokenizer.model would be loaded first
-        copied = {Path(f).name for f in tokenizer_files}
-        for name in set(TOKENIZER_FILES) - copied:
-            (out_dir / name).unlink(missing_ok=True)
+    copied = {Path(f).name for f in tokenizer_files}
+    for name in set(TOKENIZER_FILES) - copied:  # another model's tokenizer must not pass for this one's
+        (out_dir / name).unlink(missing_ok=True)
     for tok_file in tokenizer_files:
         files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
     params = json.dumps(args.to_dict(), indent=2)

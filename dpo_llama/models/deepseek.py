@@ -155,7 +155,7 @@ class DeepseekArgs:
             raise ValueError(f"group_limited_greedy needs n_group dividing n_routed_experts={self.n_routed_experts} "
                              f"and 0 < topk_group <= n_group (got n_group={self.n_group}, "
                              f"topk_group={self.topk_group})")
-        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+        if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts")
         if self.experts_backend not in EXPERT_BACKENDS:
             raise ValueError(f"experts_backend must be one of {EXPERT_BACKENDS}, got {self.experts_backend!r}")
@@ -211,7 +211,7 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[t
     high = min(math.ceil(correction_dim(scaling.get("beta_slow", 1))), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = rope_frequencies(dim, theta, None)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     attention_factor = (yarn_mscale(factor, scaling.get("mscale", 1))

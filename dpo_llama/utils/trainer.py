@@ -112,12 +112,17 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` without a GPU is an error."""
+    """``"auto"`` -> cuda when available, else cpu; a CUDA device without a GPU, or a name torch does not know,
+    is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch.cuda.is_available() is False; use --device cpu or auto")
+    return device
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

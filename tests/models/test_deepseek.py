@@ -364,6 +364,7 @@ def test_unknown_params_key_is_refused():
     (dict(scoring_func="sigmoid"), "scoring_func"),
     (dict(experts_backend="cuda"), "experts_backend"),
     (dict(num_experts_per_tok=65), "num_experts_per_tok"),
+    (dict(num_experts_per_tok=None), "num_experts_per_tok"),  # what DeepseekV2Config() writes by default
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "YaRN"),
     (dict(model_type="deepseek", rope_scaling={"rope_type": "yarn", "factor": 2.0}), "only supported for deepseek_v2"),
 ])
@@ -421,8 +422,24 @@ def test_yarn_frequencies_hand_example():
                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707}
     inv_freq, factor = yarn_frequencies(8, 10000.0, scaling)
     plain = rope_frequencies(8, 10000.0, None)
-    torch.testing.assert_close(inv_freq / plain, torch.tensor([1, 0.625, 0.25, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(inv_freq / plain, torch.tensor([1, 0.625, 0.25, 0.25], dtype=torch.float32))
     assert factor == pytest.approx((0.1 * math.log(4) + 1) / (0.0707 * math.log(4) + 1))
+
+
+def test_yarn_tables_equal_hf_far_into_the_context():
+    """DeepSeek-V2-Lite's YaRN cos/sin (times the attention factor) at 16k positions against HF's
+    DeepseekV2RotaryEmbedding: float32 angles as there (float64 ones differed by 6e-4)."""
+    transformers = pytest.importorskip("transformers")
+    scaling = dict(get_preset("deepseek-v2-lite").rope_scaling)
+    config = transformers.DeepseekV2Config(hidden_size=256, num_attention_heads=2, qk_rope_head_dim=64,
+                                           qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=64, rope_theta=1e4,
+                                           max_position_embeddings=163840, rope_scaling=dict(scaling))
+    rotary = transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2RotaryEmbedding(config)
+    hf = rotary(torch.zeros(1), torch.arange(16384)[None])[0, :, :32]
+    inv_freq, attention_factor = yarn_frequencies(64, 1e4, scaling)
+    cos, sin = rope_tables(inv_freq, 16384)
+    torch.testing.assert_close(attention_factor * cos, hf.real, atol=1e-4, rtol=0)
+    torch.testing.assert_close(attention_factor * sin, hf.imag, atol=1e-4, rtol=0)
 
 
 def test_yarn_ramp_of_deepseek_v2_lite():

@@ -6,7 +6,7 @@ import torch
 
 from dpo_llama.models.checkpoint import load_model, read_params, save_model
 from dpo_llama.models.generation import generate
-from dpo_llama.models.llama import ModelArgs, Transformer, llama3_scale_frequencies, rope_frequencies
+from dpo_llama.models.llama import ModelArgs, Transformer, llama3_scale_frequencies, rope_frequencies, rope_tables
 from dpo_llama.models.presets import get_preset, preset_names
 from scripts.convert_hf_checkpoint import main as convert_hf
 from tests.model_fixtures import make_hf_llama
@@ -256,3 +256,18 @@ def test_hand_written_backwards_refuse_create_graph():
             torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         (grad,) = torch.autograd.grad(y.pow(2).sum(), x)  # first order: unchanged
         assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA31_ROPE], ids=["plain", "llama31"])
+def test_rope_tables_equal_hf_far_into_the_context(scaling):
+    """cos/sin at 16k positions equal HF's LlamaRotaryEmbedding (float32 angles, as the models were trained with;
+    float64 angles would differ by up to about 1e-3 there)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=500000.0,
+                                      max_position_embeddings=16384, rope_scaling=scaling and dict(scaling))
+    positions = torch.arange(16384)[None]
+    hf_cos, hf_sin = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)(
+        torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = rope_tables(rope_frequencies(64, 500000.0, scaling), 16384)
+    torch.testing.assert_close(cos, hf_cos[0, :, :32], atol=2e-7, rtol=0)
+    torch.testing.assert_close(sin, hf_sin[0, :, :32], atol=2e-7, rtol=0)

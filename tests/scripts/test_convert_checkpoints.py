@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_llama.models.checkpoint import INDEX_FILE, iter_safetensors, load_model, read_params, weight_files
+from dpo_llama.models.checkpoint import (INDEX_FILE, TOKENIZER_FILES, iter_safetensors, load_model, read_params,
+                                        weight_files)
 from dpo_llama.models.convert_hf import llama_args_from_hf, rope_settings
 from dpo_llama.models.convert_meta import meta_args, meta_hidden_dim
 from scripts.convert_hf_checkpoint import main as convert_hf
@@ -33,8 +34,8 @@ def test_sharded_hf_checkpoint_converts_and_matches_logits(tmp_path):
 def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsys):
     """Converting again into the same --output replaces the earlier checkpoint: a stale index would win over a new
     single file (and an old tokenizer.json over a new tokenizer.model), so they are removed; the tokenizer files
-    present (here tokenizer.model and special_tokens_map.json) are copied. Converting into --input itself is
-    refused."""
+    present (here tokenizer.model and special_tokens_map.json) are copied, and a model without a tokenizer leaves
+    none. Converting into --input itself is refused."""
     hf_dir, out = tmp_path / "hf", tmp_path / "ours"
     make_hf_llama(hf_dir)
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
@@ -48,6 +49,9 @@ def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsy
     assert load_model(out).embed_tokens.weight.dtype == torch.bfloat16
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
     assert not (out / "model.safetensors").exists() and len(weight_files(out)) > 1
+    make_hf_llama(tmp_path / "no-tokenizer")
+    assert convert_hf(["--input", str(tmp_path / "no-tokenizer"), "--output", str(out)]) == 0
+    assert not {p.name for p in out.iterdir()} & set(TOKENIZER_FILES)  # the earlier model's tokenizer is gone too
     assert convert_hf(["--input", str(hf_dir), "--output", str(hf_dir)]) == 1
     assert "must differ from --input" in capsys.readouterr().err
 
@@ -92,6 +96,13 @@ def test_both_rope_config_layouts_give_the_same_args():
 def test_missing_config_is_refused(tmp_path, capsys):
     assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    make_hf_llama(tmp_path / "hf")
+    (tmp_path / "taken").write_text("")
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "taken")]) == 1
+    assert capsys.readouterr().err.startswith("error: [Errno 17] File exists")
 
 
 def test_unsupported_model_type_is_refused(tmp_path, capsys):

@@ -207,6 +207,8 @@ def test_defaults_are_the_demo_and_help(tmp_path, capsys):
     assert (args.base, args.lora, args.output) == (str(demo.BASE_MODEL), demo.SFT_CKPT, demo.SFT_MERGED)
     assert convert_lora(["--lora", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 1
     assert "no adapter found" in capsys.readouterr().err
+    assert convert_lora(["--device", "gpu", "--output", str(tmp_path / "out")]) == 1
+    assert "unknown device 'gpu'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert_lora(["--help"])
     help_text = capsys.readouterr().out

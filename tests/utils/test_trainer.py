@@ -25,6 +25,7 @@ from dpo_llama.utils.trainer import (
     latest_checkpoint,
     load_trainer_state,
     lr_factor,
+    resolve_device,
     resume_mismatches,
     rng_state,
     set_rng_state,
@@ -599,3 +600,12 @@ def test_autocast_applies_on_cuda_only():
     """Mixed precision autocasts to bf16 on CUDA; on the CPU the model keeps its dtype (no autocast to record)."""
     assert autocast_name(torch.device("cuda"), True) == "bf16" and autocast_name("cuda:1", True) == "bf16"
     assert autocast_name("cuda", False) is None and autocast_name("cpu", True) is None
+
+
+def test_resolve_device_refuses_unknown_names_and_cuda_without_a_gpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available"):
+            resolve_device("cuda:0")
