@@ -32,8 +32,8 @@ from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_
                                       resolve_dtype, run_main, trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.losses import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
-from dpo_llama.utils.trainer import (autocast_context, autocast_name, latest_checkpoint, resolve_device, to_device,
-                                     train)
+from dpo_llama.utils.trainer import (autocast_context, autocast_name, check_run_directories, latest_checkpoint,
+                                     resolve_device, to_device, train)
 
 
 def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
@@ -64,7 +64,7 @@ def refuse_or_warn(cfg: DPOLoRAConfig, problem: str) -> None:
 def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_dir, device,
                        base_sha256: str) -> None:
     """The policy's starting point must be the dataset's reference (see the module docstring)."""
-    if meta["reference"] is None:
+    if not uses_reference(cfg, meta):
         return
     policy = model_fingerprint(model, cfg.pretrain_ckpt_dir, lora_dir, dtype_name(resolve_dtype(cfg.dtype, device)),
                                tokenizer, meta["template"], base_sha256, autocast_name(device, cfg.mixed_precision))
@@ -72,6 +72,11 @@ def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_di
     if differences:
         refuse_or_warn(cfg, "the dataset's reference log-probs were not computed with this starting policy:\n  "
                        + "\n  ".join(differences))
+
+
+def uses_reference(cfg: DPOLoRAConfig, meta: dict) -> bool:
+    """Whether the loss reads the dataset's reference log-probs (simpo and orpo never do)."""
+    return meta["reference"] is not None and cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES
 
 
 def measure_reference(cfg: DPOLoRAConfig, model, train_set, collate, device) -> None:
@@ -106,6 +111,7 @@ def reference_tolerance(cfg: DPOLoRAConfig, device) -> float:
 def run(cfg: DPOLoRAConfig):
     """Checks, trains, and returns the trainer's result."""
     device = resolve_device(cfg.device)
+    check_run_directories(cfg)
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_data(cfg, meta)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
@@ -121,7 +127,7 @@ def run(cfg: DPOLoRAConfig):
     else:
         collate, loss_fn = partial(collate_pairs, pad_id=tokenizer.pad_id), partial(paired_loss, cfg=cfg)
     resuming = cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None
-    if meta["reference"] is not None and not resuming:
+    if uses_reference(cfg, meta) and not resuming:
         measure_reference(cfg, model, train_set, collate, device)
     print(f"{cfg.loss_type} on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
     save_trainable, load_trainable = adapter_callbacks(model, base_info(cfg.pretrain_ckpt_dir, base_sha256,

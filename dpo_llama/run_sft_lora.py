@@ -22,7 +22,7 @@ from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, input_fingerprints, load_policy, run_main,
                                       trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
-from dpo_llama.utils.trainer import resolve_device, train
+from dpo_llama.utils.trainer import check_run_directories, resolve_device, train
 
 PLOTS = (("loss", ("train/loss", "val/loss")), ("validation perplexity", ("val/perplexity",)))
 
@@ -30,6 +30,7 @@ PLOTS = (("loss", ("train/loss", "val/loss")), ("validation perplexity", ("val/p
 def run(cfg: SFTLoRAConfig):
     """Trains and returns the trainer's result (history, last checkpoint)."""
     device = resolve_device(cfg.device)
+    check_run_directories(cfg)
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_dataset_kind(meta, "sft", cfg.train_data_dir)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)

@@ -355,6 +355,8 @@ def test_group_by_length_trains_paired_and_kto_data(ws, tmp_path, loss_type):
     ({"beta": 0.0}, "beta must be > 0"),  # a constant ln 2 loss
     ({"loss_type": "simpo", "simpo_gamma": -0.5}, "sft_weight and simpo_gamma must be >= 0"),
     ({"sft_weight": -1.0}, "sft_weight and simpo_gamma must be >= 0"),  # trains the chosen responses away
+    ({"simpo_gamma": 1.0}, "simpo_gamma is used by loss_type simpo only"),
+    ({"desirable_weight": 1.33}, "desirable_weight and undesirable_weight are used by loss_type kto only"),
     ({"loss_type": "kto", "desirable_weight": 0.0, "undesirable_weight": 0.0}, "not both 0"),
     ({"reference_check_tolerance": -1.0}, "reference_check_tolerance must be >= 0"),
     ({"train_data_dir": ""}, "pretrain_ckpt_dir and train_data_dir must be set"),
@@ -367,13 +369,17 @@ def test_settings_that_would_train_nothing_or_backwards_are_refused(ws, tmp_path
 
 
 def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
-    """--no-reference data: refused for sigmoid, trained on by simpo. Paired data for kto, KTO data for a
-    paired loss: refused."""
+    """--no-reference data: refused for sigmoid, trained on by simpo; orpo starts from a model other than the
+    dataset's reference (it never reads it). Paired data for kto, KTO data for a paired loss: refused."""
     no_reference = build(ws, tmp_path / "noref", "--no-reference")
     assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=no_reference)) == 1
     assert "was built with --no-reference; loss_type 'sigmoid' needs reference log-probs" in capsys.readouterr().err
     assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=no_reference, loss_type="simpo")) == 0
     assert not (tmp_path / "b" / "logs" / "run" / "reference_check.json").exists()
+
+    other_start = tiny_llama(tmp_path / "other-start", ws["tokenizer"], seed=1)
+    assert run_dpo(dpo_argv(ws, tmp_path / "e", loss_type="orpo", pretrain_ckpt_dir=other_start)) == 0
+    assert not (tmp_path / "e" / "logs" / "run" / "reference_check.json").exists()  # orpo never reads the reference
 
     kto = build(ws, tmp_path / "kto", input=ws["kto"])
     assert run_dpo(dpo_argv(ws, tmp_path / "c", loss_type="kto")) == 1

@@ -27,7 +27,9 @@ class DPOLoRAConfig(FinetuneConfig):
     loss_type: LossType = field(default="sigmoid", metadata={
         "help": "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo, hinge (RSO), simpo and orpo "
                 "(reference-free), kto (unpaired data)."})
-    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the reward β·log(π/π_ref)."})
+    beta: float = field(default=0.1, metadata={
+        "help": "Inverse temperature β of the reward β·log(π/π_ref); for simpo the reward scale (the paper: 2 to 10), "
+                "for orpo the weight λ of the odds-ratio term (0.1 to 1)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label-noise ε of cDPO (sigmoid) and rDPO (robust)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin γ."})
     sft_weight: float = field(default=0.0, metadata={
@@ -60,6 +62,12 @@ class DPOLoRAConfig(FinetuneConfig):
             raise ValueError(f"label_smoothing is used by loss_type sigmoid and robust only, not {self.loss_type!r}")
         if min(self.sft_weight, self.simpo_gamma) < 0:
             raise ValueError(f"sft_weight and simpo_gamma must be >= 0, got {self.sft_weight} and {self.simpo_gamma}")
+        if self.simpo_gamma != type(self).simpo_gamma and self.loss_type != "simpo":
+            raise ValueError(f"simpo_gamma is used by loss_type simpo only, not {self.loss_type!r}")
+        if (self.desirable_weight, self.undesirable_weight) != (type(self).desirable_weight,
+                                                                type(self).undesirable_weight) and self.loss_type != "kto":
+            raise ValueError(f"desirable_weight and undesirable_weight are used by loss_type kto only, not "
+                             f"{self.loss_type!r}")
         if self.sft_weight and self.loss_type == "kto":
             raise ValueError("sft_weight (the chosen responses' NLL) is not used by loss_type 'kto'")
         if min(self.desirable_weight, self.undesirable_weight) < 0 or not (self.desirable_weight

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from dpo_llama.configs.base import TrainConfig
 from dpo_llama.utils.cli import config_to_dict, save_config
-from dpo_llama.utils.metrics import MetricsLogger, PlotSpec
+from dpo_llama.utils.metrics import METRICS_FILE, MetricsLogger, PlotSpec
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
@@ -142,13 +142,14 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     With W = warmup_steps, T = max_steps and r = min_lr_ratio:
 
         step <= W:  step / W                                   (linear warmup)
-        step >  W:  r + (1 - r) * (1 + cos(pi * p)) / 2,       p = min(1, (step - W) / (T - W))
+        step >  W:  r + (1 - r) * (1 + cos(pi * p)) / 2,       p = min(1, (step - S) / (T - S)), S = max(W, 1)
 
-    so the lr peaks at step W and reaches r * lr at step T (and stays there after).
+    so the lr peaks at step W (at step 1 without warmup) and reaches r * lr at step T (and stays there after).
     """
     if step <= warmup_steps:
         return step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    start = max(warmup_steps, 1)
+    progress = min(1.0, (step - start) / max(1, max_steps - start))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -249,6 +250,25 @@ class BatchSampler:
             raise ValueError(f"the checkpoint's data position ({saved} examples, batch {state['position']}) does not "
                              f"fit this training set of {self.num_examples} examples: the data changed")
         self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), batches
+
+
+def check_run_directories(cfg: TrainConfig) -> None:
+    """Refuses to start a fresh run (no ``cfg.resume``) over an earlier run's checkpoints or logs; the run scripts
+    call it before loading anything.
+
+    Raises:
+        FileExistsError: ``ckpt_dir`` holds checkpoints, or ``log_dir/run_name`` holds a run's metrics.jsonl.
+    """
+    if cfg.resume:
+        return
+    checkpoints = complete_checkpoints(cfg.ckpt_dir)
+    if checkpoints:
+        raise FileExistsError(f"{cfg.ckpt_dir} already holds checkpoints (latest {checkpoints[0].name}); pass "
+                              "--resume to continue that run, or choose another --ckpt-dir")
+    logs = Path(cfg.log_dir) / cfg.run_name / METRICS_FILE
+    if logs.is_file():
+        raise FileExistsError(f"{logs.parent} already holds a run's logs: choose another --run-name (or delete it), "
+                              "or pass --resume to continue that run")
 
 
 def rng_state() -> dict[str, Any]:
@@ -493,6 +513,7 @@ class Trainer:
 
     def run(self, plots: Sequence[PlotSpec] = DEFAULT_PLOTS) -> TrainResult:
         """Train to ``cfg.max_train_steps`` (resuming first if asked) and write the plots."""
+        check_run_directories(self.cfg)
         history = self._restore()
         cfg = self.cfg
         with (
@@ -639,23 +660,17 @@ class Trainer:
         raise ValueError(f"--resume: no checkpoint in {self.cfg.ckpt_dir} reads back (see the warnings above)")
 
     def _restore(self) -> list[dict[str, float]]:
-        """Load the latest checkpoint when ``cfg.resume``; return its metric history.
-
-        Raises:
-            FileExistsError: ``ckpt_dir`` holds checkpoints but ``cfg.resume`` is False
-                (a fresh run would mix its checkpoints with an older run's).
-        """
+        """Load the latest checkpoint when ``cfg.resume`` (:func:`check_run_directories` has refused a fresh run
+        over checkpoints); return its metric history."""
         checkpoints = complete_checkpoints(self.cfg.ckpt_dir)
         if not checkpoints:
             if self.cfg.resume:
                 tqdm.write(f"resume: no checkpoint in {self.cfg.ckpt_dir}, starting from step 0")
             return []
-        if not self.cfg.resume:
-            raise FileExistsError(
-                f"{self.cfg.ckpt_dir} already holds checkpoints (latest {checkpoints[0].name}); "
-                "pass --resume to continue that run, or choose another --ckpt-dir"
-            )
         latest, state = self._load_newest_readable(checkpoints)
+        if state["step"] > self.cfg.max_train_steps:
+            raise ValueError(f"--resume: {latest} is at step {state['step']}, beyond --max-train-steps "
+                             f"{self.cfg.max_train_steps}: raise it to continue the run")
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, fresh in zip(self.optimizer.param_groups, settings):

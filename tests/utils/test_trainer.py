@@ -5,6 +5,7 @@ the SUM of squared errors over its unpadded tokens and its weight is the token c
 SFT's token-level cross-entropy.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -207,7 +208,8 @@ def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
     for step, lr in expected.items():
         assert lrs[step - 1] == pytest.approx(lr, abs=1e-6)
     assert lr_factor(11, 3, 10, 0.1) == pytest.approx(0.1)
-    assert lr_factor(1, 0, 1, 0.2) == pytest.approx(0.2)
+    assert lr_factor(1, 0, 10, 0.1) == 1.0 and lr_factor(10, 0, 10, 0.1) == pytest.approx(0.1)  # no warmup: peak first
+    assert lr_factor(1, 0, 1, 0.2) == 1.0  # a one-step run trains at the peak
     assert lr_factor(4, 3, 3, 0.1) == pytest.approx(0.1)  # warmup as long as the run: the scheduler's last call
 
 
@@ -449,6 +451,10 @@ def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
     assert state["sampler"] == {"epoch": 3, "position": 2, "num_examples": 3}  # 8 micro-batches = 4 epochs of 2
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg, ToyModel(), make_dataset([2, 3, 4]))
+    with pytest.raises(FileExistsError, match="already holds a run's logs"):  # same logs, fresh checkpoint folder
+        run(dataclasses.replace(cfg, ckpt_dir=str(tmp_path / "other")), ToyModel(), make_dataset([2, 3, 4]))
+    with pytest.raises(ValueError, match="beyond --max-train-steps 4"):
+        run(dataclasses.replace(cfg, resume=True, max_train_steps=4), ToyModel(), make_dataset([2, 3, 4]))
 
 
 def test_logs_tensorboard_jsonl_and_plots(tmp_path):
