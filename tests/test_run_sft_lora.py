@@ -255,3 +255,15 @@ def test_qlora_train_then_merge_matches_the_4bit_model(workspace, tmp_path):
     assert lora_config["quant_4bit"] and lora_config["quant_lora_4bit"]
     assert merge_lora(flags(base=workspace["base"], lora=tmp_path / "ckpt", output=tmp_path / "merged")) == 0
     merged_matches_adapter(workspace["base"], tmp_path / "ckpt", tmp_path / "merged", atol=1e-4)
+
+
+def test_an_interrupted_run_prints_where_it_saved_and_exits_130(capsys):
+    from dpo_llama.configs.sft_lora import SFTLoRAConfig
+    from dpo_llama.utils.finetune import run_main
+    from dpo_llama.utils.trainer import TrainingInterrupted
+
+    def interrupted(cfg):
+        raise TrainingInterrupted(7, Path("ckpt/step-000007"))
+
+    assert run_main(SFTLoRAConfig, interrupted, [], "") == 130
+    assert "interrupted after step 7, saved in ckpt/step-000007; continue with --resume true" in capsys.readouterr().err

@@ -16,8 +16,7 @@ from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils.cli import parse_config
 from dpo_llama.utils.dataset_io import dataset_fingerprint
-from dpo_llama.utils.trainer import NonFiniteLossError
-from dpo_llama.utils.trainer import set_seed
+from dpo_llama.utils.trainer import NonFiniteLossError, TrainingInterrupted, set_seed
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -115,7 +114,7 @@ def run_main(config_cls: type, run: Callable, argv: list[str] | None, descriptio
     """Body of a run script's ``main``: parse flags into ``config_cls``, ``run(cfg)``, report; exit status 0/1.
 
     Expected failures (bad paths or data, a refused reference, a checkpoint folder in use, a NaN loss) print
-    one ``error:`` line instead of a traceback.
+    one ``error:`` line instead of a traceback; an interrupted run (saved after its last step) exits with 130.
     """
     cfg = parse_config(config_cls, argv, description=description)
     try:
@@ -123,6 +122,9 @@ def run_main(config_cls: type, run: Callable, argv: list[str] | None, descriptio
     except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as interrupt:
+        print(interrupt, file=sys.stderr)
+        return 130
     print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
           f"logs and plots in {cfg.log_dir}/{cfg.run_name}")
     return 0

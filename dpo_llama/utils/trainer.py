@@ -37,8 +37,10 @@ import pickle
 import random
 import re
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,44 @@ class NonFiniteLossError(RuntimeError):
             f"step {step}: {what} is {value}; stopped without stepping the optimizer or saving. "
             f"Last good checkpoint: {saved}"
         )
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run after a completed step, which was saved.
+
+    Attributes:
+        step: The last completed (and saved) optimizer step.
+        checkpoint: Its checkpoint directory.
+    """
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted after step {step}, saved in {checkpoint}; continue with --resume true")
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], bool]]:
+    """Turns the first SIGINT / SIGTERM into a request the training loop reads between steps (an optimizer step cut
+    in half would leave no consistent state to save); a second one stops at once. Yields ``requested()``. Outside
+    the main thread (where signals cannot be handled) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requests = []
+
+    def request(signum, frame) -> None:
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+        tqdm.write("stopping after this step and saving a checkpoint (interrupt again to stop at once)")
+
+    previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requests)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -512,13 +552,18 @@ class Trainer:
         self.last_checkpoint: Path | None = None
 
     def run(self, plots: Sequence[PlotSpec] = DEFAULT_PLOTS) -> TrainResult:
-        """Train to ``cfg.max_train_steps`` (resuming first if asked) and write the plots."""
+        """Train to ``cfg.max_train_steps`` (resuming first if asked) and write the plots.
+
+        Raises:
+            TrainingInterrupted: After an interrupt, once the step in progress is done and saved (plots written).
+        """
         check_run_directories(self.cfg)
         history = self._restore()
         cfg = self.cfg
         with (
             MetricsLogger(cfg.log_dir, cfg.run_name, history) as logger,
             tqdm(total=cfg.max_train_steps, initial=self.step, desc=cfg.run_name, disable=None) as progress,
+            deferred_interrupts() as interrupted,
         ):
             save_config(cfg, logger.run_dir / CONFIG_FILE)
             while self.step < cfg.max_train_steps:
@@ -530,8 +575,11 @@ class Trainer:
                 if self.step % cfg.log_interval == 0:
                     tqdm.write(f"step {self.step}/{cfg.max_train_steps} | {_format_metrics(metrics)}")
                 self._maybe_validate(logger)
-                if self._due(cfg.ckpt_interval):
+                if self._due(cfg.ckpt_interval) or interrupted():
                     self.last_checkpoint = self._save_checkpoint(logger.history)
+                if interrupted() and self.step < cfg.max_train_steps:
+                    logger.save_plots(plots)
+                    raise TrainingInterrupted(self.step, self.last_checkpoint)
             logger.save_plots(plots)
             return TrainResult(logger.history, self.step, self.last_checkpoint)
 

@@ -8,6 +8,8 @@ SFT's token-level cross-entropy.
 import dataclasses
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from dpo_llama.utils.cli import config_to_dict
 from dpo_llama.utils.trainer import (
     BatchSampler,
     NonFiniteLossError,
+    TrainingInterrupted,
     autocast_name,
     build_optimizer,
     evaluate,
@@ -281,6 +284,35 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
         assert torch.equal(p_full, p_resumed)
     jsonl = (tmp_path / "cut" / "logs" / "toy" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in jsonl if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_interrupt_finishes_the_step_saves_it_and_the_resume_matches(tmp_path):
+    """SIGINT during step 4's second micro-batch (no periodic checkpoints): the step completes, is saved with the
+    plots, and TrainingInterrupted names it; resuming gives the uninterrupted losses and weights. A second
+    SIGINT (the handler is still installed while the loop runs) would stop at once."""
+    data = make_dataset([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], seed=5)
+    settings = dict(max_train_steps=6, warmup_steps=2, min_lr_ratio=0.1)
+    full_model = ToyModel(dropout=0.5, seed=7)
+    full = run(make_cfg(tmp_path / "full", **settings), full_model, data)
+    calls = {"train": 0}
+
+    def interrupted_loss(model, batch):
+        calls["train"] += 1
+        if calls["train"] == 3 * 2 + 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(model, batch)
+
+    with pytest.raises(TrainingInterrupted, match="after step 4") as stopped:
+        run(make_cfg(tmp_path / "cut", **settings), ToyModel(dropout=0.5, seed=7), data, interrupted_loss)
+    assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "cut" / "ckpt") == (
+        tmp_path / "cut" / "ckpt" / "step-000004")
+    assert (tmp_path / "cut" / "logs" / "toy" / "loss.png").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed_model = ToyModel(dropout=0.5, seed=99)
+    resumed = run(make_cfg(tmp_path / "cut", resume=True, **settings), resumed_model, data)
+    assert losses(resumed.history) == losses(full.history)
+    for p_full, p_resumed in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p_full, p_resumed)
 
 
 def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_path):
