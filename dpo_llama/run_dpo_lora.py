@@ -29,7 +29,8 @@ from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_j
 from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
 from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, input_fingerprints, load_policy,
-                                      resolve_dtype, run_main, trainable_summary, with_running_experts_backend)
+                                      resolve_dtype, run_main, trainable_summary, with_lora_settings,
+                                      with_running_experts_backend)
 from dpo_llama.utils.losses import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
 from dpo_llama.utils.trainer import (autocast_context, autocast_name, check_run_directories, latest_checkpoint,
@@ -118,7 +119,7 @@ def run(cfg: DPOLoRAConfig):
     lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
     model = load_policy(cfg, device, lora_dir, base_sha256)
-    cfg = with_running_experts_backend(cfg, model)
+    cfg = with_running_experts_backend(with_lora_settings(cfg, model.lora_config), model)
     verify_fingerprint(cfg, meta, model, tokenizer, lora_dir, device, base_sha256)
     prepare_step = None
     if cfg.loss_type == "kto":

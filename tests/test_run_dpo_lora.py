@@ -139,7 +139,8 @@ def test_data_tokenized_with_another_tokenizer_is_refused(ws, tmp_path, capsys):
 
 def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tmp_path, capsys):
     """The reference scored with --lora ADAPTER: the policy passes only with --init-lora-dir ADAPTER (then
-    it starts exactly at the reference); without it, the adapter part of the fingerprint differs."""
+    it starts exactly at the reference, and its config.json records the adapter's LoRA settings); without it, the
+    adapter part of the fingerprint differs. LoRA flags contradicting the adapter are refused."""
     cfg = LoRAConfig(lora_r=2, lora_mlp_up=True)
     model = load_model_with_lora(ws["base"], cfg)
     with torch.no_grad():
@@ -156,8 +157,15 @@ def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tm
     assert run_dpo(dpo_argv(ws, tmp_path / "fresh", train_data_dir=data, max_train_steps=1)) == 1
     assert "lora_sha256: dataset has" in capsys.readouterr().err
     assert run_dpo(dpo_argv(ws, tmp_path / "continued", train_data_dir=data, init_lora_dir=tmp_path / "adapter",
-                            max_train_steps=1)) == 0
+                            max_train_steps=1, lora_r=2)) == 0  # the adapter's rank (the workspace runs use 4)
     assert reference_check(tmp_path / "continued")["max_abs_logp_diff"] < 1e-5
+    recorded = json.loads((tmp_path / "continued" / "logs" / "run" / "config.json").read_text())
+    assert (recorded["lora_r"], recorded["lora_mlp_up"], recorded["lora_attn_proj"]) == (2, True, False)
+    # a flag the adapter would override is refused, not ignored (its data were scored without 4-bit)
+    assert run_dpo(dpo_argv(ws, tmp_path / "q", train_data_dir=data, init_lora_dir=tmp_path / "adapter",
+                            lora_r=2, quant_lora_4bit=True, lora_dropout=0.1)) == 1
+    assert ("contradict: lora_dropout=0.1 (adapter: 0.0), quant_lora_4bit=True (adapter: False)"
+            in capsys.readouterr().err)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

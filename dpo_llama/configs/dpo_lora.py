@@ -23,7 +23,8 @@ class DPOLoRAConfig(FinetuneConfig):
                                 metadata={"help": "Dataset from scripts/build_preference_datasets.py."})
     init_lora_dir: str | None = field(
         default=None, metadata={"help": "Continue this adapter (or the latest step of a run's ckpt_dir); it must "
-                                        "be the one the dataset's reference was built with (--lora there)."})
+                                        "be the one the dataset's reference was built with (--lora there). Its own "
+                                        "LoRA and 4-bit settings apply: flags contradicting them are refused."})
     loss_type: LossType = field(default="sigmoid", metadata={
         "help": "sigmoid = DPO (cDPO with label_smoothing), robust = rDPO, ipo, hinge (RSO), simpo and orpo "
                 "(reference-free), kto (unpaired data)."})

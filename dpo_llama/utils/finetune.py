@@ -44,8 +44,9 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
                 base_sha256: str | None = None) -> nn.Module:
     """The model to train: checkpoint + LoRA (+ 4-bit) per ``cfg``, optionally continuing a saved adapter.
 
-    With ``lora_dir`` the adapter's own LoRA settings are used (its rank and targets must match its tensors);
-    the config's LoRA fields are then ignored and a note is printed. With ``experts_backend="cpu_kernel"``
+    With ``lora_dir`` the adapter's own LoRA and 4-bit settings are used (its rank and targets must match its
+    tensors, and its reference data were scored with its quantization); a note is printed, and a LoRA flag set to
+    another value than both its default and the adapter's is refused rather than ignored. With ``experts_backend="cpu_kernel"``
     a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when ``device`` is CUDA). Fresh
     LoRA A matrices are drawn after seeding with ``cfg.seed``, so a run's starting point depends on its
     flags only.
@@ -56,6 +57,7 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
     if lora_dir is not None:
         check_adapter_base(lora_dir, cfg.pretrain_ckpt_dir, base_sha256)
         lora_cfg, _ = read_lora_config(lora_dir)
+        refuse_other_lora_flags(cfg, lora_cfg, lora_dir)
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)
     def prepare(m: nn.Module) -> None:
@@ -67,6 +69,25 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
         load_lora(model, lora_dir)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model
+
+
+def refuse_other_lora_flags(cfg, adapter_cfg: LoRAConfig, lora_dir: str | Path) -> None:
+    """Refuses LoRA / 4-bit flags that a continued adapter would silently override (see :func:`load_policy`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    given = [f.name for f in dataclasses.fields(LoRAConfig)
+             if getattr(cfg, f.name) not in (defaults[f.name], getattr(adapter_cfg, f.name))]
+    if given:
+        raise ValueError(f"{lora_dir} is continued with its own LoRA and 4-bit settings, which these flags contradict: "
+                         + ", ".join(f"{name}={getattr(cfg, name)!r} (adapter: {getattr(adapter_cfg, name)!r})"
+                                     for name in given) + "; drop them")
+
+
+def with_lora_settings(cfg, lora_cfg: LoRAConfig):
+    """``cfg`` with the LoRA and 4-bit settings the model actually has (a continued adapter's own): the run's
+    config.json records them, the step-0 tolerance and a resume read them."""
+    values = {f.name: getattr(lora_cfg, f.name) for f in dataclasses.fields(LoRAConfig)}
+    return cfg if all(getattr(cfg, name) == value for name, value in values.items()) else dataclasses.replace(
+        cfg, **values)
 
 
 def prepare_model(model: nn.Module, experts_backend: str, lora_cfg: LoRAConfig | None = None,
