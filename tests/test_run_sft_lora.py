@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dpo_llama.configs.sft_lora import SFTLoRAConfig
 from dpo_llama.models.checkpoint import load_model
-from dpo_llama.models.lora import ADAPTER_FILE, LORA_CONFIG_FILE, find_adapter, load_model_with_lora
+from dpo_llama.models.llama import Transformer
+from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, find_adapter,
+                                   load_model_with_lora)
+from dpo_llama.models.presets import get_preset
 from dpo_llama.run_sft_lora import main as run_sft
 from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples
-from dpo_llama.utils.trainer import STATE_FILE
+from dpo_llama.utils.finetune import input_fingerprints, run_main, trainable_summary, with_running_experts_backend
+from dpo_llama.utils.trainer import STATE_FILE, TrainingInterrupted
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.convert_lora_checkpoint import main as merge_lora
 from tests.pipeline_fixtures import (SMALL_RUN, die_after_the_next_checkpoint, flags, read_history, series, sft_rows,
@@ -146,10 +152,6 @@ def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatc
 def test_the_config_records_the_experts_backend_that_runs():
     """A kernel backend that fell back to torch (no compiler, say) is recorded as torch: a resume where the kernel
     loads would otherwise switch the experts' math unnoticed. Models without the setting keep the config's."""
-    from types import SimpleNamespace
-
-    from dpo_llama.configs.sft_lora import SFTLoRAConfig
-    from dpo_llama.utils.finetune import with_running_experts_backend
     cfg = SFTLoRAConfig(experts_backend="cpu_kernel_int8")
     fell_back = SimpleNamespace(args=SimpleNamespace(experts_backend="torch"))
     assert with_running_experts_backend(cfg, fell_back).experts_backend == "torch"
@@ -159,10 +161,6 @@ def test_the_config_records_the_experts_backend_that_runs():
 def test_resume_compares_the_dtype_auto_resolved_to(workspace):
     """--dtype auto is bf16 on CUDA and fp32 on the CPU: a resume on the other device would change the precision
     unnoticed (the config says auto either way), so the resolved dtype is one of the run's input fingerprints."""
-    import torch
-
-    from dpo_llama.configs.sft_lora import SFTLoRAConfig
-    from dpo_llama.utils.finetune import input_fingerprints
     cfg = SFTLoRAConfig(train_data_dir=str(workspace["data"]))
     on_cpu, on_cuda = (input_fingerprints(cfg, "w", torch.device(name)) for name in ("cpu", "cuda"))
     assert on_cpu["weights dtype (dtype)"] == "fp32" and on_cuda["weights dtype (dtype)"] == "bf16"
@@ -258,12 +256,19 @@ def test_qlora_train_then_merge_matches_the_4bit_model(workspace, tmp_path):
 
 
 def test_an_interrupted_run_prints_where_it_saved_and_exits_130(capsys):
-    from dpo_llama.configs.sft_lora import SFTLoRAConfig
-    from dpo_llama.utils.finetune import run_main
-    from dpo_llama.utils.trainer import TrainingInterrupted
-
     def interrupted(cfg):
         raise TrainingInterrupted(7, Path("ckpt/step-000007"))
 
     assert run_main(SFTLoRAConfig, interrupted, [], "") == 130
     assert "interrupted after step 7, saved in ckpt/step-000007; continue with --resume true" in capsys.readouterr().err
+
+
+def test_trainable_summary_counts_4bit_weights_by_their_shapes():
+    """A 4-bit layer's weight is no parameter (packed bytes): the total still counts it, plus the adapters."""
+
+    model = Transformer(get_preset("tiny"))
+    base = sum(p.numel() for p in model.parameters())
+    apply_lora(model, LoRAConfig(lora_r=2, quant_4bit=True, quant_lora_4bit=True))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable_summary(model) == (f"trainable {adapters:,} of {base + adapters:,} parameters "
+                                        f"({100 * adapters / (base + adapters):.2f}%)")

@@ -63,7 +63,7 @@ from torch import nn
 from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model, read_json, write_atomically
 from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
-                                    quantize_4bit, replace_linears_4bit)
+                                    quantization_summary, quantize_4bit, replace_linears_4bit)
 
 ADAPTER_FILE = "adapter.safetensors"
 LORA_CONFIG_FILE = "lora_config.json"
@@ -428,6 +428,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             module.quantize_4bit(quant)
     if cfg.quant_4bit:
         quantize_frozen_layers(model, quant)
+        if quantization_summary(model) is None:
+            print("warning: quant_4bit: every frozen linear layer is adapted (lm_head and the router stay in full "
+                  "precision), so nothing is stored 4-bit; quant_lora_4bit stores the adapted layers' base weights "
+                  "4-bit (QLoRA)", file=sys.stderr)
     model.lora_config = cfg
     mark_only_lora_trainable(model, cfg)
     widen_trained_norms(model)

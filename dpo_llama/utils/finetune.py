@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, load_model
+from dpo_llama.models.checkpoint import DTYPES, expected_shapes, load_model
 from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check_adapter_base, load_lora,
                                    read_lora_config, save_lora, widen_trained_norms)
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
@@ -125,8 +125,11 @@ def input_fingerprints(cfg, base_sha256: str, device: torch.device) -> dict[str,
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """``"trainable 1,234 of 5,678 parameters (21.7%)"``."""
-    total = sum(p.numel() for p in model.parameters())
+    """``"trainable 1,234 of 5,678 parameters (21.7%)"``: the total counts the checkpoint's weights by their shapes
+    (4-bit and CPU-kernel experts are not ``parameters()``) plus the parameters added to it (the adapters)."""
+    base = expected_shapes(model.args)
+    added = sum(p.numel() for name, p in model.named_parameters() if name not in base)
+    total = sum(shape.numel() for shape in base.values()) + added
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
 

@@ -561,3 +561,13 @@ def test_lora_update_under_cuda_autocast_matches_autograd():
     assert [t.dtype for t in results[0]] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, atol=1e-2, rtol=1e-2)
+
+
+def test_quant_4bit_that_quantizes_nothing_warns(capsys):
+    """Every frozen linear adapted: quant_4bit alone leaves nothing to store 4-bit (QLoRA needs quant_lora_4bit)."""
+    every_linear = dict(lora_r=2, lora_attn_key=True, lora_attn_proj=True, lora_mlp_gate=True, lora_mlp_up=True,
+                        lora_mlp_down=True)
+    apply_lora(Transformer(get_preset("tiny")), LoRAConfig(**every_linear, quant_4bit=True))
+    assert "warning: quant_4bit: every frozen linear layer is adapted" in capsys.readouterr().err
+    apply_lora(Transformer(get_preset("tiny")), LoRAConfig(lora_r=2, quant_4bit=True))  # MLP layers quantized
+    assert "warning" not in capsys.readouterr().err
