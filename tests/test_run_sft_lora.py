@@ -155,6 +155,8 @@ def test_the_config_records_the_experts_backend_that_runs():
     cfg = SFTLoRAConfig(experts_backend="cpu_kernel_int8")
     fell_back = SimpleNamespace(args=SimpleNamespace(experts_backend="torch"))
     assert with_running_experts_backend(cfg, fell_back).experts_backend == "torch"
+    with_copies = SFTLoRAConfig(experts_backend="cpu_kernel", experts_transposed_copy=True)
+    assert not with_running_experts_backend(with_copies, fell_back).experts_transposed_copy  # torch has no copies
     assert with_running_experts_backend(cfg, SimpleNamespace(args=SimpleNamespace())) is cfg
 
 
@@ -272,3 +274,11 @@ def test_trainable_summary_counts_4bit_weights_by_their_shapes():
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable_summary(model) == (f"trainable {adapters:,} of {base + adapters:,} parameters "
                                         f"({100 * adapters / (base + adapters):.2f}%)")
+
+
+@pytest.mark.parametrize("switches", [{"quant_4bit": True},
+                                      {"quant_lora_4bit": True, "lora_moe_routed_experts": True}])
+def test_4bit_experts_with_a_kernel_backend_are_refused(switches):
+    with pytest.raises(ValueError, match="takes no 4-bit experts"):
+        SFTLoRAConfig(experts_backend="cpu_kernel", **switches)
+    SFTLoRAConfig(experts_backend="cpu_kernel", quant_lora_4bit=True)  # dense layers 4-bit, experts not

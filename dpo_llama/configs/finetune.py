@@ -49,3 +49,8 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
             raise ValueError("pretrain_ckpt_dir and train_data_dir must be set")
         if self.experts_transposed_copy and self.experts_backend != "cpu_kernel":
             raise ValueError("experts_transposed_copy needs experts_backend=cpu_kernel")
+        if self.experts_backend != "torch" and (self.quant_4bit or (self.quant_lora_4bit
+                                                                     and self.lora_moe_routed_experts)):
+            raise ValueError(f"experts_backend={self.experts_backend} takes no 4-bit experts (quant_4bit, or "
+                             "quant_lora_4bit with lora_moe_routed_experts, stores them 4-bit); the kernel's int8 "
+                             "experts (cpu_kernel_int8) are its low-memory choice")

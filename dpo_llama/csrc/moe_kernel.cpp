@@ -272,9 +272,11 @@ Routing route(const at::Tensor& ids, int64_t experts) {
 // PyTorch's CUDA caching allocator): a freed tensor's block goes back to the cache and is handed out
 // again, and the cache keeps its blocks for the life of the process. Blocks are 2 MB aligned and
 // backed by transparent huge pages.
-// Sizes are rounded up to a size class (below), and a request takes a free block of its class or
-// maps a new one, so the cache holds per class the most blocks that were alive at the same time
-// (one call's buffers plus the gate/up products saved by the forwards awaiting their backward).
+// Sizes are rounded up to a size class (below), and a request takes the smallest free block of its
+// class up to twice its class, or maps a new one. So calls of varying token counts (length-grouped
+// batches) share blocks across classes, and the cache holds about the most bytes that were alive at the
+// same time (one call's buffers plus the gate/up products saved by the forwards awaiting their
+// backward), up to twice that where sizes vary.
 class BlockCache {
  public:
   // The process-wide cache. Never destroyed: tensors may be freed after static destructors ran.
@@ -309,11 +311,16 @@ class BlockCache {
     return round_up(pages, step) * kHugePage;
   }
 
+  // The smallest free block of at least the request's class and at most twice it, else a new one.
   uint8_t* take(int64_t bytes, int64_t* block_bytes) {
-    *block_bytes = size_class(bytes);
+    const int64_t wanted = size_class(bytes);
     std::lock_guard<std::mutex> guard(mutex_);
-    const auto fit = free_.find(*block_bytes);
-    if (fit == free_.end()) return map_block(*block_bytes);
+    const auto fit = free_.lower_bound(wanted);
+    if (fit == free_.end() || fit->first > 2 * wanted) {
+      *block_bytes = wanted;
+      return map_block(wanted);
+    }
+    *block_bytes = fit->first;
     uint8_t* block = fit->second;
     free_.erase(fit);
     return block;

@@ -55,9 +55,10 @@ second copy of the weights is kept by default; ``from_weights(..., transposed_co
 packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
 memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x, and through ``empty_cached``
 the expert adapters' delta and dL/dh) come from a cache of huge-page blocks on the C++ side that reuses freed
-blocks across calls (a few hundred MB at 2048 tokens
-for DeepSeek-V2-Lite shapes, plus the saved outputs awaiting their backward; held for the life of the
-process): fresh memory would cost a page fault per 4 KB.
+blocks across calls, a block serving requests down to half its size: it holds about the most bytes alive at once
+(a few hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, plus every layer's saved gate/up outputs awaiting
+their backward), up to twice that when token counts vary, for the life of the process. Fresh memory would cost a
+page fault per 4 KB.
 
 Example::
 
@@ -93,6 +94,7 @@ __all__ = [
     "avx512_bf16_kernel",
     "cpu_moe",
     "kernel_available",
+    "kernel_error",
     "load_extension",
     "selected_isa",
 ]
@@ -208,13 +210,20 @@ def _compile() -> ModuleType:
         raise RuntimeError(f"could not build the MoE CPU kernel from {_CSRC_DIR}: {error}") from error
 
 
-def kernel_available() -> bool:
-    """Whether the C++ kernel builds and loads on this machine."""
+@functools.cache
+def kernel_error() -> str | None:
+    """Why the C++ kernel cannot be used on this machine (its build's error), or None when it builds and loads.
+    Remembered: a failed build is not tried again in this process."""
     try:
         load_extension()
-    except RuntimeError:
-        return False
-    return True
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def kernel_available() -> bool:
+    """Whether the C++ kernel builds and loads on this machine."""
+    return kernel_error() is None
 
 
 @functools.cache

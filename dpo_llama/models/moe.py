@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_llama.models.llama import swiglu
+from dpo_llama.models.llama import refuse_second_derivative, swiglu
 from dpo_llama.models.lora import LoRAUpdate
 
 EXPERT_BACKENDS = ("torch", "cpu_kernel", "cpu_kernel_int8")
@@ -367,7 +367,7 @@ class GroupedLoRA(torch.autograd.Function):
         for e, rows in pairs.spans():
             t = torch.mm(pairs.take(x_wide, rows, gather), _stacked(lora_a, e).t(), out=hidden[rows])
             t.mul_(column_scale)
-            u = t if row_scale is None else t * row_scale[rows, None]
+            u = t if row_scale is None else t * row_scale[rows, None].to(t.dtype)
             o = out.new_empty(u.shape[0], out.shape[1]) if scatter else out[rows]
             for b, u_i, o_i in zip(lora_b, u.split(ranks, dim=1), o.split(widths, dim=1)):
                 torch.mm(u_i, b[e].t(), out=o_i)
@@ -380,6 +380,7 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        refuse_second_derivative("GroupedLoRA")
         x, row_scale, hidden, column_scale, *weights = ctx.saved_tensors
         lora_a, lora_b = weights[0::2], weights[1::2]
         pairs = ctx.pairs
@@ -391,7 +392,8 @@ class GroupedLoRA(torch.autograd.Function):
         x_wide = x.to(hidden.dtype)
         for e, rows in pairs.spans():
             t = hidden[rows]
-            u = t if row_scale is None else t * row_scale[rows, None]
+            scale = None if row_scale is None else row_scale[rows, None].to(t.dtype)
+            u = t if scale is None else t * scale
             g = pairs.take(grad_out, rows, ctx.scatter)
             v = torch.empty_like(t)
             for b, db, g_i, u_i, v_i in zip(lora_b, grad_b, g.split(ctx.widths, dim=1), u.split(ctx.ranks, dim=1),
@@ -400,7 +402,7 @@ class GroupedLoRA(torch.autograd.Function):
                 torch.mm(g_i, b[e], out=v_i)
             if grad_scale is not None:
                 grad_scale[rows] = (v * t).sum(dim=1)
-            d = (v if row_scale is None else v * row_scale[rows, None]).mul_(column_scale)
+            d = (v if scale is None else v * scale).mul_(column_scale)
             x_e = pairs.take(x_wide, rows, ctx.gather)
             for da, d_i in zip(grad_a, d.split(ctx.ranks, dim=1)):
                 torch.mm(d_i.t(), x_e, out=da[e])
@@ -496,9 +498,10 @@ def load_cpu_kernel():
     except ImportError as err:
         raise RuntimeError(f"experts backend 'cpu_kernel' needs dpo_llama.models.cpu_moe, which failed to import: "
                            f"{err}; use experts_backend='torch'") from err
-    if not cpu_moe.kernel_available():
-        raise RuntimeError("experts backend 'cpu_kernel': the C++ MoE kernel is not available on this machine "
-                           "(see dpo_llama.models.cpu_moe); use experts_backend='torch'")
+    error = cpu_moe.kernel_error()
+    if error is not None:
+        raise RuntimeError(f"experts backend 'cpu_kernel': the C++ MoE kernel is not available on this machine "
+                           f"({error.splitlines()[0]}); use experts_backend='torch'")
     return cpu_moe
 
 
@@ -662,19 +665,21 @@ class RoutedExperts(nn.Module):
         now (see the module docstring), with transposed copies of them if ``transposed_copy`` (bf16 only).
 
         Raises:
-            ValueError: an unknown backend, or transposed copies of int8 experts.
-            RuntimeError: the kernel is unavailable, the experts are 4-bit or merged with their adapters, or
-                (another backend) their full-precision weights were already freed by packing.
+            ValueError: an unknown backend, 4-bit experts for a kernel backend, or transposed copies of int8
+                experts.
+            RuntimeError: the kernel is unavailable, the experts are merged with their adapters, or (another
+                backend or transposed-copy setting) their full-precision weights were already freed by packing.
         """
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts backend {name!r}; choose from {EXPERT_BACKENDS}")
-        if self.kernel_packed is not None and name != self.backend:
-            raise RuntimeError(f"these experts were packed for {self.backend!r} and their full-precision weights "
-                               f"freed; reload the model to use the {name!r} backend")
+        if self.kernel_packed is not None and (name, transposed_copy) != (self.backend, self.transposed_copy):
+            raise RuntimeError(f"these experts were packed for {self.backend!r} (transposed copies: "
+                               f"{self.transposed_copy}) and their full-precision weights freed; reload the model to "
+                               f"use {name!r} (transposed copies: {transposed_copy})")
         if name in KERNEL_WEIGHT_DTYPES:
             load_cpu_kernel()
             if self.quant is not None:
-                raise RuntimeError(f"experts backend {name!r} does not take 4-bit experts; use experts_backend='torch'")
+                raise ValueError(f"experts backend {name!r} does not take 4-bit experts; use experts_backend='torch'")
             if self.merged:
                 raise RuntimeError(f"experts backend {name!r} needs unmerged LoRA adapters: call unmerge first")
             if transposed_copy and KERNEL_WEIGHT_DTYPES[name] != "bf16":

@@ -113,7 +113,10 @@ def with_running_experts_backend(cfg, model: nn.Module):
     """``cfg`` with the MoE experts backend the model actually runs (the kernel backends fall back to ``"torch"``
     where the kernel cannot load): checkpoints record it, and a resume compares it."""
     running = getattr(model.args, "experts_backend", None)
-    return cfg if running in (None, cfg.experts_backend) else dataclasses.replace(cfg, experts_backend=running)
+    if running in (None, cfg.experts_backend):
+        return cfg
+    return dataclasses.replace(cfg, experts_backend=running,
+                               experts_transposed_copy=cfg.experts_transposed_copy and running == "cpu_kernel")
 
 
 def input_fingerprints(cfg, base_sha256: str, device: torch.device) -> dict[str, str]:

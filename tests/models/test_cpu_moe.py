@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from dpo_llama.models import cpu_moe as moe
+from dpo_llama.models.moe import load_cpu_kernel
 
 ISAS = ["amx", "avx512", "avx2", "portable"]
 AVX512_BF16_ENV = "DPO_LLAMA_MOE_AVX512_BF16"
@@ -686,6 +687,18 @@ def test_empty_cached_reuses_freed_blocks(extension):
     assert small.shape == (4, 3) and small.dtype == torch.bfloat16
 
 
+def test_a_free_block_serves_requests_down_to_half_its_size(extension):
+    """A freed 124 MB block (size class 62 pages of 2 MB) serves an 80 MB request (40 pages, at least half of it)
+    but not a 40 MB one: calls of varying token counts share blocks instead of each size keeping its own."""
+    page = 2**21 // 4  # float32 elements in 2 MB
+    block = moe.empty_cached((61, page), torch.float32)
+    address = block.data_ptr()
+    del block
+    small = moe.empty_cached((20, page), torch.float32)
+    assert small.data_ptr() != address
+    assert moe.empty_cached((40, page), torch.float32).data_ptr() == address
+
+
 def test_packed_layout_sizes(extension):
     """H = 100 -> 128 and I = 70 -> 128 after padding to 64; gate/up interleave -> 2I' = 256 rows."""
     experts, *_ = make_case(*SHAPES["odd_sizes_top2"])
@@ -734,14 +747,20 @@ def test_bad_inputs_raise_value_error(extension):
 
 def test_a_failed_build_reads_as_no_kernel(monkeypatch):
     """kernel_available() is False (not an exception) when the build fails, so the MoE layer's backend check can
-    say to use experts_backend='torch'."""
+    say to use experts_backend='torch', giving the build's error."""
     @functools.cache
     def failed_build():
         raise RuntimeError("Error building extension 'dpo_llama_moe'")
 
     monkeypatch.setattr(moe, "_compile", failed_build)
     monkeypatch.setattr(moe, "_is_built", lambda: True)
-    assert moe.kernel_available() is False
+    moe.kernel_error.cache_clear()
+    try:
+        assert moe.kernel_available() is False
+        with pytest.raises(RuntimeError, match=r"not available on this machine \(Error building extension"):
+            load_cpu_kernel()  # the reason is in the message
+    finally:
+        moe.kernel_error.cache_clear()
 
 
 def test_stale_build_lock_is_removed(tmp_path, capsys):

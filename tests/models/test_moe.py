@@ -329,6 +329,9 @@ def test_cpu_kernel_packs_once_and_frees_the_full_precision_weights():
     assert experts.kernel_packed is packed
     with pytest.raises(RuntimeError, match="reload the model"):
         experts.set_backend("torch")
+    with pytest.raises(RuntimeError, match="reload the model"):  # copies need the freed weights
+        experts.set_backend("cpu_kernel", transposed_copy=True)
+    experts.set_backend("cpu_kernel")  # the same setting again is no change
 
 
 def test_a_refused_kernel_switch_changes_nothing():
@@ -670,6 +673,30 @@ def test_grouped_lora_passes_gradcheck(gather, scatter):
     assert two(x, scale, *weights).shape == (5 if scatter else 10, 9)
     assert torch.autograd.gradcheck(two, (x, scale, *weights))
     assert torch.autograd.gradcheck(one, (x, *weights[:2]))
+
+
+def test_grouped_lora_takes_float32_row_scales_with_bf16_adapters_and_refuses_a_second_derivative():
+    """A bf16 model (``model.to(torch.bfloat16)``) keeps its routing weights float32: the scales are applied in the
+    adapters' dtype, forward and backward, as the float32 computation rounded to bf16. create_graph=True raises
+    (the backward is hand-written)."""
+    from dpo_llama.models.moe import GroupedLoRA, PairGroups
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = PairGroups(torch.tensor([[0, 2], [3, 0], [2, 3]]), 4)
+    x = torch.randn(3, 5, generator=gen, requires_grad=True)
+    scale = torch.rand(6, generator=gen, requires_grad=True)
+    weights = [torch.randn(4, 2, 5, generator=gen), torch.randn(4, 3, 2, generator=gen)]
+    outputs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        w = [t.to(dtype).requires_grad_() for t in weights]
+        out = GroupedLoRA.apply(x, scale, pairs, True, True, (0.5,), None, *w)
+        x_grad, scale_grad, a_grad = torch.autograd.grad(out.float().sum(), (x, scale, w[0]))
+        outputs.append((out.float(), x_grad.float(), scale_grad, a_grad.float()))
+    for bf16, fp32 in zip(*outputs):
+        torch.testing.assert_close(bf16, fp32, atol=0.05 * fp32.abs().max().item(), rtol=0)
+    out = GroupedLoRA.apply(x, scale, pairs, True, True, (0.5,), None, *(t.requires_grad_() for t in weights))
+    with pytest.raises(RuntimeError, match="GroupedLoRA has no second derivative"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hybrid GPU + CPU path)")
