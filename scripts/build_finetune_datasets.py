@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dpo_llama.configs import demo
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import at_least
+from dpo_llama.utils.cli import HelpFormatter, at_least
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.sft import tokenize_conversations
 from dpo_llama.utils.sft_formats import SFT_FORMATS, load_sft_records
@@ -32,7 +32,7 @@ from dpo_llama.utils.templates import TEMPLATE_NAMES, template_or_demo_default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", nargs="+", default=[str(demo.SFT_DATA)], help="data file(s) (default: demo data)")
     parser.add_argument("--format", default="auto", choices=["auto", *SFT_FORMATS], help="input format (default: auto)")
     parser.add_argument("--tokenizer", default=str(demo.TOKENIZER),
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             examples = tokenize_conversations(records, tokenizer, args.template, args.max_seq_len, report, progress)
         if not examples:
             raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:  # ImportError: Parquet without pyarrow
         print(f"error: {err}", file=sys.stderr)
         return 1
     train, validation = split_train_val(examples, args.val_ratio, args.seed)

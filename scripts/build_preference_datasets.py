@@ -38,7 +38,7 @@ from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, 
 from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import at_least, parse_bool
+from dpo_llama.utils.cli import HelpFormatter, at_least, parse_bool
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.dpo import example_length
 from dpo_llama.utils.finetune import prepare_model
@@ -53,7 +53,7 @@ CACHE_DIR = ".reference_cache"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", default=[str(demo.PREFERENCE_DATA)], help="data file(s) (default: demo)")
     p.add_argument("--format", default="auto", choices=["auto", *PREFERENCE_FORMAT_KEYS], help="input format")
     p.add_argument("--ref-model", default=demo.SFT_MERGED, help="reference checkpoint (default: demo SFT model)")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         args.template = template_or_demo_default(args.template, tokenizer)
         train, validation, report = tokenize_and_split(args, tokenizer)
         fingerprint = None if args.no_reference else add_reference(args, train, validation, tokenizer)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:  # ImportError: Parquet without pyarrow
         print(f"error: {err}", file=sys.stderr)
         return 1
     examples = train + validation

@@ -14,11 +14,11 @@ import sys
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
-from dpo_llama.utils.cli import add_max_shard_gb, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_differs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, help="HF model directory (config.json + model*.safetensors)")
     parser.add_argument("--output", required=True, help="output directory for the dpo_llama checkpoint")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES], help="cast weights (default: keep)")

@@ -44,12 +44,12 @@ from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, L
                                    apply_lora, check_adapter, check_adapter_base, find_adapter, read_adapter,
                                    read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
-from dpo_llama.utils.cli import add_max_shard_gb, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_differs
 from dpo_llama.utils.trainer import resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--base", default=str(demo.BASE_MODEL),
                         help="base dpo_llama checkpoint directory the adapter was trained on (default: demo base)")
     parser.add_argument("--lora", default=demo.SFT_CKPT,

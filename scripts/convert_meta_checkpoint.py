@@ -17,11 +17,11 @@ import sentencepiece as spm
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_meta import load_meta, meta_tensors
-from dpo_llama.utils.cli import add_max_shard_gb, at_least, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, at_least, check_output_differs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, help="Meta checkpoint directory (consolidated.*.pth + params.json)")
     parser.add_argument("--output", required=True, help="output directory for the dpo_llama checkpoint")
     parser.add_argument("--dtype", default="keep", choices=["keep", *DTYPES], help="cast weights (default: keep)")

@@ -39,12 +39,13 @@ from dpo_llama.models.generation import generate
 from dpo_llama.models.llama import ModelArgs, Transformer
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils import demo_task
+from dpo_llama.utils.cli import HelpFormatter
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.trainer import lr_factor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output", default=str(ASSETS), help="assets directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the splits and the weights")
     data = parser.add_argument_group("data")

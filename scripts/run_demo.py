@@ -26,7 +26,7 @@ from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import load_model
 from dpo_llama.models.lora import find_adapter, load_model_with_lora
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import at_least
+from dpo_llama.utils.cli import HelpFormatter, at_least
 from dpo_llama.utils.demo_task import load_eval_problems, reward, user_prompt
 from dpo_llama.utils.evaluation import generation_rewards, preference_accuracy
 from dpo_llama.utils.preference_data import tokenize_records
@@ -41,7 +41,7 @@ QUICK = {"sft": ["--max-train-steps", "6", "--val-interval", "3", "--ckpt-interv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps per stage and a small evaluation")
     parser.add_argument("--extra-loss", default="ipo", choices=["none", "ipo", "simpo", "robust", "hinge", "orpo"],
                         help="also train this loss on the same data and report it (default: ipo)")

@@ -73,6 +73,17 @@ def check_output_differs(output: str | Path, **inputs: str | Path) -> None:
                          "(its files would be overwritten)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' ``--help``: the description as written (its example commands intact), and each option's default
+    appended unless its help already names one (or it has none: ``None``, a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _optional_inner(tp: Any) -> Any:
     """Return X for ``Optional[X]`` / ``X | None``, else None."""
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):

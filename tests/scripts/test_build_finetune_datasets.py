@@ -7,6 +7,7 @@ token that ends the turn.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,11 @@ def test_the_template_may_be_left_out_only_with_the_demo_tokenizer(tmp_path, tok
     assert build(argv) == 1
     assert "pass --template (llama2, llama3, deepseek, chatml)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_parquet_without_pyarrow_is_one_error_line(tmp_path, tokenizer_paths, capsys, monkeypatch):
+    (tmp_path / "train.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    rc, _ = run_builder(tmp_path, tokenizer_paths["llama2"], "llama2", [tmp_path / "train.parquet"])
+    assert rc == 1 and capsys.readouterr().err.startswith("error: reading ")

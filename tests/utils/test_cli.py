@@ -9,8 +9,8 @@ from typing import Literal, Optional
 import pytest
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import (add_max_shard_gb, at_least, check_output_differs, config_to_dict, parse_config,
-                                 save_config)
+from dpo_llama.utils.cli import (HelpFormatter, add_max_shard_gb, at_least, check_output_differs, config_to_dict,
+                                 parse_config, save_config)
 
 
 @dataclass
@@ -205,3 +205,15 @@ def test_an_output_over_an_input_directory_is_refused(tmp_path):
         check_output_differs(tmp_path / "x" / ".." / "lora", base=tmp_path / "base", lora=tmp_path / "lora")
     with pytest.raises(ValueError, match="must differ from --base and --lora"):
         check_output_differs(tmp_path, base=tmp_path, lora=tmp_path)
+
+
+def test_script_help_shows_defaults_once():
+    """HelpFormatter appends a default only where the help names none and there is one to show."""
+    parser = argparse.ArgumentParser(description="line one\n  keep   this", formatter_class=HelpFormatter)
+    parser.add_argument("--seed", type=int, default=42, help="split seed")
+    parser.add_argument("--output", default="out", help="where (default: the demo's)")
+    parser.add_argument("--lora", default=None, help="an adapter")
+    parser.add_argument("--fast", action="store_true", help="go fast")
+    text = parser.format_help()
+    assert "split seed (default: 42)" in text and "(default: the demo's)" in text and "default: out" not in text
+    assert "an adapter\n" in text and "go fast\n" in text and "  keep   this" in text
