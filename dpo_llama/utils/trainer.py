@@ -9,7 +9,8 @@ The task (SFT, DPO, ...) supplies four callables:
 - ``save_trainable(dir)`` / ``load_trainable(dir)``: write/read the trainable weights.
 
 Gradient accumulation. One optimizer step uses N = ``gradient_accumulation_steps``
-micro-batches b_1..b_N with weights w_i and loss sums L_i. The loop fetches all N first,
+micro-batches b_1..b_N (fewer at an epoch's end: each epoch is cut into steps, then each step into
+micro-batches, see ``BatchSampler``) with weights w_i and loss sums L_i. The loop fetches all N first,
 computes W = sum_i w_i and back-propagates each L_i / W, so the accumulated gradient is
 
     grad sum_i L_i / W = grad (mean loss over all W units of the step),
@@ -57,7 +58,7 @@ from dpo_llama.utils.metrics import METRICS_FILE, MetricsLogger, PlotSpec
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 DEFAULT_PLOTS: tuple[PlotSpec, ...] = (("loss", ("train/loss", "val/loss")),)
-GROUP_WINDOW_BATCHES = 50  # length grouping sorts windows of this many micro-batches
+GROUP_WINDOW_STEPS = 50  # length grouping sorts windows of this many optimizer steps
 # Settings a resumed run may change: the schedule and optimizer hyperparameters (applied from the resumed step on),
 # logging, checkpointing, where and how the same math runs. Any other difference from the checkpoint's
 # config.json (data, batching, seed, model and its experts backend, adapters, loss) would mix two runs, and is
@@ -231,65 +232,78 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 class BatchSampler:
-    """A deterministic, resumable stream of micro-batches of example indices.
+    """A deterministic, resumable stream of optimizer steps, each a list of micro-batches of example indices.
 
-    Epoch e shuffles the examples with ``np.random.default_rng((seed, e))`` and cuts the
-    permutation into batches of ``batch_size`` (the last may be smaller). With ``lengths``,
-    each window of ``GROUP_WINDOW_BATCHES`` batches is sorted by length before cutting, and
-    the batches are then shuffled, so a batch holds examples of similar length (less padding).
-    The stream's position (epoch, batch index) is its whole state.
+    Epoch e shuffles the examples with ``np.random.default_rng((seed, e))`` and cuts the permutation into steps
+    of ``batch_size x accumulation`` examples (the last may be smaller), each cut into micro-batches of
+    ``batch_size``. So N micro-batches of B per step see the same examples in the same steps as one batch of
+    N x B, also across epoch boundaries. With ``lengths``, each window of ``GROUP_WINDOW_STEPS`` steps is
+    sorted by length before cutting, and the steps are then shuffled, so a micro-batch holds examples of
+    similar length (less padding). The stream's position (epoch, step index) is its whole state.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> None:
+    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None,
+                 accumulation: int = 1) -> None:
         if num_examples < 1:
             raise ValueError("the training set is empty")
         self.num_examples = num_examples
         self.batch_size = batch_size
+        self.accumulation = accumulation
         self.seed = seed
         self.lengths = np.asarray(lengths) if lengths is not None else None
         self.epoch = 0
         self.position = 0
-        self._batches = self._epoch_batches(0)
+        self._steps = self._epoch_steps(0)
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of one epoch, a pure function of (seed, epoch)."""
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """All steps of one epoch, a pure function of (seed, epoch)."""
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(self.num_examples)
+        step_size = self.batch_size * self.accumulation
         if self.lengths is not None:
-            window = self.batch_size * GROUP_WINDOW_BATCHES
+            window = step_size * GROUP_WINDOW_STEPS
             chunks = [order[i : i + window] for i in range(0, len(order), window)]
             order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks])
-        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        steps = [order[i : i + step_size] for i in range(0, len(order), step_size)]
         if self.lengths is not None:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        return [[step[i : i + self.batch_size].tolist() for i in range(0, len(step), self.batch_size)]
+                for step in steps]
 
-    def next_batch(self) -> list[int]:
-        """The next micro-batch's indices, starting a new epoch when one runs out."""
-        if self.position == len(self._batches):
+    def next_step(self) -> list[list[int]]:
+        """The next step's micro-batches (``accumulation`` of them, fewer at the end of an epoch), starting a new
+        epoch when one runs out."""
+        if self.position == len(self._steps):
             self.epoch += 1
             self.position = 0
-            self._batches = self._epoch_batches(self.epoch)
-        batch = self._batches[self.position]
+            self._steps = self._epoch_steps(self.epoch)
+        step = self._steps[self.position]
         self.position += 1
-        return batch
+        return step
 
     def state_dict(self) -> dict[str, int]:
-        """The position in the stream, and the number of examples it runs over."""
-        return {"epoch": self.epoch, "position": self.position, "num_examples": self.num_examples}
+        """The position in the stream, and the number of examples and micro-batches per step it runs over."""
+        return {"epoch": self.epoch, "position": self.position, "num_examples": self.num_examples,
+                "accumulation": self.accumulation}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Jump to a position saved by :meth:`state_dict`.
 
         Raises:
-            ValueError: the position was saved over another number of examples (the data changed).
+            ValueError: the position was saved over another number of examples (the data changed), or counts
+                steps of another number of micro-batches (a checkpoint of a version that counted micro-batches
+                saves none: 1).
         """
         saved = int(state.get("num_examples", self.num_examples))
-        batches = self._epoch_batches(int(state["epoch"]))
-        if saved != self.num_examples or int(state["position"]) > len(batches):
-            raise ValueError(f"the checkpoint's data position ({saved} examples, batch {state['position']}) does not "
+        accumulation = int(state.get("accumulation", 1))
+        steps = self._epoch_steps(int(state["epoch"]))
+        if saved != self.num_examples or int(state["position"]) > len(steps):
+            raise ValueError(f"the checkpoint's data position ({saved} examples, step {state['position']}) does not "
                              f"fit this training set of {self.num_examples} examples: the data changed")
-        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), batches
+        if accumulation != self.accumulation:
+            raise ValueError(f"the checkpoint's data position counts steps of {accumulation} micro-batches, this run "
+                             f"takes {self.accumulation}: resume with the checkpoint's gradient_accumulation_steps")
+        self.epoch, self.position, self._steps = int(state["epoch"]), int(state["position"]), steps
 
 
 def check_run_directories(cfg: TrainConfig) -> None:
@@ -547,7 +561,8 @@ class Trainer:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, cfg)
         lengths = [example_length(ex) for ex in train_set] if cfg.group_by_length else None
-        self.sampler = BatchSampler(len(train_set), cfg.micro_batch_size, cfg.seed, lengths)
+        self.sampler = BatchSampler(len(train_set), cfg.micro_batch_size, cfg.seed, lengths,
+                                    cfg.gradient_accumulation_steps)
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -588,12 +603,8 @@ class Trainer:
         return self.step == self.cfg.max_train_steps or (interval > 0 and self.step % interval == 0)
 
     def _next_batches(self) -> list[Batch]:
-        """Collate the step's ``gradient_accumulation_steps`` micro-batches."""
-        batches = []
-        for _ in range(self.cfg.gradient_accumulation_steps):
-            indices = self.sampler.next_batch()
-            batches.append(self.collate([self.train_set[i] for i in indices]))
-        return batches
+        """Collate the step's micro-batches (``gradient_accumulation_steps``, fewer at the end of an epoch)."""
+        return [self.collate([self.train_set[i] for i in indices]) for indices in self.sampler.next_step()]
 
     def _train_step(self) -> dict[str, float]:
         """One optimizer step over N micro-batches, each back-propagating loss_sum / W."""

@@ -176,10 +176,21 @@ def test_accumulation_equals_one_batch_with_token_weights(tmp_path):
     assert result_acc.history[0]["train/loss"] == pytest.approx(result_one.history[0]["train/loss"], rel=1e-6)
 
 
+def test_accumulation_equals_one_batch_over_several_epochs(tmp_path):
+    """10 examples, 7 steps of 4 (two epoch boundaries, each epoch ending in a step of 2): 2 x 2 and 1 x 4 give the
+    same losses at every step (before, the step crossing an epoch took examples of both epochs)."""
+    data = make_dataset([1, 6, 2, 9, 3, 5, 4, 7, 8, 2], seed=1)
+    common = dict(max_train_steps=7, learning_rate=0.05)
+    histories = [run(make_cfg(tmp_path / str(micro), micro_batch_size=micro, gradient_accumulation_steps=4 // micro,
+                              **common), ToyModel(seed=3), data).history for micro in (2, 4)]
+    assert losses(histories[0]) == pytest.approx(losses(histories[1]), rel=1e-5)
+
+
 def test_prepare_step_sees_all_micro_batches_before_their_forward_passes(tmp_path):
     """prepare_step gets each step's N = 3 micro-batches, in training mode, before any of their losses; what it
     adds to them (here the step's token count) reaches loss_fn. Validation (4 examples, at the end) hands it
-    groups of N micro-batches too, in eval mode: 3, then the 1 left."""
+    groups of N micro-batches too, in eval mode: 3, then the 1 left. With 4 training examples the second step is the
+    epoch's last example alone: one micro-batch."""
     calls = []
 
     def prepare_step(model, batches):
@@ -194,7 +205,7 @@ def test_prepare_step_sees_all_micro_batches_before_their_forward_passes(tmp_pat
     run(make_cfg(tmp_path, max_train_steps=2, micro_batch_size=1, gradient_accumulation_steps=3), ToyModel(seed=0),
         make_dataset([1, 2, 3, 4]), loss=checked_loss, prepare_step=prepare_step,
         val_set=make_dataset([1, 2, 3, 4], seed=5))
-    assert calls == [(3, True), (3, True), (3, False), (1, False)]
+    assert calls == [(3, True), (1, True), (3, False), (1, False)]
 
 
 def test_lr_schedule_follows_warmup_cosine_formula(tmp_path):
@@ -298,7 +309,7 @@ def test_an_interrupt_finishes_the_step_saves_it_and_the_resume_matches(tmp_path
 
     def interrupted_loss(model, batch):
         calls["train"] += 1
-        if calls["train"] == 3 * 2 + 2:
+        if calls["train"] == 2 + 2 + 1 + 2:  # steps of 4, 4, 2 examples per epoch: step 4's second micro-batch
             os.kill(os.getpid(), signal.SIGINT)
         return loss_fn(model, batch)
 
@@ -480,7 +491,7 @@ def test_checkpoint_layout_and_refusal_to_overwrite(tmp_path):
     state = load_trainer_state(ckpt_dir / "step-000004")
     assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "history", "input_fingerprints"}
     assert state["step"] == 4 and [r["step"] for r in state["history"]] == [1, 2, 3, 4]
-    assert state["sampler"] == {"epoch": 3, "position": 2, "num_examples": 3}  # 8 micro-batches = 4 epochs of 2
+    assert state["sampler"] == {"epoch": 3, "position": 1, "num_examples": 3, "accumulation": 2}  # 1 step/epoch
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg, ToyModel(), make_dataset([2, 3, 4]))
     with pytest.raises(FileExistsError, match="already holds a run's logs"):  # same logs, fresh checkpoint folder
@@ -552,34 +563,51 @@ def test_evaluate_hands_prepare_step_groups_of_micro_batches():
 
 def test_sampler_is_deterministic_resumable_and_covers_each_epoch():
     sampler = BatchSampler(10, 3, seed=1)
-    stream = [sampler.next_batch() for _ in range(8)]  # 4 batches (3, 3, 3, 1) per epoch
-    assert sorted(i for batch in stream[:4] for i in batch) == list(range(10))
+    stream = [sampler.next_step() for _ in range(8)]  # 4 steps of one micro-batch (3, 3, 3, 1) per epoch
+    assert all(len(step) == 1 for step in stream)
+    assert sorted(i for step in stream[:4] for i in step[0]) == list(range(10))
     assert stream[:4] != stream[4:]
     resumed = BatchSampler(10, 3, seed=1)
     fresh_copy = BatchSampler(10, 3, seed=1)
     for _ in range(5):
-        fresh_copy.next_batch()
+        fresh_copy.next_step()
     resumed.load_state_dict(fresh_copy.state_dict())
-    assert [resumed.next_batch() for _ in range(3)] == stream[5:8]
+    assert [resumed.next_step() for _ in range(3)] == stream[5:8]
+
+
+def test_accumulated_steps_hold_the_examples_of_one_large_batch_across_epochs():
+    """10 examples, steps of 4: micro-batches of 2 x 2 per step hold exactly the examples of one batch of 4, the
+    epoch's last step included (2 examples: one micro-batch), so N x B trains as one batch of N x B."""
+    large = BatchSampler(10, 4, seed=1)
+    small = BatchSampler(10, 2, seed=1, accumulation=2)
+    for _ in range(7):  # over two epochs of 3 steps
+        one, two = large.next_step(), small.next_step()
+        assert [i for batch in two for i in batch] == one[0] and all(len(batch) <= 2 for batch in two)
+    assert small.state_dict() == {"epoch": 2, "position": 1, "num_examples": 10, "accumulation": 2}
+    with pytest.raises(ValueError, match="counts steps of 1 micro-batches, this run takes 2"):
+        BatchSampler(10, 2, seed=1, accumulation=2).load_state_dict({"epoch": 0, "position": 1, "num_examples": 10})
 
 
 def test_sampler_refuses_a_position_saved_over_other_data():
     """A position saved over 10 examples does not fit 7 (a dataset rebuilt under the same path); a position past
-    the epoch's batches (recorded before the example count was) is refused too."""
+    the epoch's steps (recorded before the example count was) is refused too."""
     saved = BatchSampler(10, 3, seed=1).state_dict()
-    with pytest.raises(ValueError, match="10 examples, batch 0.*7 examples: the data changed"):
+    with pytest.raises(ValueError, match="10 examples, step 0.*7 examples: the data changed"):
         BatchSampler(7, 3, seed=1).load_state_dict(saved)
     with pytest.raises(ValueError, match="the data changed"):
         BatchSampler(4, 3, seed=1).load_state_dict({"epoch": 0, "position": 3})
 
 
 def test_sampler_groups_by_length():
-    """Lengths equal to the index: sorted within one window, each batch is 4 consecutive lengths."""
+    """Lengths equal to the index: sorted within one window, each micro-batch is 4 consecutive lengths, and a
+    step's two micro-batches are the 8 consecutive lengths of one step-sized cut."""
     sampler = BatchSampler(40, 4, seed=2, lengths=list(range(40)))
-    batches = [sampler.next_batch() for _ in range(10)]
+    batches = [sampler.next_step()[0] for _ in range(10)]
     assert sorted(i for batch in batches for i in batch) == list(range(40))
     assert all(max(batch) - min(batch) == 3 for batch in batches)
     assert batches != sorted(batches, key=max, reverse=True)  # batch order is shuffled
+    steps = [BatchSampler(40, 4, seed=2, lengths=list(range(40)), accumulation=2).next_step()]
+    assert all(max(sum(step, [])) - min(sum(step, [])) == 7 for step in steps)
 
 
 def test_optimizer_trains_only_trainable_params_with_decay_on_matrices(tmp_path):
