@@ -10,6 +10,9 @@ exact command a user would type — every script uses the demo as its default �
 The report compares the SFT and the DPO model on held-out data: preference accuracy (share of pairs with
 log π(chosen) > log π(rejected)) and generation reward (share of correct greedy answers). Its last line is
 machine-readable: ``DEMO sft_pref_acc=<x> dpo_pref_acc=<x> sft_reward=<x> dpo_reward=<x>``.
+
+Outputs go under the current directory (``./datasets/demo``, ``./checkpoints/demo``, ``./logs/demo-*``); a new
+run first deletes those of an earlier one, so that every stage starts fresh.
 """
 
 from __future__ import annotations
