@@ -234,7 +234,8 @@ def test_command_line_build_train_merge(workspace, tmp_path):
     """The three scripts as separate processes (one torch thread each), configured only by flags."""
     def run_script(script: str, argv: list[str]) -> None:
         result = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
         assert result.returncode == 0, result.stderr
 
     run_script("scripts/build_finetune_datasets.py",

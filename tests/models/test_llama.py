@@ -262,7 +262,7 @@ def test_hand_written_backwards_refuse_create_graph():
 def test_rope_tables_equal_hf_far_into_the_context(scaling):
     """cos/sin at 16k positions equal HF's LlamaRotaryEmbedding (float32 angles, as the models were trained with;
     float64 angles would differ by up to about 1e-3 there)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=500000.0,
                                       max_position_embeddings=16384, rope_scaling=scaling and dict(scaling))
     positions = torch.arange(16384)[None]

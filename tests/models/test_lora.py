@@ -487,7 +487,6 @@ def test_expert_adapters_created_while_loading_start_as_a_no_op(tmp_path):
 def test_routed_expert_adapters_load_from_a_checkpoint_and_go_4bit(tmp_path):
     """Meta-device load: the adapters are created where the expert weights arrive; quant_lora_4bit stores the
     adapted experts 4-bit."""
-    pytest.importorskip("bitsandbytes")
     base = tiny_deepseek()
     save_model(base, tmp_path / "base")
     cfg = LoRAConfig(**ROUTED, quant_lora_4bit=True, quant_4bit_compute_dtype="fp32")

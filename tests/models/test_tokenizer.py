@@ -210,7 +210,7 @@ def test_special_tokens_map_overrides_the_config_as_in_transformers(tmp_path):
     assert tokenizer.eos_id == tokenizer.token_id("<|end_of_text|>") != before.eos_id
     assert tokenizer.pad_id == tokenizer.token_id("<|end_header_id|>") and tokenizer.bos_id == before.bos_id
     assert tokenizer.files[-1] == special_map and tokenizer.fingerprint() != before.fingerprint()
-    transformers = pytest.importorskip("transformers")
+    import transformers
     oracle = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert (oracle.eos_token_id, oracle.pad_token_id, oracle.bos_token_id) == \
         (tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id)

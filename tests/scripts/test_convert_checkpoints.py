@@ -1,6 +1,9 @@
 """scripts/convert_hf_checkpoint.py and scripts/convert_meta_checkpoint.py on files in the real formats."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,8 +204,7 @@ def test_meta_params_give_the_published_shapes_and_defaults():
 
 @pytest.mark.parametrize("script", ["convert_hf_checkpoint.py", "convert_meta_checkpoint.py"])
 def test_scripts_have_help(script):
-    import subprocess
-    import sys
-    path = Path(__file__).resolve().parents[2] / "scripts" / script  # whatever directory pytest started in
-    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
+    repo = Path(__file__).resolve().parents[2]  # whatever directory pytest started in
+    result = subprocess.run([sys.executable, str(repo / "scripts" / script), "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
     assert result.returncode == 0 and "--input" in result.stdout

@@ -6,6 +6,7 @@ and that the report ends with the machine-readable DEMO line. CI thus catches a 
 the chain: assets, builders, trainers, merge, evaluation.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ DEMO_LINE = re.compile(r"^DEMO sft_pref_acc=([\d.]+) dpo_pref_acc=([\d.]+) sft_r
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_demo.py"), "--quick"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     match = DEMO_LINE.match(last)

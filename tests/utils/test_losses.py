@@ -528,7 +528,6 @@ def test_dispatcher_errors():
 
 @pytest.fixture(scope="module")
 def trl_losses():
-    pytest.importorskip("trl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from trl.experimental.cpo.cpo_trainer import CPOTrainer

@@ -188,7 +188,7 @@ def test_trl_conversational_implicit_prompt():
 
 def test_implicit_prompt_split_matches_trl_extract_prompt():
     """TRL's own extract_prompt as an oracle on the well-formed implicit-prompt rows."""
-    data_utils = pytest.importorskip("trl.data_utils")
+    from trl import data_utils
     rows = [row for row, _ in iter_rows(FIXTURES / "ultrafeedback_binarized.jsonl")][:3]
     for row in rows:
         chosen = [{"role": m["role"], "content": m["content"]} for m in row["chosen"]]
@@ -375,8 +375,8 @@ def test_kto_trl_conversational_and_standard():
 
 
 def test_parquet_implicit_prompt(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     rows = [row for row, _ in iter_rows(FIXTURES / "ultrafeedback_binarized.jsonl")]
     rows = [{key: row[key] for key in ("chosen", "rejected", "score_chosen", "score_rejected")} for row in rows]
     path = tmp_path / "train-00000-of-00001.parquet"

@@ -77,8 +77,8 @@ def test_single_object_json_file_is_one_row(tmp_path):
 
 
 def test_parquet_rows_have_indices(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = tmp_path / "train.parquet"
     rows = [
         {"prompt": "The sky is", "completion": " blue.", "label": True},
@@ -144,7 +144,6 @@ def test_unreadable_files_are_one_clear_error(tmp_path):
     for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
         with pytest.raises(ValueError, match=rf"{name}: cannot read the file"):
             list(iter_rows(tmp_path / name))
-    pytest.importorskip("pyarrow.parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
         list(iter_rows(tmp_path / "bad.parquet"))
 

@@ -231,8 +231,8 @@ def test_several_files_and_max_samples():
 
 def test_parquet_messages(tmp_path):
     """Hub parquet files store messages as structs with fields in alphabetical order (content, role)."""
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = tmp_path / "train-00000-of-00001.parquet"
     rows = [
         {"messages": [{"content": "Hi", "role": "user"}, {"content": "Hello!", "role": "assistant"}]},

@@ -297,33 +297,52 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     assert [json.loads(line)["step"] for line in jsonl if "train/loss" in line] == [1, 2, 3, 4, 5, 6]
 
 
+def signal_at_call(signum: int, calls: int, times: int = 1):
+    """A training loss that sends ``signum`` to this process ``times`` times during its ``calls``-th call."""
+    count = {"calls": 0}
+
+    def loss(model, batch):
+        count["calls"] += 1
+        if count["calls"] == calls:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return loss_fn(model, batch)
+
+    return loss
+
+
 def test_an_interrupt_finishes_the_step_saves_it_and_the_resume_matches(tmp_path):
     """SIGINT during step 4's second micro-batch (no periodic checkpoints): the step completes, is saved with the
-    plots, and TrainingInterrupted names it; resuming gives the uninterrupted losses and weights. A second
-    SIGINT (the handler is still installed while the loop runs) would stop at once."""
+    plots, and TrainingInterrupted names it; the handlers are restored; resuming gives the uninterrupted losses
+    and weights."""
     data = make_dataset([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], seed=5)
     settings = dict(max_train_steps=6, warmup_steps=2, min_lr_ratio=0.1)
     full_model = ToyModel(dropout=0.5, seed=7)
     full = run(make_cfg(tmp_path / "full", **settings), full_model, data)
-    calls = {"train": 0}
-
-    def interrupted_loss(model, batch):
-        calls["train"] += 1
-        if calls["train"] == 2 + 2 + 1 + 2:  # steps of 4, 4, 2 examples per epoch: step 4's second micro-batch
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss_fn(model, batch)
-
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = signal_at_call(signal.SIGINT, 2 + 2 + 1 + 2)  # steps of 4, 4, 2 examples: step 4's 2nd batch
     with pytest.raises(TrainingInterrupted, match="after step 4") as stopped:
-        run(make_cfg(tmp_path / "cut", **settings), ToyModel(dropout=0.5, seed=7), data, interrupted_loss)
+        run(make_cfg(tmp_path / "cut", **settings), ToyModel(dropout=0.5, seed=7), data, interrupted)
     assert stopped.value.checkpoint == latest_checkpoint(tmp_path / "cut" / "ckpt") == (
         tmp_path / "cut" / "ckpt" / "step-000004")
     assert (tmp_path / "cut" / "logs" / "toy" / "loss.png").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
     resumed_model = ToyModel(dropout=0.5, seed=99)
     resumed = run(make_cfg(tmp_path / "cut", resume=True, **settings), resumed_model, data)
     assert losses(resumed.history) == losses(full.history)
     for p_full, p_resumed in zip(full_model.parameters(), resumed_model.parameters()):
         assert torch.equal(p_full, p_resumed)
+
+
+def test_sigterm_stops_like_an_interrupt_and_a_second_one_at_once(tmp_path):
+    """SIGTERM (a scheduler's stop) is handled as Ctrl-C; two signals in a row raise KeyboardInterrupt in the
+    step, leaving the last periodic checkpoint (step 2)."""
+    data = make_dataset([1, 2, 3, 4, 5, 1, 2, 3, 4, 5], seed=5)
+    with pytest.raises(TrainingInterrupted, match="after step 3"):
+        run(make_cfg(tmp_path / "term"), ToyModel(), data, signal_at_call(signal.SIGTERM, 5))
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(tmp_path / "twice", ckpt_interval=2), ToyModel(), data, signal_at_call(signal.SIGINT, 7, times=2))
+    assert latest_checkpoint(tmp_path / "twice" / "ckpt").name == "step-000002"
 
 
 def test_resume_applies_new_optimizer_settings_and_refuses_other_changes(tmp_path):
@@ -621,7 +640,7 @@ def test_optimizer_trains_only_trainable_params_with_decay_on_matrices(tmp_path)
 
 
 def test_8bit_optimizer_is_bitsandbytes(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     optimizer = build_optimizer(make_cfg(tmp_path, optimizer="adamw_8bit"), ToyModel())
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
 
