@@ -4,6 +4,7 @@
 // fixed-width inner loops) and the epilogues with the AVX-512 target.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 
 #include "moe_common.h"
@@ -128,7 +129,8 @@ DPO_INLINE void store_row(ActFormat format, const float* src, int64_t n, const f
       *row_scale = amax;
       return;
     }
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    // Below FLT_MIN * 127 the scale 127 / amax overflows to inf (and inf * 0 to NaN): such a row is 0.
+    const float inv = amax > FLT_MIN * 127.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       const float x = (col_scale ? src[i] * col_scale[i] : src[i]) * inv;
       out[i] = uint8_t(int(x + (x >= 0.0f ? 0.5f : -0.5f)) + 128);

@@ -27,9 +27,11 @@
 
 #include <torch/extension.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -196,15 +198,18 @@ struct PackedExperts {
 
   PackedExperts(const at::Tensor& d, const at::Tensor& s, const at::Tensor& c)
       : data(d), scale(s), colsum(c) {
-    TORCH_CHECK(d.dim() == 5 && d.is_contiguous(), "packed weights must be a contiguous 5-D tensor");
+    TORCH_CHECK(d.dim() == 5 && d.is_contiguous() && d.size(3) == kPanel,
+                "packed weights must be a contiguous 5-D tensor [E, N/32, K/G, 32, G]");
     TORCH_CHECK(d.scalar_type() == at::kBFloat16 || d.scalar_type() == at::kChar,
                 "packed weights must be bfloat16 or int8");
     type = d.scalar_type() == at::kBFloat16 ? WeightType::bf16 : WeightType::int8;
     n = d.size(1) * kPanel;
     k = d.size(2) * d.size(4);
+    TORCH_CHECK(d.size(4) == (type == WeightType::bf16 ? 2 : 4), "packed weights have the wrong group size");
     if (type == WeightType::int8)
-      TORCH_CHECK(s.numel() == d.size(0) * n && c.numel() == d.size(0) * n,
-                  "int8 weights need per-channel scale and colsum tensors");
+      TORCH_CHECK(s.numel() == d.size(0) * n && c.numel() == d.size(0) * n && s.is_contiguous() &&
+                      c.is_contiguous() && s.scalar_type() == at::kFloat && c.scalar_type() == at::kInt,
+                  "int8 weights need contiguous per-channel scale (float32) and colsum (int32) tensors");
   }
 
   PackedView expert(int64_t e) const {
@@ -541,8 +546,10 @@ Kernels prepare(const std::string& isa_name, const PackedExperts& gate_up,
                 const PackedExperts& down) {
   const Isa isa = parse_isa(isa_name);
   TORCH_CHECK(isa_supported(isa), "MoE kernel ISA '", isa_name, "' is not supported by this CPU");
-  if (isa == Isa::amx) TORCH_CHECK(request_amx_permission(), "the kernel refused AMX tile state");
-  TORCH_CHECK(gate_up.type == down.type && gate_up.k == down.n && down.k == gate_up.n / 2,
+  if (isa == Isa::amx)
+    TORCH_CHECK(request_amx_permission(), "Linux refused the AMX tile state: ", std::strerror(errno));
+  TORCH_CHECK(gate_up.type == down.type && gate_up.k == down.n && down.k == gate_up.n / 2 &&
+                  gate_up.data.size(0) == down.data.size(0),
               "packed gate/up and down weights do not match");
   return kernels_for(isa, gate_up.type);
 }
@@ -747,6 +754,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   const std::optional<PackedExperts> down_t = transposed_copy(w2_t, down);
   const bool int8 = gate_up.type == WeightType::int8;
   const int64_t hidden = grad_y.size(1), inter = gate_up.n / 2, hidden_pad = down.n;
+  TORCH_CHECK(hidden <= hidden_pad, "grad_y has more columns than the packed weights");
   const Routing r = route(ids, w13.size(0));
   const SavedGateUp saved = saved_gate_up(kern, inter);
   // Any row stride: the forward returns a view of rows padded to saved.ld, and a saved-tensor hook
@@ -821,11 +829,13 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& grad_y, const at::Tensor&
   return {grad_x, grad_w, dgu};
 }
 
-// ISAs this CPU runs, best first. AMX is listed only if a forked child really ran tile code.
+// ISAs this CPU runs, best first. AMX is listed only if a forked child really ran tile code and this
+// process holds the tile-state permission (Linux refuses it to a process with a thread whose signal
+// stack is too small for the tile state; the single-threaded child would not see that).
 std::vector<std::string> available_isas() {
   const CpuFeatures f = detect_cpu();
   std::vector<std::string> isas;
-  if (f.amx && amx_runs()) isas.push_back("amx");
+  if (f.amx && amx_runs() && request_amx_permission()) isas.push_back("amx");
   if (f.avx512) isas.push_back("avx512");
   if (f.avx2) isas.push_back("avx2");
   isas.push_back("portable");
@@ -866,12 +876,13 @@ double fma_peak_gflops(int64_t iterations) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU Mixture-of-Experts expert kernel (bf16 / int8 weights; AMX, AVX-512, AVX2, C++)";
-  m.def("moe_forward", &dpo_moe::moe_forward,
+  // The GIL is released while the kernel runs: other Python threads (data loading, say) go on.
+  m.def("moe_forward", &dpo_moe::moe_forward, py::call_guard<py::gil_scoped_release>(),
         "MoE forward (x, topk_ids, topk_weights, 6 packed tensors, isa, save_for_backward, gu_delta, "
         "return_hidden); gu_delta: empty or float32 [T k, 2 I'] (pairs sorted by expert) added to "
         "[gate | up] before the SiLU; returns (y, saved gate/up outputs or None, h = silu(g) u as "
         "float32 [T k, I'] in the same order, or None)");
-  m.def("moe_backward", &dpo_moe::moe_backward,
+  m.def("moe_backward", &dpo_moe::moe_backward, py::call_guard<py::gil_scoped_release>(),
         "MoE backward (grad_y, topk_ids, topk_weights, saved gate/up, 6 packed tensors, 2 transposed "
         "copies, isa, grad_h, return_grad_gate_up); grad_h: empty or float32 [T k, I'] (pairs "
         "sorted by expert) added to dL/dh; returns (grad_x, grad_weights, [dg | du] as float32 "

@@ -523,6 +523,7 @@ class _CpuMoeFunction(torch.autograd.Function):
             ctx.save_for_backward(ids, weights32, gate_up_out)
         ctx.packed, ctx.isa = packed, isa
         ctx.x_dtype, ctx.weights_dtype, ctx.device = x.dtype, topk_weights.dtype, x.device
+        ctx.weights_device = topk_weights.device
         if delta_given:
             ctx.delta_dtype, ctx.delta_device = gate_up_delta.dtype, gate_up_delta.device
         y = _to_device(y.to(x.dtype), x.device)
@@ -554,7 +555,7 @@ class _CpuMoeFunction(torch.autograd.Function):
             ctx.needs_input_grad[3],
         )
         grad_x = _to_device(grad_x.to(ctx.x_dtype), ctx.device) if ctx.needs_input_grad[0] else None
-        grad_w = _to_device(grad_w.to(ctx.weights_dtype), ctx.device) if ctx.needs_input_grad[2] else None
+        grad_w = _to_device(grad_w.to(ctx.weights_dtype), ctx.weights_device) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
             grad_delta = _unpadded_pairs(grad_delta, 2, packed.intermediate_size)
             grad_delta = _to_device(grad_delta.to(ctx.delta_dtype), ctx.delta_device)

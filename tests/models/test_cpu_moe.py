@@ -18,6 +18,7 @@ Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -636,6 +637,36 @@ def test_lora_kernel_checks_hook_tensors(extension):
     with pytest.raises(RuntimeError, match="grad_h must be a contiguous float32"):
         extension.moe_backward(grad, ids, weights, saved, *packed.kernel_args(), *packed.transposed_args(), isa,
                                torch.zeros(pairs, 128, dtype=torch.float64), False)
+
+
+def test_raw_kernel_refuses_mismatched_packed_weights_and_wide_gradients(extension):
+    """The C++ entry points check what would otherwise read or write out of bounds: down weights of fewer experts
+    than gate/up, and (backward) a grad_y wider than the packed hidden size."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    isa = moe.available_isas()[-1]
+    gate_up, s13, c13, down, s2, c2 = packed.kernel_args()
+    with pytest.raises(RuntimeError, match="packed gate/up and down weights do not match"):
+        extension.moe_forward(x, ids, weights, gate_up, s13, c13, down[:-1].contiguous(), s2, c2, isa, False,
+                              NO_TENSOR, False)
+    _, saved, _ = extension.moe_forward(x, ids, weights, *packed.kernel_args(), isa, True, NO_TENSOR, False)
+    wide = torch.zeros(grad.shape[0], 4096)
+    with pytest.raises(RuntimeError, match="grad_y has more columns than the packed weights"):
+        extension.moe_backward(wide, ids, weights, saved, *packed.kernel_args(), *packed.transposed_args(), isa,
+                               NO_TENSOR, False)
+
+
+def test_calls_from_two_python_threads_at_once_give_the_sequential_results(extension):
+    """The kernel runs without the GIL (other Python threads go on), so calls may overlap: the process-wide
+    block cache and the per-thread scratch keep them apart."""
+    experts, x, ids, weights, grad = make_case(*SHAPES["busy_expert_top3"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    expected = run_kernel(x, ids, weights, grad, packed)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_kernel(x, ids, weights, grad, packed), range(4)))
+    for result in results:
+        for a, b in zip(result, expected):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
