@@ -28,7 +28,7 @@ AVX-512, a 2048^3 fp32 torch matmul as a proxy).
 
 Ends with one machine-readable line for the largest qlen::
 
-    RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x> \
+    RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x> \\
         fwdbwd_equal_memory_vs_kt=<x or nan>
 
 (``fwdbwd_vs_kt`` is ours-bf16, one packed copy of the weights; ``fwdbwd_equal_memory_vs_kt`` is

@@ -1,6 +1,6 @@
 """Preference optimisation (DPO and relatives) with LoRA / QLoRA against precomputed reference log-probs.
 
-    python dpo_llama/run_dpo_lora.py --pretrain-ckpt-dir checkpoints/llama-2-7b-sft --train-data-dir datasets/hh \
+    python dpo_llama/run_dpo_lora.py --pretrain-ckpt-dir checkpoints/llama-2-7b-sft --train-data-dir datasets/hh \\
         --loss-type sigmoid --beta 0.1 --max-train-steps 1000
 
 Only the policy is run during training: the reference log-probs were computed once by
@@ -28,9 +28,9 @@ from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
-from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, dtype_name, input_fingerprints, load_policy,
-                                      resolve_dtype, run_main, trainable_summary, with_lora_settings,
-                                      with_running_experts_backend)
+from dpo_llama.utils.finetune import (adapter_callbacks, check_lengths, check_tokenizer, dtype_name,
+                                      input_fingerprints, load_policy, resolve_dtype, run_main, trainable_summary,
+                                      with_lora_settings, with_running_experts_backend)
 from dpo_llama.utils.losses import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from dpo_llama.utils.preference_data import fingerprint_mismatches, model_fingerprint
 from dpo_llama.utils.trainer import (autocast_context, autocast_name, check_run_directories, latest_checkpoint,
@@ -70,6 +70,9 @@ def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_di
     policy = model_fingerprint(model, cfg.pretrain_ckpt_dir, lora_dir, dtype_name(resolve_dtype(cfg.dtype, device)),
                                tokenizer, meta["template"], base_sha256, autocast_name(device, cfg.mixed_precision))
     differences = fingerprint_mismatches(meta["reference"], policy)
+    if any(difference.startswith("quant:") for difference in differences):
+        differences.append("(the builder's --quant-4bit stores every frozen linear layer 4-bit, as --quant-4bit true "
+                           "--quant-lora-4bit true do here; with --lora it takes the adapter's own 4-bit settings)")
     if differences:
         refuse_or_warn(cfg, "the dataset's reference log-probs were not computed with this starting policy:\n  "
                        + "\n  ".join(differences))
@@ -116,6 +119,7 @@ def run(cfg: DPOLoRAConfig):
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_data(cfg, meta)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
+    check_lengths(train_set + val_set, example_length, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
     model = load_policy(cfg, device, lora_dir, base_sha256)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning with LoRA (or QLoRA) on a dataset from scripts/build_finetune_datasets.py.
 
-    python dpo_llama/run_sft_lora.py --pretrain-ckpt-dir checkpoints/llama-2-7b --train-data-dir datasets/sft \
+    python dpo_llama/run_sft_lora.py --pretrain-ckpt-dir checkpoints/llama-2-7b --train-data-dir datasets/sft \\
         --quant-4bit true --quant-lora-4bit true --max-train-steps 2000
 
 The loss is the NLL of assistant tokens only, averaged over the real target tokens of each optimizer step
@@ -19,12 +19,16 @@ from dpo_llama.configs.sft_lora import SFTLoRAConfig
 from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
-from dpo_llama.utils.finetune import (adapter_callbacks, check_tokenizer, input_fingerprints, load_policy, run_main,
-                                      trainable_summary, with_running_experts_backend)
+from dpo_llama.utils.finetune import (adapter_callbacks, check_lengths, check_tokenizer, input_fingerprints,
+                                      load_policy, run_main, trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
 from dpo_llama.utils.trainer import check_run_directories, resolve_device, train
 
 PLOTS = (("loss", ("train/loss", "val/loss")), ("validation perplexity", ("val/perplexity",)))
+
+
+def example_length(example: dict) -> int:
+    return len(example["tokens"])
 
 
 def run(cfg: SFTLoRAConfig):
@@ -34,6 +38,7 @@ def run(cfg: SFTLoRAConfig):
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_dataset_kind(meta, "sft", cfg.train_data_dir)
     tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
+    check_lengths(train_set + val_set, example_length, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
     model = load_policy(cfg, device)
     cfg = with_running_experts_backend(cfg, model)
     print(f"SFT on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")
@@ -43,7 +48,7 @@ def run(cfg: SFTLoRAConfig):
                  partial(sft_loss, aux_loss_weight=cfg.aux_loss_weight), target_tokens,
                  save_trainable=save_trainable, load_trainable=load_trainable, val_set=val_set or None,
                  val_postprocess=add_perplexity, batch_tokens=batch_tokens,
-                 example_length=lambda example: len(example["tokens"]),
+                 example_length=example_length,
                  input_fingerprints=input_fingerprints(cfg, base_sha256, device), plots=PLOTS)
 
 

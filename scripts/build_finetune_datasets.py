@@ -1,6 +1,6 @@
 """Build a tokenized SFT dataset (train/validation.safetensors, meta.json) from local chat/instruction files.
 
-    python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/ultrachat.jsonl \
+    python scripts/build_finetune_datasets.py --input data/alpaca_data.json data/ultrachat.jsonl \\
         --tokenizer checkpoints/llama-2-7b-chat/tokenizer.model --template llama2 --output datasets/sft
 
 Formats (auto-detected per file from its first recognisable row, or forced with --format): alpaca

@@ -1,7 +1,7 @@
 """Build a tokenized preference dataset with reference log-probs computed once (train/validation.safetensors,
 meta.json).
 
-    python scripts/build_preference_datasets.py --input data/hh-rlhf/train.jsonl.gz \
+    python scripts/build_preference_datasets.py --input data/hh-rlhf/train.jsonl.gz \\
         --ref-model checkpoints/llama-2-7b-sft --template llama2 --max-seq-len 1024 --output datasets/hh
 
 Formats (auto-detected per file, or --format): hh (HH-RLHF chosen/rejected transcripts), trl (prompt/chosen/rejected
@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     p.add_argument("--quant-4bit", default="none", choices=["none", "nf4", "fp4"],
-                   help="quantize the reference's frozen linear layers as the policy will be (ignored with --lora: "
-                        "the adapter's own settings apply)")
+                   help="quantize the reference's frozen linear layers as the policy will be (with --lora the "
+                        "adapter's own settings apply, and a contradicting value is refused)")
     p.add_argument("--quant-4bit-blocksize", type=int, default=64, help="4-bit block size")
     p.add_argument("--quant-4bit-double", type=parse_bool, default=True, help="double quant")
     p.add_argument("--quant-4bit-compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="4-bit compute")
@@ -99,6 +99,11 @@ def load_reference(args, device: torch.device, dtype_name: str, base_sha256: str
         lora_dir = find_adapter(args.lora)[0]
         check_adapter_base(lora_dir, args.ref_model, base_sha256)
         lora_cfg, _ = read_lora_config(lora_dir)
+        if args.quant_4bit != "none" and not (lora_cfg.quant_4bit and lora_cfg.quant_lora_4bit
+                                              and lora_cfg.quant_4bit_type == args.quant_4bit):
+            raise ValueError(f"--quant-4bit {args.quant_4bit}: {lora_dir} is applied with its own 4-bit settings "
+                             f"(quant_4bit {lora_cfg.quant_4bit}, quant_lora_4bit {lora_cfg.quant_lora_4bit}, type "
+                             f"{lora_cfg.quant_4bit_type}), which it contradicts; drop it")
 
     def prepare(model):
         if args.quant_4bit != "none" and lora_cfg is None:

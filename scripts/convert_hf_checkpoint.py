@@ -38,6 +38,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"converted {config.get('model_type')} checkpoint {args.input} -> {args.output}")
+    if not tokenizer_files(args.input):
+        print(f"warning: {args.input} holds no tokenizer (tokenizer.json / tokenizer.model): copy the model's "
+              f"tokenizer files into {args.output} before building datasets or training", file=sys.stderr)
     print(format_summary(summary))
     return 0
 

@@ -96,6 +96,7 @@ def test_full_precision_reference_is_refused_for_a_qlora_policy(ws, tmp_path, ca
     err = capsys.readouterr().err
     assert "were not computed with this starting policy" in err
     assert "quant: dataset has None, policy has {" in err and "--allow-reference-mismatch" in err
+    assert "the builder's --quant-4bit stores every frozen linear layer 4-bit" in err
     assert run_dpo(dpo_argv(ws, tmp_path / "allowed", allow_reference_mismatch=True, **qlora)) == 0
     assert "warning: the dataset's reference log-probs" in capsys.readouterr().err
     assert reference_check(tmp_path / "allowed")["max_abs_logp_diff"] > 1e-4
@@ -149,10 +150,11 @@ def test_a_policy_continuing_an_adapter_needs_the_reference_built_with_it(ws, tm
     data = build(ws, tmp_path / "data", lora=tmp_path / "adapter")
     recorded = json.loads((data / META_FILE).read_text())["reference"]
     assert recorded["lora_sha256"] == adapter_fingerprint(tmp_path / "adapter")
-    # --quant-4bit is ignored with --lora (the adapter's own settings apply): the same reference, the same values
-    same = build(ws, tmp_path / "data-4bit", lora=tmp_path / "adapter", quant_4bit="nf4")
-    assert json.loads((same / META_FILE).read_text())["reference"] == recorded
-    assert (same / TRAIN_FILE).read_bytes() == (data / TRAIN_FILE).read_bytes()
+    # with --lora the adapter's own 4-bit settings apply (none here): a contradicting --quant-4bit is refused
+    argv = flags(input=ws["pairs"], ref_model=ws["base"], template="llama2", output=tmp_path / "data-4bit",
+                 device="cpu", lora=tmp_path / "adapter", quant_4bit="nf4")
+    assert build_preference(argv) == 1
+    assert "--quant-4bit nf4:" in capsys.readouterr().err and not (tmp_path / "data-4bit").exists()
 
     assert run_dpo(dpo_argv(ws, tmp_path / "fresh", train_data_dir=data, max_train_steps=1)) == 1
     assert "lora_sha256: dataset has" in capsys.readouterr().err

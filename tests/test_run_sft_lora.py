@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dpo_llama.configs.sft_lora import SFTLoRAConfig
-from dpo_llama.models.checkpoint import load_model
+from dpo_llama.models.checkpoint import load_model, save_model
 from dpo_llama.models.llama import Transformer
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, apply_lora, find_adapter,
                                    load_model_with_lora)
@@ -217,6 +217,27 @@ def test_dataset_of_another_tokenizer_or_stage_is_refused(workspace, tmp_path, c
     (tmp_path / "other-data" / META_FILE).write_text(json.dumps({**meta, "kind": "preference"}))
     assert run_sft(sft_argv(workspace, tmp_path / "b", train_data_dir=tmp_path / "other-data")) == 1
     assert "holds a 'preference' dataset, but this stage needs 'sft'" in capsys.readouterr().err
+
+
+def test_sequences_longer_than_the_model_and_a_tokenizer_larger_than_its_vocabulary_are_refused_up_front(
+        workspace, tmp_path, capsys):
+    """A dataset built with a larger --max-seq-len than the model takes (256 positions) would stop training at the
+    first step that draws the long row; a checkpoint whose tokenizer has more ids than its embeddings would stop
+    with an IndexError. Both are refused before the model loads."""
+    long_row = {"messages": [{"role": "user", "content": "Describe the sky."},
+                             {"role": "assistant", "content": " ".join(["The sky is blue."] * 60)}]}
+    rows = write_jsonl(tmp_path / "long.jsonl", sft_rows(6) + [long_row])
+    assert build_sft(flags(input=rows, tokenizer=workspace["tokenizer"], template="llama2", max_seq_len=1024,
+                           output=tmp_path / "long-data")) == 0
+    assert run_sft(sft_argv(workspace, tmp_path / "a", train_data_dir=tmp_path / "long-data")) == 1
+    assert "takes at most 256: rebuild the dataset with --max-seq-len 256 or less" in capsys.readouterr().err
+
+    small = tmp_path / "small-vocab"
+    torch.manual_seed(0)
+    save_model(Transformer(get_preset("tiny", vocab_size=300)), small, tokenizer_files=[workspace["tokenizer"]])
+    assert run_sft(sft_argv(workspace, tmp_path / "b", pretrain_ckpt_dir=small)) == 1
+    assert "has 400 ids but the model only 300 embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "ckpt").exists() and not (tmp_path / "b" / "ckpt").exists()
 
 
 def merged_matches_adapter(base: Path, ckpt_dir: Path, merged: Path, atol: float) -> None:

@@ -409,6 +409,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     experts = routed_experts(model) if cfg.lora_moe_routed_experts else []
     if cfg.lora_moe_routed_experts and not experts:
         raise ValueError(f"lora_moe_routed_experts: this {type(model).__name__} has no routed MoE experts")
+    if cfg.lora_head and "lora_head" not in map(lora_switch, targets):
+        print(f"warning: lora_head: this {type(model).__name__} ties lm_head to the embeddings (no separate head), "
+              "the switch adapts nothing", file=sys.stderr)
     if cfg.lora_moe_shared_experts and "lora_moe_shared_experts" not in map(lora_switch, targets):
         print(f"warning: lora_moe_shared_experts: this {type(model).__name__} has no shared MoE experts, the switch "
               "adapts nothing", file=sys.stderr)
@@ -674,8 +677,11 @@ def load_model_with_lora(ckpt_dir: str | os.PathLike, cfg: LoRAConfig | None = N
         ckpt_dir: Base checkpoint directory.
         cfg: LoRA settings; None means those saved in ``lora_dir``.
         device, dtype: As for ``load_model``.
-        lora_dir: Directory written by :func:`save_lora`, or None for fresh adapters.
+        lora_dir: Directory written by :func:`save_lora` (or a run's ``ckpt_dir``: its latest step, as
+            :func:`find_adapter` resolves it), or None for fresh adapters.
     """
+    if lora_dir is not None:
+        lora_dir = find_adapter(lora_dir)[0]
     if cfg is None:
         if lora_dir is None:
             raise ValueError("give a LoRA config, or a lora_dir to read it from")

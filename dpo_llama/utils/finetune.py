@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, expected_shapes, load_model
+from dpo_llama.models.checkpoint import DTYPES, expected_shapes, load_model, read_params
 from dpo_llama.models.lora import (LoRAConfig, apply_lora, as_lora_config, check_adapter_base, load_lora,
                                    read_lora_config, save_lora, widen_trained_norms)
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
@@ -32,12 +32,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_tokenizer(meta: dict, ckpt_dir: str, data_dir: str) -> Tokenizer:
-    """Loads the checkpoint's tokenizer and refuses a dataset tokenized with another one."""
+    """Loads the checkpoint's tokenizer, refusing one with more ids than the model's vocabulary and a dataset
+    tokenized with another tokenizer."""
     tokenizer = load_tokenizer(ckpt_dir)
+    vocab_size = read_params(ckpt_dir).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer in {ckpt_dir} has {tokenizer.vocab_size} ids but the model only {vocab_size} "
+                         "embeddings: the checkpoint pairs another model's tokenizer")
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the one in {ckpt_dir} "
                          "(tokenizer fingerprints differ): rebuild the dataset with this model's tokenizer")
     return tokenizer
+
+
+def check_lengths(examples: Sequence[dict], example_length: Callable[[dict], int], ckpt_dir: str,
+                  data_dir: str) -> None:
+    """Refuses, before the model loads, a dataset holding a sequence longer than the model takes (its forward
+    would stop at the first step that draws it, possibly hours in)."""
+    longest = max(map(example_length, examples), default=0)
+    limit = read_params(ckpt_dir).max_seq_len
+    if longest > limit:
+        raise ValueError(f"{data_dir} holds a sequence of {longest} tokens; the model in {ckpt_dir} takes at most "
+                         f"{limit}: rebuild the dataset with --max-seq-len {limit} or less")
 
 
 def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,

@@ -39,7 +39,7 @@ from dpo_llama.utils.raw_data import BadRowError, ParseReport, PathLike, read_re
 
 Message = dict[str, str | bool]  # role, content; and "train": False on a context-only assistant turn
 
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 # A new turn starts only at "\n\nHuman:" or "\n\nAssistant:"; "Human:" inside a line is text.
@@ -72,10 +72,20 @@ def to_message(raw: object, role_key: str, content_key: str, role_names: dict[st
     role = role_names.get(name) if isinstance(name, str) else None
     if role is None:
         raise BadRowError("unknown role", repr(name))
-    content = raw[content_key]
+    content = text_parts(raw[content_key])
     if not isinstance(content, str):
         raise BadRowError("non-string content", f"{role} message content is {type(content).__name__}")
     return {"role": role, "content": content}
+
+
+def text_parts(content: object) -> object:
+    """OpenAI's content as a list of parts, all ``{"type": "text", "text": ...}``, joined into one string; any other
+    value is returned as it is (so images or audio stay "non-string content")."""
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "".join(part["text"] for part in content)
+    return content
 
 
 def to_messages(raw: object, role_key: str, content_key: str, role_names: dict[str, str]) -> list[Message]:

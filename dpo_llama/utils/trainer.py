@@ -68,6 +68,7 @@ RESUME_ADJUSTABLE = frozenset({
     "grad_clip", "log_interval", "val_interval", "val_batches", "ckpt_interval", "ckpt_dir", "log_dir", "run_name",
     "resume", "device", "mixed_precision", "activation_checkpointing", "experts_transposed_copy",
     "allow_reference_mismatch", "reference_check_tolerance",
+    "dtype",  # the dtype it resolves to ("auto": bf16 on CUDA, fp32 on the CPU) is compared as an input fingerprint
 })
 
 Batch = Any

@@ -570,3 +570,21 @@ def test_quant_4bit_that_quantizes_nothing_warns(capsys):
     assert "warning: quant_4bit: every frozen linear layer is adapted" in capsys.readouterr().err
     apply_lora(Transformer(get_preset("tiny")), LoRAConfig(lora_r=2, quant_4bit=True))  # MLP layers quantized
     assert "warning" not in capsys.readouterr().err
+
+
+def test_lora_head_on_tied_embeddings_warns(capsys):
+    apply_lora(Transformer(get_preset("tiny", tie_word_embeddings=True)), LoRAConfig(lora_r=2, lora_head=True))
+    assert "warning: lora_head: this Transformer ties lm_head to the embeddings" in capsys.readouterr().err
+
+
+def test_load_model_with_lora_takes_a_runs_checkpoint_folder(tmp_path):
+    """As the scripts' --lora and --init-lora-dir: a folder of step-XXXXXX checkpoints means its latest."""
+    base = Transformer(get_preset("tiny"))
+    save_model(base, tmp_path / "base")
+    adapted = load_model_with_lora(tmp_path / "base", LoRAConfig(lora_r=2))
+    with torch.no_grad():
+        for _, layer in lora_layers(adapted):
+            layer.lora_B.fill_(0.01)
+    save_lora(adapted, tmp_path / "run" / "step-000002", adapted.lora_config, {"ckpt_dir": str(tmp_path / "base")})
+    loaded = load_model_with_lora(tmp_path / "base", lora_dir=tmp_path / "run")
+    assert all(torch.equal(layer.lora_B, torch.full_like(layer.lora_B, 0.01)) for _, layer in lora_layers(loaded))

@@ -53,7 +53,9 @@ def test_a_reused_output_directory_loads_only_the_new_checkpoint(tmp_path, capsy
     assert convert_hf(["--input", str(hf_dir), "--output", str(out), "--max-shard-gb", "0.0001"]) == 0
     assert not (out / "model.safetensors").exists() and len(weight_files(out)) > 1
     make_hf_llama(tmp_path / "no-tokenizer")
+    capsys.readouterr()
     assert convert_hf(["--input", str(tmp_path / "no-tokenizer"), "--output", str(out)]) == 0
+    assert "holds no tokenizer" in capsys.readouterr().err  # said now, not by the next script
     assert not {p.name for p in out.iterdir()} & set(TOKENIZER_FILES)  # the earlier model's tokenizer is gone too
     assert convert_hf(["--input", str(hf_dir), "--output", str(hf_dir)]) == 1
     assert "must differ from --input" in capsys.readouterr().err

@@ -309,6 +309,22 @@ def test_openai_weight_zero_keeps_an_assistant_turn_as_context(tmp_path):
     assert report.skipped == {"no trained assistant turn": 1, "invalid weight": 1}
 
 
+def test_openai_text_parts_and_the_developer_role(tmp_path):
+    """OpenAI's content may be a list of text parts (joined), and its newer ``developer`` role is the system
+    prompt; a part that is not text (an image) keeps the row out."""
+    rows = [{"messages": [{"role": "developer", "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                       {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "A cat."}]}]
+    path = tmp_path / "parts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, report = load_sft_records(path)
+    assert records[0].messages == [system("Be brief."), user("Hi there"), assistant("Hello!")]
+    assert report.skipped == {"non-string content": 1}
+
+
 def test_sharegpt_with_role_and_content_tags(tmp_path):
     """LLaMA-Factory's other ShareGPT tag set (``role``/``content``, roles user/assistant) reads as from/value."""
     path = tmp_path / "sharegpt_role.json"

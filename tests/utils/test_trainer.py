@@ -370,6 +370,7 @@ def test_resume_refuses_changed_loss_lora_and_input_settings():
                "train_data_dir": "data-copy"}
     assert [line.split(":")[0] for line in resume_mismatches(saved, changed)] == sorted(saved)
     assert resume_mismatches(saved, {"pretrain_ckpt_dir": "base", "train_data_dir": "data"}) == []
+    assert resume_mismatches({"dtype": "fp32"}, {"dtype": "auto"}) == []  # its resolved value is an input fingerprint
 
 
 def test_a_checkpoint_records_its_directories_resolved(tmp_path, monkeypatch):
