@@ -296,16 +296,21 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     except BaseException:
         writer.abort()
         raise
-    copied = {Path(f).name for f in tokenizer_files}
-    for name in set(TOKENIZER_FILES) - copied:  # another model's tokenizer must not pass for this one's
-        (out_dir / name).unlink(missing_ok=True)
-    for tok_file in tokenizer_files:
-        files.append(Path(shutil.copy2(tok_file, out_dir / Path(tok_file).name)))
+    files += copy_tokenizer(tokenizer_files, out_dir)
     params = json.dumps(args.to_dict(), indent=2)
     write_atomically(out_dir / PARAMS_FILE, lambda tmp: tmp.write_text(params))
     files.append(out_dir / PARAMS_FILE)
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
             "files": [str(f) for f in files]}
+
+
+def copy_tokenizer(tokenizer_files: Sequence[str | os.PathLike], out_dir: Path) -> list[Path]:
+    """Copies the tokenizer files into ``out_dir`` and removes the other ``TOKENIZER_FILES`` there (another model's
+    tokenizer must not pass for this one's); returns the copies."""
+    copied = {Path(f).name for f in tokenizer_files}
+    for name in set(TOKENIZER_FILES) - copied:
+        (out_dir / name).unlink(missing_ok=True)
+    return [Path(shutil.copy2(f, out_dir / Path(f).name)) for f in tokenizer_files]
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer_files: Sequence[str | os.PathLike] = (),

@@ -1,0 +1,121 @@
+"""Our LLaMA checkpoints -> Hugging Face ``LlamaForCausalLM`` directories (``config.json`` + safetensors): the inverse
+of :mod:`dpo_llama.models.convert_hf`, so that a merged SFT or DPO model serves with ``transformers`` or vLLM.
+
+* keys get the ``model.`` prefix back (``lm_head.weight`` has none, and is left out with tied embeddings, as
+  ``save_pretrained`` does);
+* the rows of ``q_proj`` and ``k_proj`` of every head are permuted to HF's "rotate half" order
+  (:func:`permute_rotary`, the inverse of ``convert_hf.unpermute_rotary``), so a HF -> ours -> HF round trip
+  gives back the same tensors bit for bit;
+* ``config.json`` holds the model's shape, ``rope_theta`` and the LLaMA-3.1 ``rope_scaling``, and the token ids of
+  the tokenizer copied beside it;
+* a bare sentencepiece ``tokenizer.model`` (LLaMA-2 from Meta's files, the demo) gets the ``tokenizer_config.json``
+  that makes ``AutoTokenizer`` encode as Meta's code does (BOS first, ``legacy`` spaces; text that starts with a
+  space is the one difference found).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sentencepiece
+import torch
+
+from dpo_llama.models.checkpoint import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_tokenizer, iter_safetensors,
+                                         read_params, weight_files, write_atomically)
+from dpo_llama.models.convert_hf import tokenizer_files
+from dpo_llama.models.llama import ModelArgs
+from dpo_llama.models.tokenizer import load_tokenizer
+
+
+def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary rows of a q/k projection ``[n_heads * d, in]`` -> HF's: within each head rows
+    ``(0, 2, 4, ..., 1, 3, 5, ...)``, i.e. ``meta.view(h, d/2, 2, in).transpose(1, 2)``."""
+    out_dim, in_dim = weight.shape
+    return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, token_ids: dict[str, int]) -> dict[str, Any]:
+    """The ``LlamaConfig`` of ``args`` as ``config.json`` holds it, with the weights' dtype and ``token_ids``
+    (``bos_token_id``, ``eos_token_id``, ``pad_token_id`` where the tokenizer has them)."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+        "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."), **token_ids,
+    }
+    return config
+
+
+def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs,
+               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams HF ``(key, tensor)`` pairs from our checkpoint, one tensor in memory at a time."""
+    for key, tensor in iter_safetensors(weight_files(ckpt_dir)):
+        if key.endswith("self_attn.q_proj.weight"):
+            tensor = permute_rotary(tensor, args.n_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            tensor = permute_rotary(tensor, args.n_kv_heads)
+        yield (key if key == "lm_head.weight" else f"model.{key}"), tensor.to(dtype) if dtype else tensor
+
+
+def token_ids(ckpt_dir: str | os.PathLike) -> dict[str, int]:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the checkpoint's tokenizer (none without one)."""
+    if not tokenizer_files(ckpt_dir):
+        return {}
+    tokenizer = load_tokenizer(ckpt_dir)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    return {name: value for name, value in ids.items() if value is not None and value >= 0}
+
+
+def sentencepiece_tokenizer_config(model_file: Path) -> dict[str, Any]:
+    """``tokenizer_config.json`` for a bare LLaMA-2 style ``tokenizer.model``."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    pieces = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                                                      ("unk_token", sp.unk_id())) if i >= 0}
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+            **pieces}
+
+
+def export_llama(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Writes ``out_dir`` as a HF model directory: the weights (sharded as ``save_pretrained`` names them),
+    ``config.json`` (written last: an interrupted export reads as none) and the tokenizer files.
+
+    Returns:
+        ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
+
+    Raises:
+        ValueError: ``ckpt_dir`` is not a LLaMA checkpoint.
+    """
+    args = read_params(ckpt_dir)
+    if args.model_type != "llama":
+        raise ValueError(f"{ckpt_dir} is a {args.model_type} checkpoint; only llama ones are exported")
+    out_dir = Path(out_dir)
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    dtypes = set()
+    try:
+        for key, tensor in hf_tensors(ckpt_dir, args, dtype):
+            writer.add(key, tensor)
+            dtypes.add(tensor.dtype)
+        (out_dir / "config.json").unlink(missing_ok=True)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    files += copy_tokenizer(tokenizer_files(ckpt_dir), out_dir)
+    if [f.name for f in files if f.name.startswith("tokenizer")] == ["tokenizer.model"]:
+        tokenizer_config = json.dumps(sentencepiece_tokenizer_config(out_dir / "tokenizer.model"), indent=2)
+        (out_dir / "tokenizer_config.json").write_text(tokenizer_config)
+        files.append(out_dir / "tokenizer_config.json")
+    weights_dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+    config = json.dumps(hf_config(args, weights_dtype, token_ids(ckpt_dir)), indent=2)
+    write_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(config))
+    files.append(out_dir / "config.json")
+    return {"num_params": writer.num_params, "bytes": writer.total_bytes,
+            "dtypes": sorted(str(d).removeprefix("torch.") for d in dtypes), "files": [str(f) for f in files]}

@@ -1,0 +1,96 @@
+"""scripts/convert_to_hf_checkpoint.py: HF -> dpo_llama -> HF gives back the same tensors, and transformers loads the
+export of a trained model with our logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from dpo_llama.models.checkpoint import save_model, weight_files
+from dpo_llama.models.convert_hf import unpermute_rotary
+from dpo_llama.models.deepseek import DeepseekTransformer
+from dpo_llama.models.export_hf import permute_rotary
+from dpo_llama.models.llama import Transformer
+from dpo_llama.models.presets import get_preset
+from dpo_llama.models.tokenizer import load_tokenizer
+from scripts.convert_hf_checkpoint import main as convert_hf
+from scripts.convert_to_hf_checkpoint import main as export_hf
+from tests.model_fixtures import make_hf_llama
+from tests.tokenizer_fixtures import make_sentencepiece
+
+VARIANTS = {
+    "gqa": dict(num_key_value_heads=2),
+    "tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "llama31_rope_head_dim": dict(num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+def hf_state(hf_dir) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, variant):
+    """Sharded on the way back too (``--max-shard-gb``): the index names every tensor of HF's save."""
+    torch.manual_seed(0)
+    original = make_hf_llama(tmp_path / "hf", **VARIANTS[variant])
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back"),
+                      "--max-shard-gb", "0.0001"]) == 0
+    assert len(list((tmp_path / "back").glob("model-*.safetensors"))) > 1
+    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, original(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_an_exported_model_of_ours_computes_our_logits_with_its_token_ids(tmp_path):
+    """A model saved by dpo_llama (as the merges write them) with a sentencepiece tokenizer: transformers gives its
+    logits, config.json carries the tokenizer's BOS/EOS ids, and the tokenizer file is copied; ``--dtype bf16``
+    writes bf16 tensors and says so."""
+    torch.manual_seed(0)
+    tokenizer = make_sentencepiece(tmp_path / "tok")
+    model = Transformer(get_preset("tiny", vocab_size=400)).eval()
+    save_model(model, tmp_path / "ours", tokenizer_files=[tokenizer])
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "float32")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")  # through the tokenizer_config.json written
+    ours = load_tokenizer(tmp_path / "ours")
+    for text in ("[INST] What color is the sky? [/INST]", "It is blue.\nAnd green."):
+        assert hf_tokenizer(text).input_ids == ours.encode(text, bos=True)
+    assert [p.name for p in weight_files(tmp_path / "hf")] == ["model.safetensors"]
+    hf_model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 400, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), atol=1e-5, rtol=0)
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in hf_state(tmp_path / "bf16").values()} == {torch.bfloat16}
+
+
+def test_permute_rotary_inverts_unpermute_rotary():
+    weight = torch.arange(8 * 16 * 3, dtype=torch.float32).view(8 * 16, 3)
+    assert torch.equal(unpermute_rotary(permute_rotary(weight, 8), 8), weight)
+    assert torch.equal(permute_rotary(unpermute_rotary(weight, 8), 8), weight)
+
+
+def test_deepseek_and_output_over_input_are_refused(tmp_path, capsys):
+    save_model(Transformer(get_preset("tiny")), tmp_path / "ours")
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "ours")]) == 1
+    assert "must differ from --input" in capsys.readouterr().err
+    save_model(DeepseekTransformer(get_preset("tiny-deepseek-v2")), tmp_path / "ds")
+    assert export_hf(["--input", str(tmp_path / "ds"), "--output", str(tmp_path / "out")]) == 1
+    assert "is a deepseek_v2 checkpoint; only llama ones are exported" in capsys.readouterr().err
