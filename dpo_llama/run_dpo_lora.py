@@ -28,7 +28,7 @@ from dpo_llama.models.lora import base_info, find_adapter
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset, write_json
 from dpo_llama.utils.dpo import (PLOTS, add_step_kl_logps, batch_tokens, collate_pairs, collate_unpaired,
                                  example_length, kto_loss, num_units, paired_loss, reference_check)
-from dpo_llama.utils.finetune import (adapter_callbacks, check_lengths, check_tokenizer, dtype_name,
+from dpo_llama.utils.finetune import (adapter_callbacks, check_data_fits_model, dtype_name,
                                       input_fingerprints, load_policy, resolve_dtype, run_main, trainable_summary,
                                       with_lora_settings, with_running_experts_backend)
 from dpo_llama.utils.losses import AVERAGED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
@@ -118,8 +118,8 @@ def run(cfg: DPOLoRAConfig):
     check_run_directories(cfg)
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_data(cfg, meta)
-    tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
-    check_lengths(train_set + val_set, example_length, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
+    tokenizer = check_data_fits_model(meta, train_set + val_set, example_length, cfg.pretrain_ckpt_dir,
+                                      cfg.train_data_dir)
     lora_dir = find_adapter(cfg.init_lora_dir)[0] if cfg.init_lora_dir else None
     base_sha256 = checkpoint_fingerprint(cfg.pretrain_ckpt_dir)  # once: the adapter check, fingerprint and record
     model = load_policy(cfg, device, lora_dir, base_sha256)

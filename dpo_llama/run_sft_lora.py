@@ -19,7 +19,7 @@ from dpo_llama.configs.sft_lora import SFTLoRAConfig
 from dpo_llama.models.checkpoint import checkpoint_fingerprint
 from dpo_llama.models.lora import base_info
 from dpo_llama.utils.dataset_io import check_dataset_kind, read_dataset
-from dpo_llama.utils.finetune import (adapter_callbacks, check_lengths, check_tokenizer, input_fingerprints,
+from dpo_llama.utils.finetune import (adapter_callbacks, check_data_fits_model, input_fingerprints,
                                       load_policy, run_main, trainable_summary, with_running_experts_backend)
 from dpo_llama.utils.sft import add_perplexity, batch_tokens, collate_sft, sft_loss, target_tokens
 from dpo_llama.utils.trainer import check_run_directories, resolve_device, train
@@ -37,8 +37,8 @@ def run(cfg: SFTLoRAConfig):
     check_run_directories(cfg)
     train_set, val_set, meta = read_dataset(cfg.train_data_dir)
     check_dataset_kind(meta, "sft", cfg.train_data_dir)
-    tokenizer = check_tokenizer(meta, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
-    check_lengths(train_set + val_set, example_length, cfg.pretrain_ckpt_dir, cfg.train_data_dir)
+    tokenizer = check_data_fits_model(meta, train_set + val_set, example_length, cfg.pretrain_ckpt_dir,
+                                      cfg.train_data_dir)
     model = load_policy(cfg, device)
     cfg = with_running_experts_backend(cfg, model)
     print(f"SFT on {len(train_set)} examples ({len(val_set)} validation), {trainable_summary(model)}")

@@ -45,7 +45,7 @@ from dpo_llama.utils.finetune import prepare_model
 from dpo_llama.utils.preference_data import (add_kl_pairs, all_sequences, compute_reference_logps,
                                              is_unpaired_dataset, model_fingerprint, store_reference,
                                              tokenize_records)
-from dpo_llama.utils.preference_formats import PREFERENCE_FORMAT_KEYS, load_preference_records
+from dpo_llama.utils.preference_formats import PREFERENCE_FORMAT_KEYS, UnpairedExample, load_preference_records
 from dpo_llama.utils.templates import TEMPLATE_NAMES, template_or_demo_default
 from dpo_llama.utils.trainer import autocast_context, autocast_name, resolve_device
 
@@ -92,6 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def refuse_quant_4bit_against_the_adapter(args) -> None:
+    """With --lora the adapter's own 4-bit settings apply: a --quant-4bit that contradicts them is refused before
+    the tokenization, not ignored."""
+    if not args.lora or args.quant_4bit == "none":
+        return
+    lora_dir = find_adapter(args.lora)[0]
+    lora_cfg, _ = read_lora_config(lora_dir)
+    if not (lora_cfg.quant_4bit and lora_cfg.quant_lora_4bit and lora_cfg.quant_4bit_type == args.quant_4bit):
+        raise ValueError(f"--quant-4bit {args.quant_4bit}: {lora_dir} is applied with its own 4-bit settings "
+                         f"(quant_4bit {lora_cfg.quant_4bit}, quant_lora_4bit {lora_cfg.quant_lora_4bit}, type "
+                         f"{lora_cfg.quant_4bit_type}), which it contradicts; drop it")
+
+
 def load_reference(args, device: torch.device, dtype_name: str, base_sha256: str):
     """The reference model, built exactly as the DPO policy will be at step 0."""
     lora_cfg, lora_dir = None, None
@@ -99,11 +112,6 @@ def load_reference(args, device: torch.device, dtype_name: str, base_sha256: str
         lora_dir = find_adapter(args.lora)[0]
         check_adapter_base(lora_dir, args.ref_model, base_sha256)
         lora_cfg, _ = read_lora_config(lora_dir)
-        if args.quant_4bit != "none" and not (lora_cfg.quant_4bit and lora_cfg.quant_lora_4bit
-                                              and lora_cfg.quant_4bit_type == args.quant_4bit):
-            raise ValueError(f"--quant-4bit {args.quant_4bit}: {lora_dir} is applied with its own 4-bit settings "
-                             f"(quant_4bit {lora_cfg.quant_4bit}, quant_lora_4bit {lora_cfg.quant_lora_4bit}, type "
-                             f"{lora_cfg.quant_4bit_type}), which it contradicts; drop it")
 
     def prepare(model):
         if args.quant_4bit != "none" and lora_cfg is None:
@@ -121,15 +129,15 @@ def load_reference(args, device: torch.device, dtype_name: str, base_sha256: str
 def tokenize_and_split(args, tokenizer):
     """Records -> tokenized examples -> (train, validation), KTO examples paired for the KL estimate."""
     records, report = load_preference_records(args.input, args.format, args.max_samples, args.shp_min_score_ratio)
+    if args.score_all_assistant_turns and records and isinstance(records[0], UnpairedExample):
+        raise ValueError("--score-all-assistant-turns is for paired data: KTO's KL estimate scores only the "
+                         "final completions, so a scored history would enter its rewards alone")
     examples = tokenize_records(records, tokenizer, args.template, args.max_seq_len, args.max_prompt_len,
                                 args.score_all_assistant_turns, report)
     if not examples:
         raise ValueError(f"no usable example left after tokenization:\n{report.summary()}")
     train, validation = split_train_val(examples, args.val_ratio, args.seed)
     if is_unpaired_dataset(examples):
-        if args.score_all_assistant_turns:
-            raise ValueError("--score-all-assistant-turns is for paired data: KTO's KL estimate scores only the "
-                             "final completions, so a scored history would enter its rewards alone")
         for split, other in ((train, validation), (validation, train)):
             add_kl_pairs(split, other[0] if other else None)
     return train, validation, report
@@ -164,6 +172,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         check_val_ratio(args.val_ratio)  # before the tokenization, not after it
+        refuse_quant_4bit_against_the_adapter(args)
         tokenizer = load_tokenizer(args.tokenizer or args.ref_model)
         args.template = template_or_demo_default(args.template, tokenizer)
         train, validation, report = tokenize_and_split(args, tokenizer)

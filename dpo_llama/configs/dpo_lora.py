@@ -65,8 +65,8 @@ class DPOLoRAConfig(FinetuneConfig):
             raise ValueError(f"sft_weight and simpo_gamma must be >= 0, got {self.sft_weight} and {self.simpo_gamma}")
         if self.simpo_gamma != type(self).simpo_gamma and self.loss_type != "simpo":
             raise ValueError(f"simpo_gamma is used by loss_type simpo only, not {self.loss_type!r}")
-        if (self.desirable_weight, self.undesirable_weight) != (type(self).desirable_weight,
-                                                                type(self).undesirable_weight) and self.loss_type != "kto":
+        kto_weights = (self.desirable_weight, self.undesirable_weight)
+        if kto_weights != (type(self).desirable_weight, type(self).undesirable_weight) and self.loss_type != "kto":
             raise ValueError(f"desirable_weight and undesirable_weight are used by loss_type kto only, not "
                              f"{self.loss_type!r}")
         if self.sft_weight and self.loss_type == "kto":

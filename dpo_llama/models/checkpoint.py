@@ -273,13 +273,29 @@ def checked_tensors(args, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterat
 def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[str, torch.Tensor]],
                     tokenizer_files: Sequence[str | os.PathLike] = (),
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Writes a checkpoint directory from a stream of ``(key, tensor)`` pairs.
+    """Writes a checkpoint directory from a stream of ``(key, tensor)`` pairs (:func:`write_model_dir`, with
+    ``params.json`` as its description).
 
-    Every key and shape is checked against the model ``args`` describe before anything is finalised; on an
-    error the temporary shard files are removed and nothing is left half-written. ``params.json`` is removed
-    before the new weights replace old ones and written last, so a save interrupted in between reads as no
-    checkpoint, never as new weights under an old ``params.json`` or beside an old tokenizer. The directory keeps
-    only the tokenizer files given (none when ``tokenizer_files`` is empty).
+    Every key and shape is checked against the model ``args`` describe before anything is finalised.
+
+    Returns:
+        A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
+    """
+    params = json.dumps(args.to_dict(), indent=2)
+    return write_model_dir(out_dir, checked_tensors(args, tensors), tokenizer_files, PARAMS_FILE, lambda _: params,
+                           max_shard_bytes)
+
+
+def write_model_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]],
+                    tokenizer_files: Sequence[str | os.PathLike], description: str,
+                    description_text: Callable[[set[str]], str], max_shard_bytes: int) -> dict:
+    """Writes the weights (sharded), the tokenizer files, then the JSON file ``description`` (``params.json``,
+    HF's ``config.json``) holding ``description_text(dtypes of the tensors written)``.
+
+    On an error the temporary shard files are removed and nothing is left half-written. ``description`` is
+    removed before the new weights replace old ones and written last, so a write interrupted in between reads as
+    no model, never as new weights under an old description or beside an old tokenizer. The directory keeps only
+    the tokenizer files given (none when ``tokenizer_files`` is empty).
 
     Returns:
         A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
@@ -288,18 +304,18 @@ def save_checkpoint(out_dir: str | os.PathLike, args, tensors: Iterable[tuple[st
     writer = ShardedWriter(out_dir, max_shard_bytes)
     dtypes = set()
     try:
-        for key, tensor in checked_tensors(args, tensors):
+        for key, tensor in tensors:
             writer.add(key, tensor)
             dtypes.add(str(tensor.dtype).removeprefix("torch."))
-        (out_dir / PARAMS_FILE).unlink(missing_ok=True)
+        (out_dir / description).unlink(missing_ok=True)
         files = writer.close()  # inside: writing the last (often the only) shard can be interrupted too
     except BaseException:
         writer.abort()
         raise
     files += copy_tokenizer(tokenizer_files, out_dir)
-    params = json.dumps(args.to_dict(), indent=2)
-    write_atomically(out_dir / PARAMS_FILE, lambda tmp: tmp.write_text(params))
-    files.append(out_dir / PARAMS_FILE)
+    text = description_text(dtypes)
+    write_atomically(out_dir / description, lambda tmp: tmp.write_text(text))
+    files.append(out_dir / description)
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
             "files": [str(f) for f in files]}
 

@@ -24,8 +24,8 @@ from typing import Any
 import sentencepiece
 import torch
 
-from dpo_llama.models.checkpoint import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_tokenizer, iter_safetensors,
-                                         read_params, weight_files, write_atomically)
+from dpo_llama.models.checkpoint import (DEFAULT_SHARD_BYTES, iter_safetensors, read_params, weight_files,
+                                         write_model_dir)
 from dpo_llama.models.convert_hf import tokenizer_files
 from dpo_llama.models.llama import ModelArgs
 from dpo_llama.models.tokenizer import load_tokenizer
@@ -38,19 +38,18 @@ def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype, token_ids: dict[str, int]) -> dict[str, Any]:
-    """The ``LlamaConfig`` of ``args`` as ``config.json`` holds it, with the weights' dtype and ``token_ids``
-    (``bos_token_id``, ``eos_token_id``, ``pad_token_id`` where the tokenizer has them)."""
-    config = {
+def hf_config(args: ModelArgs, dtype: str, token_ids: dict[str, int]) -> dict[str, Any]:
+    """The ``LlamaConfig`` of ``args`` as ``config.json`` holds it, with the weights' dtype (``"bfloat16"``, ...)
+    and ``token_ids`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id`` where the tokenizer has them)."""
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
         "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
         "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."), **token_ids,
+        "torch_dtype": dtype, **token_ids,
     }
-    return config
 
 
 def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs,
@@ -84,8 +83,9 @@ def sentencepiece_tokenizer_config(model_file: Path) -> dict[str, Any]:
 
 def export_llama(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Writes ``out_dir`` as a HF model directory: the weights (sharded as ``save_pretrained`` names them),
-    ``config.json`` (written last: an interrupted export reads as none) and the tokenizer files.
+    """Writes ``out_dir`` as a HF model directory (:func:`~dpo_llama.models.checkpoint.write_model_dir`): the
+    weights sharded as ``save_pretrained`` names them, the tokenizer files, then ``config.json`` (an interrupted
+    export reads as none), and for a bare sentencepiece ``tokenizer.model`` its ``tokenizer_config.json``.
 
     Returns:
         ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
@@ -96,26 +96,17 @@ def export_llama(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     args = read_params(ckpt_dir)
     if args.model_type != "llama":
         raise ValueError(f"{ckpt_dir} is a {args.model_type} checkpoint; only llama ones are exported")
+    ids = token_ids(ckpt_dir)
+
+    def config(dtypes: set[str]) -> str:
+        widest = max(dtypes, key=lambda name: torch.finfo(getattr(torch, name)).bits, default="float32")
+        return json.dumps(hf_config(args, widest, ids), indent=2)
+
     out_dir = Path(out_dir)
-    writer = ShardedWriter(out_dir, max_shard_bytes)
-    dtypes = set()
-    try:
-        for key, tensor in hf_tensors(ckpt_dir, args, dtype):
-            writer.add(key, tensor)
-            dtypes.add(tensor.dtype)
-        (out_dir / "config.json").unlink(missing_ok=True)
-        files = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    files += copy_tokenizer(tokenizer_files(ckpt_dir), out_dir)
-    if [f.name for f in files if f.name.startswith("tokenizer")] == ["tokenizer.model"]:
+    summary = write_model_dir(out_dir, hf_tensors(ckpt_dir, args, dtype), tokenizer_files(ckpt_dir), "config.json",
+                              config, max_shard_bytes)
+    if [Path(f).name for f in summary["files"] if Path(f).name.startswith("tokenizer")] == ["tokenizer.model"]:
         tokenizer_config = json.dumps(sentencepiece_tokenizer_config(out_dir / "tokenizer.model"), indent=2)
         (out_dir / "tokenizer_config.json").write_text(tokenizer_config)
-        files.append(out_dir / "tokenizer_config.json")
-    weights_dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
-    config = json.dumps(hf_config(args, weights_dtype, token_ids(ckpt_dir)), indent=2)
-    write_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(config))
-    files.append(out_dir / "config.json")
-    return {"num_params": writer.num_params, "bytes": writer.total_bytes,
-            "dtypes": sorted(str(d).removeprefix("torch.") for d in dtypes), "files": [str(f) for f in files]}
+        summary["files"].append(str(out_dir / "tokenizer_config.json"))
+    return summary

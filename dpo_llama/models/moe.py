@@ -326,6 +326,12 @@ class ScatterPairs(torch.autograd.Function):
         return grad_weights, None, *grad_outputs
 
 
+def _column(row_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The per-row scales as a ``[rows, 1]`` column in the adapters' dtype (the routing weights stay float32 in a
+    bf16 model), or None."""
+    return None if row_scale is None else row_scale.to(dtype)[:, None]
+
+
 class GroupedLoRA(torch.autograd.Function):
     """The updates of several adapters that share their input, for the (token, slot) pairs grouped by expert,
     in one pass (products in the adapters' dtype, into which the input is widened once).
@@ -363,11 +369,11 @@ class GroupedLoRA(torch.autograd.Function):
             out = lora_b[0].new_zeros(pairs.tokens, sum(widths))
         else:
             out = empty((hidden.shape[0], sum(widths)), dtype=hidden.dtype)
-        x_wide = x.to(hidden.dtype)
+        x_wide, scale_wide = x.to(hidden.dtype), _column(row_scale, hidden.dtype)
         for e, rows in pairs.spans():
             t = torch.mm(pairs.take(x_wide, rows, gather), _stacked(lora_a, e).t(), out=hidden[rows])
             t.mul_(column_scale)
-            u = t if row_scale is None else t * row_scale[rows, None].to(t.dtype)
+            u = t if scale_wide is None else t * scale_wide[rows]
             o = out.new_empty(u.shape[0], out.shape[1]) if scatter else out[rows]
             for b, u_i, o_i in zip(lora_b, u.split(ranks, dim=1), o.split(widths, dim=1)):
                 torch.mm(u_i, b[e].t(), out=o_i)
@@ -389,10 +395,10 @@ class GroupedLoRA(torch.autograd.Function):
             grad_x = hidden.new_zeros(x.shape) if ctx.gather else ctx.empty(tuple(x.shape), dtype=hidden.dtype)
         grad_scale = torch.zeros_like(row_scale) if ctx.needs_input_grad[1] else None
         grad_a, grad_b = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
-        x_wide = x.to(hidden.dtype)
+        x_wide, scale_wide = x.to(hidden.dtype), _column(row_scale, hidden.dtype)
         for e, rows in pairs.spans():
             t = hidden[rows]
-            scale = None if row_scale is None else row_scale[rows, None].to(t.dtype)
+            scale = None if scale_wide is None else scale_wide[rows]
             u = t if scale is None else t * scale
             g = pairs.take(grad_out, rows, ctx.scatter)
             v = torch.empty_like(t)

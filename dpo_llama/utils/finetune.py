@@ -31,29 +31,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
-def check_tokenizer(meta: dict, ckpt_dir: str, data_dir: str) -> Tokenizer:
-    """Loads the checkpoint's tokenizer, refusing one with more ids than the model's vocabulary and a dataset
-    tokenized with another tokenizer."""
-    tokenizer = load_tokenizer(ckpt_dir)
-    vocab_size = read_params(ckpt_dir).vocab_size
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer in {ckpt_dir} has {tokenizer.vocab_size} ids but the model only {vocab_size} "
-                         "embeddings: the checkpoint pairs another model's tokenizer")
+def check_data_fits_model(meta: dict, examples: Sequence[dict], example_length: Callable[[dict], int],
+                          ckpt_dir: str, data_dir: str) -> Tokenizer:
+    """Loads the checkpoint's tokenizer, refusing, before the model loads: a tokenizer with more ids than the
+    model's embeddings, a dataset tokenized with another tokenizer, and a dataset holding a sequence longer than
+    the model takes (its forward would stop at the first step that draws it, possibly hours in)."""
+    tokenizer, params = load_tokenizer(ckpt_dir), read_params(ckpt_dir)
+    if tokenizer.vocab_size > params.vocab_size:
+        raise ValueError(f"the tokenizer in {ckpt_dir} has {tokenizer.vocab_size} ids but the model only "
+                         f"{params.vocab_size} embeddings: the checkpoint pairs another model's tokenizer")
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the one in {ckpt_dir} "
                          "(tokenizer fingerprints differ): rebuild the dataset with this model's tokenizer")
-    return tokenizer
-
-
-def check_lengths(examples: Sequence[dict], example_length: Callable[[dict], int], ckpt_dir: str,
-                  data_dir: str) -> None:
-    """Refuses, before the model loads, a dataset holding a sequence longer than the model takes (its forward
-    would stop at the first step that draws it, possibly hours in)."""
     longest = max(map(example_length, examples), default=0)
-    limit = read_params(ckpt_dir).max_seq_len
-    if longest > limit:
+    if longest > params.max_seq_len:
         raise ValueError(f"{data_dir} holds a sequence of {longest} tokens; the model in {ckpt_dir} takes at most "
-                         f"{limit}: rebuild the dataset with --max-seq-len {limit} or less")
+                         f"{params.max_seq_len}: rebuild the dataset with --max-seq-len {params.max_seq_len} or less")
+    return tokenizer
 
 
 def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
@@ -62,8 +56,9 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
 
     With ``lora_dir`` the adapter's own LoRA and 4-bit settings are used (its rank and targets must match its
     tensors, and its reference data were scored with its quantization); a note is printed, and a LoRA flag set to
-    another value than both its default and the adapter's is refused rather than ignored. With ``experts_backend="cpu_kernel"``
-    a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when ``device`` is CUDA). Fresh
+    another value than both its default and the adapter's is refused rather than ignored. With
+    ``experts_backend="cpu_kernel"`` a DeepSeek model's routed experts stay in CPU RAM (hybrid GPU + CPU when
+    ``device`` is CUDA). Fresh
     LoRA A matrices are drawn after seeding with ``cfg.seed``, so a run's starting point depends on its
     flags only.
     """

@@ -59,6 +59,12 @@ def _rewards(
     return chosen, rejected
 
 
+def _check_beta(beta: float) -> None:
+    """Every loss here needs β > 0: β = 0 makes it constant and β < 0 trains towards the rejected responses."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
 def sigmoid_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -166,8 +172,7 @@ def ipo_loss(
     Raises:
         ValueError: If ``beta`` is not positive.
     """
-    if beta <= 0:
-        raise ValueError(f"ipo loss needs beta > 0, got {beta}")
+    _check_beta(beta)
     h = _margin(policy_chosen_avg, policy_rejected_avg, ref_chosen_avg, ref_rejected_avg)
     losses = (h - 1 / (2 * beta)) ** 2
     rewards = _rewards(policy_chosen_avg, policy_rejected_avg, ref_chosen_avg, ref_rejected_avg, beta)
@@ -357,12 +362,6 @@ def _at_least_float32(batch):
     return replace(batch, **{name: value.to(torch.promote_types(value.dtype, torch.float32))
                              for name, value in values.items()
                              if isinstance(value, Tensor) and value.is_floating_point()})
-
-
-def _check_beta(beta: float) -> None:
-    """Every loss here needs β > 0: β = 0 makes it constant and β < 0 trains towards the rejected responses."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
 
 
 @dataclass
