@@ -124,6 +124,7 @@ class KtKernel:
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, max_len: int, threads: int):
         ext = _load_kt_extension()
+        self.variant = ext.variant
         self.cpu_infer = ext.CPUInfer(threads)
         self.weights = (gate.contiguous(), up.contiguous(), down.contiguous())
         self.identity_map = torch.arange(EXPERTS, dtype=torch.int64)
@@ -208,18 +209,32 @@ def packed_gb(packed: PackedExperts) -> float:
 
 
 def _load_kt_extension() -> object:
-    """kt-kernel's AMX build of its extension (raises ImportError if absent or unusable here)."""
+    """The build of kt-kernel's extension that kt-kernel itself picks for this CPU (raises ImportError if absent).
+
+    kt-kernel ships one build per instruction set (``amx``, ``avx512_bf16``, ...); its ``_cpu_detect`` module
+    (standard library only) names the one for this CPU, or the one ``KT_KERNEL_CPU_VARIANT`` forces. The
+    ``AMXBF16_*`` classes of the non-AMX builds run AVX-512 BF16 code (their log says ``backend=AVX512-BF16``).
+    """
     spec = importlib.util.find_spec("kt_kernel")
     if spec is None or spec.origin is None:
         raise ImportError("kt-kernel is not installed")
-    if "amx" not in available_isas():
-        raise ImportError("kt-kernel's BF16 MoE needs AMX")
-    library = glob.glob(os.path.join(os.path.dirname(spec.origin), "_kt_kernel_ext_amx.*.so"))
+    package = os.path.dirname(spec.origin)
+    variant = _load_module("kt_cpu_detect", os.path.join(package, "_cpu_detect.py")).detect_cpu_features()
+    if variant == "avx2":
+        raise ImportError("kt-kernel's BF16 MoE needs AVX-512 (its variant here: avx2)")
+    library = glob.glob(os.path.join(package, f"_kt_kernel_ext_{variant}.*.so"))
     if not library:
-        raise ImportError("kt-kernel has no AMX build")
-    ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", library[0])
-    module = importlib.util.module_from_spec(ext_spec)
-    ext_spec.loader.exec_module(module)
+        raise ImportError(f"kt-kernel has no {variant} build")
+    module = _load_module("kt_kernel_ext", library[0])
+    module.variant = variant
+    return module
+
+
+def _load_module(name: str, path: str) -> object:
+    """Imports the module file (Python or extension) at ``path`` under ``name``."""
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     return module
 
 
@@ -364,6 +379,7 @@ def main() -> None:
     }
     try:
         setups["kt"] = KtKernel(*weights, max_len=max(args.qlen), threads=args.threads)
+        print(f"kt-kernel: its {setups['kt'].variant} build")
     except (ImportError, AttributeError, OSError) as error:
         print(f"kt-kernel: not measured ({error})")
         setups["kt"] = None

@@ -18,9 +18,15 @@
 #include <vector>
 
 #include "moe_common.h"
+#include "moe_gemm_avx512.h"
 
 namespace dpo_moe {
 namespace amx {
+
+using avx512::prefetch_lines;
+using avx512::prefetch_step;
+using avx512::thread_scratch;
+using avx512::transpose_strip_bf16;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -60,15 +66,6 @@ DPO_TARGET_AMX inline void configure_tiles() {
 // int8 forward became 5 % faster at qlen 512 and 10 % at 2048.
 constexpr int64_t kPrefetchAhead = 16 * 16 * kRowBytes;
 constexpr int64_t kSpreadPasses = 3;
-
-// Prefetches [p, p + bytes) to L2.
-DPO_TARGET_AMX inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
-  for (int64_t line = 0; line < bytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T2);
-}
-
-// Prefetches one step of a panel (16 panel rows).
-DPO_TARGET_AMX inline void prefetch_step(const uint8_t* p) { prefetch_lines(p, 16 * kRowBytes); }
 
 DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }
 
@@ -160,77 +157,6 @@ DPO_TARGET_AMX inline void gemm_nt(const Act& a, const PackedView& w, int64_t p0
 }
 #undef DPO_TILE_DOT
 
-// In-register transpose of an 8x8 matrix of 64-bit elements: x[i][q] -> x[q][i]. Stage b
-// (b = 1, 2, 4) swaps the off-diagonal b x b blocks, i.e. bit b of the row index with bit b of
-// the column index, with two two-source permutes per pair of rows.
-struct Transpose8x8 {
-  __m512i lo[3], hi[3];
-
-  DPO_TARGET_AMX Transpose8x8() {
-    lo[0] = _mm512_setr_epi64(0, 8, 2, 10, 4, 12, 6, 14);
-    hi[0] = _mm512_setr_epi64(1, 9, 3, 11, 5, 13, 7, 15);
-    lo[1] = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-    hi[1] = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    lo[2] = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
-    hi[2] = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
-  }
-
-  DPO_TARGET_AMX void operator()(__m512i* x) const {
-#pragma GCC unroll 3
-    for (int stage = 0; stage < 3; ++stage) {
-      const int b = 1 << stage;
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        if (i & b) continue;
-        const __m512i xi = _mm512_permutex2var_epi64(x[i], lo[stage], x[i + b]);
-        x[i + b] = _mm512_permutex2var_epi64(x[i], hi[stage], x[i + b]);
-        x[i] = xi;
-      }
-    }
-  }
-};
-
-// Rewrites the columns [2 row0, 2 row0 + 32 groups) of every bf16 panel as AMX weight tiles with
-// bf16 pairs along n: tile (g, p, t) row j holds (W[2j][k], W[2j+1][k]) of panel p for
-// k = 2 row0 + 32 g + 16 t + 0..15, stored at tiles + ((g * panels + p) * 2 + t) KB.
-// A source row holds per 8 bytes (W[n][k], W[n][k+1], W[n+1][k], W[n+1][k+1]); swapping the
-// middle words gives the target's 8 bytes for (k, k+1), and an 8x8 transpose of those 8-byte
-// units moves them to their tile rows. Panels are read whole (contiguous) for the prefetchers.
-DPO_TARGET_AMX inline void transpose_strip_bf16(const PackedView& w, int64_t row0, int64_t groups,
-                                                uint8_t* tiles) {
-  const __m512i swap_middle = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
-  const Transpose8x8 transpose;
-  const int64_t panels = w.n / kPanel;
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
-    for (int64_t g = 0; g < groups; ++g) {
-      if (p + 1 < panels) prefetch_step(w.panel(p + 1) + (row0 + 16 * g) * kRowBytes);
-      for (int t = 0; t < 2; ++t)
-        for (int half = 0; half < 2; ++half) {
-          __m512i x[8];
-          for (int i = 0; i < 8; ++i)
-            x[i] = _mm512_shuffle_epi8(
-                _mm512_loadu_si512(src + (16 * g + 8 * t + i) * kRowBytes + half * 64),
-                swap_middle);
-          transpose(x);
-          uint8_t* dst = tiles + ((g * panels + p) * 2 + t) * 1024 + half * 8 * 64;
-          for (int j = 0; j < 8; ++j) _mm512_store_si512(dst + j * 64, x[j]);
-        }
-    }
-  }
-}
-
-// 64-byte aligned per-thread scratch memory, kept between tasks: a fresh allocation of a few
-// hundred KB per task would be mmap-ed and page-faulted every time.
-DPO_INLINE uint8_t* thread_scratch(int which, int64_t bytes) {
-  thread_local std::vector<uint8_t> buffers[2];
-  std::vector<uint8_t>& buffer = buffers[which];
-  if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
-  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) &
-                                    ~uintptr_t(63));
-}
-
 // c[m][j] = sum_n A[m][n] B[n][j] for 32 columns j, A in bf16 rows, B given as the tiles written
 // by transpose_strip_bf16 (two 1 KB tiles per 32 values of n). If `next` is not null, the first
 // pass prefetches, per panel p, the 2 KB at next + p * panel_bytes (the weights that the next
@@ -283,7 +209,7 @@ DPO_TARGET_AMX inline void gemm_nn_bf16(const Act& a, const PackedView& w, int64
   configure_tiles();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t row0 = col0 / 2 + 16 * g;
-    transpose_strip_bf16(w, row0, 1, tiles);
+    transpose_strip_bf16(w, row0, 1, tiles, 1024, 64);
     const uint8_t* next = g + 1 < groups ? w.panel(0) + (row0 + 16) * kRowBytes : nullptr;
     product_with_tiles(a, tiles, panels, c + g * kPanel, ldc, next, panel_bytes);
   }
@@ -458,7 +384,7 @@ DPO_TARGET_AMX inline void gemm_nn_int8(const Act& a, const PackedView& w, int64
   uint8_t* tiles = thread_scratch(1, groups * panels * 2048);
   widen_strip_int8(w, col0 / 4, cols, strip);
   const PackedView bf16_strip{strip, w.n, cols, nullptr, nullptr, WeightType::bf16};
-  transpose_strip_bf16(bf16_strip, 0, groups, tiles);
+  transpose_strip_bf16(bf16_strip, 0, groups, tiles, 1024, 64);
   configure_tiles();
   for (int64_t g = 0; g < groups; ++g)
     product_with_tiles(a, tiles + g * panels * 2048, panels, c + g * kPanel, ldc, nullptr, 0);

@@ -5,18 +5,108 @@
 //                 * vdpbf16ps (AVX512_BF16) on bf16 activations, which takes the pairs as they are.
 //                 moe_kernel.cpp times both once per process and runs the faster. On a Sapphire
 //                 Rapids machine fp32 FMA was about 1.7x faster, although one vdpbf16ps does the
-//                 work of two FMAs: there it has a much lower throughput.
-//                 The transposed (backward) product is fp32 FMA on widened weights either way.
+//                 work of two FMAs: there it has a much lower throughput. On an AMD Zen 5,
+//                 vdpbf16ps was 2x faster (the same throughput as an FMA).
+//                 The transposed (backward) product follows the forward's choice: fp32 FMA on
+//                 widened weights, or vdpbf16ps on bf16 operands and rewritten strips
+//                 (gemm_nn_dpbf16).
 //   int8 weights: VNNI vpdpbusd (u8 activations x s8 weights -> int32) in the forward product,
 //                 fp32 FMA on widened weights in the transposed (backward) product.
 #pragma once
 
 #include <immintrin.h>
 
+#include <vector>
+
 #include "moe_common.h"
 
 namespace dpo_moe {
 namespace avx512 {
+
+// Prefetches [p, p + bytes) to L2 (hint T2; moe_gemm_amx.h says why L2).
+DPO_TARGET_AVX512 DPO_INLINE void prefetch_lines(const uint8_t* p, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T2);
+}
+
+// Prefetches one step of a panel (16 panel rows).
+DPO_TARGET_AVX512 DPO_INLINE void prefetch_step(const uint8_t* p) {
+  prefetch_lines(p, 16 * kRowBytes);
+}
+
+// 64-byte aligned per-thread scratch memory, kept between tasks: a fresh allocation of a few
+// hundred KB per task would be mmap-ed and page-faulted every time.
+DPO_INLINE uint8_t* thread_scratch(int which, int64_t bytes) {
+  thread_local std::vector<uint8_t> buffers[2];
+  std::vector<uint8_t>& buffer = buffers[which];
+  if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) &
+                                    ~uintptr_t(63));
+}
+
+// In-register transpose of an 8x8 matrix of 64-bit elements: x[i][q] -> x[q][i]. Stage b
+// (b = 1, 2, 4) swaps the off-diagonal b x b blocks, i.e. bit b of the row index with bit b of
+// the column index, with two two-source permutes per pair of rows.
+struct Transpose8x8 {
+  __m512i lo[3], hi[3];
+
+  DPO_TARGET_AVX512 Transpose8x8() {
+    lo[0] = _mm512_setr_epi64(0, 8, 2, 10, 4, 12, 6, 14);
+    hi[0] = _mm512_setr_epi64(1, 9, 3, 11, 5, 13, 7, 15);
+    lo[1] = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    hi[1] = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    lo[2] = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    hi[2] = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+  }
+
+  DPO_TARGET_AVX512 void operator()(__m512i* x) const {
+#pragma GCC unroll 3
+    for (int stage = 0; stage < 3; ++stage) {
+      const int b = 1 << stage;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        if (i & b) continue;
+        const __m512i xi = _mm512_permutex2var_epi64(x[i], lo[stage], x[i + b]);
+        x[i + b] = _mm512_permutex2var_epi64(x[i], hi[stage], x[i + b]);
+        x[i] = xi;
+      }
+    }
+  }
+};
+
+// Rewrites the columns [2 row0, 2 row0 + 32 groups) of every bf16 panel with bf16 pairs along n,
+// 2 KB per panel p and group g at out + (g * panels + p) * 2 KB: the 64 bytes that hold
+// (W[n][k], W[n+1][k]) for n = 32 p + 2 j and k = 2 row0 + 32 g + 16 t + 0..15 go to
+// t * t_stride + j * j_stride in it. AMX weight tiles are (t_stride, j_stride) = (1024, 64) (tile
+// t, row j); (64, 128) gives 128-byte rows of 32 values of k, a forward panel of W^T (AVX-512).
+// A source row holds per 8 bytes (W[n][k], W[n][k+1], W[n+1][k], W[n+1][k+1]); swapping the
+// middle words gives the target's 8 bytes for (k, k+1), and an 8x8 transpose of those 8-byte
+// units moves them to their rows. Panels are read whole (contiguous) for the prefetchers.
+DPO_TARGET_AVX512 inline void transpose_strip_bf16(const PackedView& w, int64_t row0,
+                                                   int64_t groups, uint8_t* out,
+                                                   int64_t t_stride, int64_t j_stride) {
+  const __m512i swap_middle = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  const Transpose8x8 transpose;
+  const int64_t panels = w.n / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (p + 1 < panels) prefetch_step(w.panel(p + 1) + (row0 + 16 * g) * kRowBytes);
+      for (int t = 0; t < 2; ++t)
+        for (int half = 0; half < 2; ++half) {
+          __m512i x[8];
+          for (int i = 0; i < 8; ++i)
+            x[i] = _mm512_shuffle_epi8(
+                _mm512_loadu_si512(src + (16 * g + 8 * t + i) * kRowBytes + half * 64),
+                swap_middle);
+          transpose(x);
+          uint8_t* dst = out + (g * panels + p) * 2048 + t * t_stride + half * 8 * j_stride;
+          for (int j = 0; j < 8; ++j) _mm512_store_si512(dst + j * j_stride, x[j]);
+        }
+    }
+  }
+}
 
 // Calls block(std::integral_constant<int, MR>, m0, p) for every panel p in [p0, p1) and every block
 // of up to 12 rows starting at row m0: the loops of each forward product around its MR-row kernel.
@@ -166,10 +256,17 @@ DPO_TARGET_AVX512 inline void widen_int8(__m512i v, __m512* out) {
   out[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
 }
 
-// Transposed product for MR rows and 8 output columns starting at group row row0:
+// 16 activations as fp32: loaded as they are, or bf16 widened (shifted into the top half).
+DPO_TARGET_AVX512 DPO_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+DPO_TARGET_AVX512 DPO_INLINE __m512 load16(const uint16_t* p) {
+  const __m256i bf16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// Transposed product for MR rows (fp32 or bf16) and 8 output columns starting at group row row0:
 // acc[i][j] holds 16 partial sums over n mod 16, reduced once after the sweep over all of N.
-template <int MR, int G>
-DPO_TARGET_AVX512 inline void nn_rows(const float* a, int64_t lda, const PackedView& w,
+template <int MR, int G, class T>
+DPO_TARGET_AVX512 inline void nn_rows(const T* a, int64_t lda, const PackedView& w,
                                       int64_t row0, float* c, int64_t ldc) {
   constexpr int kCols = 8, kGroupRows = kCols / G;
   __m512 acc[MR][kCols];
@@ -183,7 +280,7 @@ DPO_TARGET_AVX512 inline void nn_rows(const float* a, int64_t lda, const PackedV
     for (int half = 0; half < 2; ++half) {
       __m512 x[MR];
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) x[i] = _mm512_loadu_ps(a + i * lda + p * kPanel + half * 16);
+      for (int i = 0; i < MR; ++i) x[i] = load16(a + i * lda + p * kPanel + half * 16);
 #pragma GCC unroll 4
       for (int r = 0; r < kGroupRows; ++r) {
         __m512 wv[G];
@@ -203,19 +300,54 @@ DPO_TARGET_AVX512 inline void nn_rows(const float* a, int64_t lda, const PackedV
     for (int j = 0; j < kCols; ++j) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-template <int G>
-DPO_TARGET_AVX512 inline void gemm_nn(const Act& a, const PackedView& w, int64_t col0, float* c,
-                                      int64_t ldc) {
+// The transposed product for the 32 columns from col0 on, `rows` being a.f32 or a.bf16.
+template <int G, class T>
+DPO_TARGET_AVX512 inline void gemm_nn(const Act& a, const T* rows, const PackedView& w,
+                                      int64_t col0, float* c, int64_t ldc) {
   constexpr int64_t kRowsPerBlock = 3;
   for (int64_t j0 = 0; j0 < kPanel; j0 += 8)
     for (int64_t m0 = 0; m0 < a.rows; m0 += kRowsPerBlock) {
-      const float* am = a.f32 + m0 * a.ld;
+      const T* am = rows + m0 * a.ld;
       float* cm = c + m0 * ldc + j0;
       const int64_t row0 = (col0 + j0) / G;
       with_rows<kRowsPerBlock>(a.rows - m0, [&](auto mr) {
         nn_rows<decltype(mr)::value, G>(am, a.ld, w, row0, cm, ldc);
       });
     }
+}
+
+// Transposed product on bf16 activations with vdpbf16ps: c[m][j] = sum_n A[m][n] W[n][col0 + j].
+// vdpbf16ps needs pairs along its reduction n, the packed panels hold pairs along k, so each
+// 32-column strip is first rewritten with pairs along n (transpose_strip_bf16, the AMX kernel's
+// rewrite, as 128-byte rows): that is a forward panel of W^T with N / 2 pair rows, which
+// nt_dpbf16_rows multiplies at the forward's speed. The strip (N x 64 bytes, 128 to 180 KB at
+// DeepSeek-V2-Lite's sizes) stays in L2 while every block of 12 rows reads it. Experts with fewer
+// rows than kDpbf16RewriteMinRows take the FMA product on the panels as they are instead (their
+// bf16 rows widened as they load), where the rewrite would cost more than it saves: measured on an
+// AMD Zen 5 (A/B, forward + backward at DeepSeek-V2-Lite's shapes, against the fp32 FMA backward),
+// rewriting for every expert was 29 % slower at 8 tokens (1 row per expert) and 8 % at 32 (3 rows),
+// with this threshold 0 to 6 % faster there and 4 % at 128 tokens (12 rows), then 1.2x at 256,
+// 1.4x at 512 and 1.7x at 2048.
+constexpr int64_t kDpbf16RewriteMinRows = 12;
+
+DPO_TARGET_AVX512_BF16 inline void gemm_nn_dpbf16(const Act& a, const PackedView& w,
+                                                  int64_t col0, int64_t cols, float* c,
+                                                  int64_t ldc) {
+  if (a.rows < kDpbf16RewriteMinRows) {
+    for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<2>(a, a.bf16, w, col0 + j, c + j, ldc);
+    return;
+  }
+  const int64_t panels = w.n / kPanel;
+  uint8_t* strip = thread_scratch(0, panels * 2048);
+  const uint16_t* pair_rows = reinterpret_cast<const uint16_t*>(strip);
+  for (int64_t j = 0; j < cols; j += kPanel) {
+    transpose_strip_bf16(w, (col0 + j) / 2, 1, strip, 64, kRowBytes);
+    for (int64_t m0 = 0; m0 < a.rows; m0 += 12)
+      with_rows<12>(a.rows - m0, [&](auto mr) {
+        nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld, pair_rows, w.n / 2,
+                                            c + m0 * ldc + j, ldc);
+      });
+  }
 }
 
 }  // namespace avx512
@@ -229,17 +361,22 @@ DPO_TARGET_AVX512_BF16 inline void gemm_nt_bf16_dpbf16_avx512(const Act& a, cons
                                                               int64_t ldc) {
   avx512::gemm_nt_dpbf16(a, w, p0, p1, c, ldc);
 }
+DPO_TARGET_AVX512_BF16 inline void gemm_nn_bf16_dpbf16_avx512(const Act& a, const PackedView& w,
+                                                              int64_t col0, int64_t cols,
+                                                              float* c, int64_t ldc) {
+  avx512::gemm_nn_dpbf16(a, w, col0, cols, c, ldc);
+}
 DPO_TARGET_AVX512 inline void gemm_nt_int8_avx512(const Act& a, const PackedView& w, int64_t p0,
                                                   int64_t p1, float* c, int64_t ldc) {
   avx512::gemm_nt_int8(a, w, p0, p1, c, ldc);
 }
 DPO_TARGET_AVX512 inline void gemm_nn_bf16_avx512(const Act& a, const PackedView& w, int64_t col0,
                                                   int64_t cols, float* c, int64_t ldc) {
-  for (int64_t j = 0; j < cols; j += kPanel) avx512::gemm_nn<2>(a, w, col0 + j, c + j, ldc);
+  for (int64_t j = 0; j < cols; j += kPanel) avx512::gemm_nn<2>(a, a.f32, w, col0 + j, c + j, ldc);
 }
 DPO_TARGET_AVX512 inline void gemm_nn_int8_avx512(const Act& a, const PackedView& w, int64_t col0,
                                                   int64_t cols, float* c, int64_t ldc) {
-  for (int64_t j = 0; j < cols; j += kPanel) avx512::gemm_nn<4>(a, w, col0 + j, c + j, ldc);
+  for (int64_t j = 0; j < cols; j += kPanel) avx512::gemm_nn<4>(a, a.f32, w, col0 + j, c + j, ldc);
 }
 
 }  // namespace dpo_moe

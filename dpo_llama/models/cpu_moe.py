@@ -30,9 +30,10 @@ use with generic flags; the instruction set is picked at run time (``available_i
 * ``avx512``: two forward products for bf16 weights, fp32 FMA on weights widened on the fly (fp32
   activations) and ``vdpbf16ps`` (activations rounded to bf16 as on AMX; CPUs with AVX512_BF16). The
   first use times both on a small product (a few ms, once per process) and keeps the faster one
-  (``avx512_bf16_kernel()``); ``DPO_LLAMA_MOE_AVX512_BF16=fma|dpbf16`` forces one. The backward runs
-  fp32 FMA on widened bf16 weights either way; VNNI for the int8 forward, fp32 FMA on widened int8
-  weights for its backward;
+  (``avx512_bf16_kernel()``); ``DPO_LLAMA_MOE_AVX512_BF16=fma|dpbf16`` forces one. The backward
+  follows: fp32 FMA on widened bf16 weights, or ``vdpbf16ps`` on bf16 operands (as on AMX) against
+  32-column strips of the weights rewritten with their pairs along the other dimension; VNNI for the
+  int8 forward, fp32 FMA on widened int8 weights for its backward;
 * ``avx2``: intrinsics products with 256-bit vectors: fp32 FMA on weights widened on the fly, and for
   the int8 forward exact integer sums (``vpmaddubsw`` on signed activations, no VNNI needed); the rest
   is the plain C++ compiled for AVX2+FMA;

@@ -10,7 +10,7 @@ Tolerances, as max|got - ref| <= tol * max|ref| per tensor:
   weights, so only fp32 rounding remains: 1e-5.
 * bf16 weights on AMX: activations (x, h, dy, dh) and the gate/up outputs saved for the backward
   are rounded to bf16 (relative 2^-9 each): 2e-2.
-* bf16 weights on avx512 with its dpbf16 forward kernel: x and h are rounded to bf16 as on AMX: 2e-2.
+* bf16 weights on avx512 with its dpbf16 kernel: the same roundings as on AMX: 2e-2.
 * int8 weights: the reference uses the dequantized weights scale[n] * q[n, :]; the kernel also
   quantizes activations per token to int8 (relative error up to 1/254 per element): 3e-2.
 * bf16 inputs x: output and gradients are bf16 (relative 2^-9) on top of the above: 3e-2.
