@@ -27,6 +27,7 @@ using avx512::prefetch_lines;
 using avx512::prefetch_step;
 using avx512::thread_scratch;
 using avx512::transpose_strip_bf16;
+using avx512::widen_strip_int8;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -338,40 +339,6 @@ DPO_TARGET_AMX inline void gemm_nn_bf16_split(const Act& a, const PackedView& w,
     });
     for (int64_t tb = 0; tb < token_blocks; ++tb)
       store_split_tile(out + tb * 256, c + 8 * tb * ldc + s * kPanel, ldc);
-  }
-}
-
-// int8 -> bf16 (exact for |q| <= 127: the low 16 bits of the fp32 value are zero) of 16 bytes.
-DPO_TARGET_AMX inline __m256i int8_to_bf16(__m128i bytes) {
-  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
-}
-
-// Rewrites the columns [4 row0, 4 row0 + cols) of every int8 panel as bf16 panels with pairs along
-// k (cols / 2 pair rows of 128 bytes each), i.e. the bf16 packed layout of the same columns.
-DPO_TARGET_AMX inline void widen_strip_int8(const PackedView& w, int64_t row0, int64_t cols,
-                                            uint8_t* out) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const int64_t panels = w.n / kPanel, quad_rows = cols / 4;
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
-    for (int64_t r = 0; r < quad_rows; ++r) {
-      if (p + 1 < panels && r % 8 == 0) prefetch_step(w.panel(p + 1) + (row0 + r) * kRowBytes);
-      for (int half = 0; half < 2; ++half) {
-        const uint8_t* bytes = src + r * kRowBytes + half * 64;
-        // lo/hi: 8 channels each x 4 values of k as bf16, i.e. 64-bit units (k0 k1 | k2 k3).
-        const __m512i lo = _mm512_inserti64x4(
-            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)bytes))),
-            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 16))), 1);
-        const __m512i hi = _mm512_inserti64x4(
-            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 32)))),
-            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 48))), 1);
-        uint8_t* dst = out + (p * quad_rows * 2 + 2 * r) * kRowBytes + half * 64;
-        _mm512_store_si512(dst, _mm512_permutex2var_epi32(lo, even, hi));
-        _mm512_store_si512(dst + kRowBytes, _mm512_permutex2var_epi32(lo, odd, hi));
-      }
-    }
   }
 }
 

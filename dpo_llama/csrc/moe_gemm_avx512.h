@@ -10,8 +10,10 @@
 //                 The transposed (backward) product follows the forward's choice: fp32 FMA on
 //                 widened weights, or vdpbf16ps on bf16 operands and rewritten strips
 //                 (gemm_nn_dpbf16).
-//   int8 weights: VNNI vpdpbusd (u8 activations x s8 weights -> int32) in the forward product,
-//                 fp32 FMA on widened weights in the transposed (backward) product.
+//   int8 weights: VNNI vpdpbusd (u8 activations x s8 weights -> int32) in the forward product;
+//                 in the transposed (backward) product fp32 FMA on widened weights, or where
+//                 the bf16 forward runs vdpbf16ps, vdpbf16ps on strips widened to bf16 and
+//                 rewritten (gemm_nn_int8_dpbf16).
 #pragma once
 
 #include <immintrin.h>
@@ -104,6 +106,40 @@ DPO_TARGET_AVX512 inline void transpose_strip_bf16(const PackedView& w, int64_t 
           uint8_t* dst = out + (g * panels + p) * 2048 + t * t_stride + half * 8 * j_stride;
           for (int j = 0; j < 8; ++j) _mm512_store_si512(dst + j * j_stride, x[j]);
         }
+    }
+  }
+}
+
+// int8 -> bf16 (exact for |q| <= 127: the low 16 bits of the fp32 value are zero) of 16 bytes.
+DPO_TARGET_AVX512 inline __m256i int8_to_bf16(__m128i bytes) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
+}
+
+// Rewrites the columns [4 row0, 4 row0 + cols) of every int8 panel as bf16 panels with pairs along
+// k (cols / 2 pair rows of 128 bytes each), i.e. the bf16 packed layout of the same columns.
+DPO_TARGET_AVX512 inline void widen_strip_int8(const PackedView& w, int64_t row0, int64_t cols,
+                                               uint8_t* out) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t panels = w.n / kPanel, quad_rows = cols / 4;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint8_t* src = w.panel(p) + row0 * kRowBytes;
+    for (int64_t r = 0; r < quad_rows; ++r) {
+      if (p + 1 < panels && r % 8 == 0) prefetch_step(w.panel(p + 1) + (row0 + r) * kRowBytes);
+      for (int half = 0; half < 2; ++half) {
+        const uint8_t* bytes = src + r * kRowBytes + half * 64;
+        // lo/hi: 8 channels each x 4 values of k as bf16, i.e. 64-bit units (k0 k1 | k2 k3).
+        const __m512i lo = _mm512_inserti64x4(
+            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)bytes))),
+            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 16))), 1);
+        const __m512i hi = _mm512_inserti64x4(
+            _mm512_castsi256_si512(int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 32)))),
+            int8_to_bf16(_mm_loadu_si128((const __m128i*)(bytes + 48))), 1);
+        uint8_t* dst = out + (p * quad_rows * 2 + 2 * r) * kRowBytes + half * 64;
+        _mm512_store_si512(dst, _mm512_permutex2var_epi32(lo, even, hi));
+        _mm512_store_si512(dst + kRowBytes, _mm512_permutex2var_epi32(lo, odd, hi));
+      }
     }
   }
 }
@@ -330,6 +366,18 @@ DPO_TARGET_AVX512 inline void gemm_nn(const Act& a, const T* rows, const PackedV
 // 1.4x at 512 and 1.7x at 2048.
 constexpr int64_t kDpbf16RewriteMinRows = 12;
 
+// c[m][j] = sum_n A[m][n] W[n][j] for 32 columns j, A in bf16 rows, W^T given as the N / 2 pair
+// rows (128 bytes each) that transpose_strip_bf16 writes with strides (64, kRowBytes).
+DPO_TARGET_AVX512_BF16 inline void product_with_pair_rows(const Act& a, const uint8_t* pair_rows,
+                                                          int64_t n, float* c, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < a.rows; m0 += 12)
+    with_rows<12>(a.rows - m0, [&](auto mr) {
+      nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
+                                          reinterpret_cast<const uint16_t*>(pair_rows), n / 2,
+                                          c + m0 * ldc, ldc);
+    });
+}
+
 DPO_TARGET_AVX512_BF16 inline void gemm_nn_dpbf16(const Act& a, const PackedView& w,
                                                   int64_t col0, int64_t cols, float* c,
                                                   int64_t ldc) {
@@ -337,16 +385,34 @@ DPO_TARGET_AVX512_BF16 inline void gemm_nn_dpbf16(const Act& a, const PackedView
     for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<2>(a, a.bf16, w, col0 + j, c + j, ldc);
     return;
   }
-  const int64_t panels = w.n / kPanel;
-  uint8_t* strip = thread_scratch(0, panels * 2048);
-  const uint16_t* pair_rows = reinterpret_cast<const uint16_t*>(strip);
+  uint8_t* strip = thread_scratch(0, w.n / kPanel * 2048);
   for (int64_t j = 0; j < cols; j += kPanel) {
     transpose_strip_bf16(w, (col0 + j) / 2, 1, strip, 64, kRowBytes);
-    for (int64_t m0 = 0; m0 < a.rows; m0 += 12)
-      with_rows<12>(a.rows - m0, [&](auto mr) {
-        nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld, pair_rows, w.n / 2,
-                                            c + m0 * ldc + j, ldc);
-      });
+    product_with_pair_rows(a, strip, w.n, c + j, ldc);
+  }
+}
+
+// The same for int8 weights, whose operand rows arrive multiplied by the channel scales s_w[n]:
+// up to 128 columns at a time are widened to bf16 (exact) and rewritten as above, as the AMX
+// kernel does; experts with few rows take the FMA product on the int8 panels as they are.
+DPO_TARGET_AVX512_BF16 inline void gemm_nn_int8_dpbf16(const Act& a, const PackedView& w,
+                                                       int64_t col0, int64_t cols, float* c,
+                                                       int64_t ldc) {
+  if (a.rows < kDpbf16RewriteMinRows) {
+    for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<4>(a, a.bf16, w, col0 + j, c + j, ldc);
+    return;
+  }
+  constexpr int64_t kCols = 128;
+  const int64_t panels = w.n / kPanel;
+  for (int64_t j0 = 0; j0 < cols; j0 += kCols) {
+    const int64_t width = std::min(kCols, cols - j0), groups = width / kPanel;
+    uint8_t* widened = thread_scratch(0, panels * width * kPanel * 2);
+    uint8_t* pair_rows = thread_scratch(1, groups * panels * 2048);
+    widen_strip_int8(w, (col0 + j0) / 4, width, widened);
+    const PackedView bf16_strip{widened, w.n, width, nullptr, nullptr, WeightType::bf16};
+    transpose_strip_bf16(bf16_strip, 0, groups, pair_rows, 64, kRowBytes);
+    for (int64_t g = 0; g < groups; ++g)
+      product_with_pair_rows(a, pair_rows + g * panels * 2048, w.n, c + j0 + g * kPanel, ldc);
   }
 }
 
@@ -365,6 +431,11 @@ DPO_TARGET_AVX512_BF16 inline void gemm_nn_bf16_dpbf16_avx512(const Act& a, cons
                                                               int64_t col0, int64_t cols,
                                                               float* c, int64_t ldc) {
   avx512::gemm_nn_dpbf16(a, w, col0, cols, c, ldc);
+}
+DPO_TARGET_AVX512_BF16 inline void gemm_nn_int8_dpbf16_avx512(const Act& a, const PackedView& w,
+                                                              int64_t col0, int64_t cols,
+                                                              float* c, int64_t ldc) {
+  avx512::gemm_nn_int8_dpbf16(a, w, col0, cols, c, ldc);
 }
 DPO_TARGET_AVX512 inline void gemm_nt_int8_avx512(const Act& a, const PackedView& w, int64_t p0,
                                                   int64_t p1, float* c, int64_t ldc) {

@@ -160,11 +160,15 @@ Kernels kernels_for(Isa isa, WeightType type) {
       return {ActFormat::u8, ActFormat::bf16, gemm_nt_int8_amx, gemm_nn_int8_amx, nullptr,
               silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
     case Isa::avx512:
-      // With vdpbf16ps the backward's operands are bf16 too, as on AMX.
-      if (bf16 && avx512_bf16_nt() == Bf16Nt::dpbf16)
-        return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_dpbf16_avx512,
-                gemm_nn_bf16_dpbf16_avx512, gemm_nt_bf16_dpbf16_avx512, silu_mul_avx512,
-                swiglu_backward_avx512, store_row_avx512, nullptr};
+      // With vdpbf16ps the backward's operands are bf16 too, as on AMX, for either weight type.
+      if (avx512_bf16_nt() == Bf16Nt::dpbf16) {
+        if (bf16)
+          return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_dpbf16_avx512,
+                  gemm_nn_bf16_dpbf16_avx512, gemm_nt_bf16_dpbf16_avx512, silu_mul_avx512,
+                  swiglu_backward_avx512, store_row_avx512, nullptr};
+        return {ActFormat::u8, ActFormat::bf16, gemm_nt_int8_avx512, gemm_nn_int8_dpbf16_avx512,
+                nullptr, silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, nullptr};
+      }
       if (bf16)
         return {ActFormat::f32, ActFormat::f32, gemm_nt_bf16_avx512, gemm_nn_bf16_avx512,
                 gemm_nt_bf16_avx512, silu_mul_avx512, swiglu_backward_avx512, store_row_avx512,

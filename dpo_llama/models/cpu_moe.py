@@ -33,7 +33,7 @@ use with generic flags; the instruction set is picked at run time (``available_i
   (``avx512_bf16_kernel()``); ``DPO_LLAMA_MOE_AVX512_BF16=fma|dpbf16`` forces one. The backward
   follows: fp32 FMA on widened bf16 weights, or ``vdpbf16ps`` on bf16 operands (as on AMX) against
   32-column strips of the weights rewritten with their pairs along the other dimension; VNNI for the
-  int8 forward, fp32 FMA on widened int8 weights for its backward;
+  int8 forward, and for its backward the same as bf16 weights' on int8 weights widened to bf16;
 * ``avx2``: intrinsics products with 256-bit vectors: fp32 FMA on weights widened on the fly, and for
   the int8 forward exact integer sums (``vpmaddubsw`` on signed activations, no VNNI needed); the rest
   is the plain C++ compiled for AVX2+FMA;
@@ -252,7 +252,10 @@ def selected_isa() -> str:
 
 
 def avx512_bf16_kernel() -> str:
-    """The forward product the ``avx512`` path runs for bf16 weights now: ``"fma"`` or ``"dpbf16"``.
+    """The products the ``avx512`` path runs now: ``"fma"`` or ``"dpbf16"``.
+
+    ``"dpbf16"`` runs ``vdpbf16ps`` in the bf16 weights' forward and in both weight types' backward (on bf16
+    operands); ``"fma"`` runs fp32 FMA there.
 
     ``$DPO_LLAMA_MOE_AVX512_BF16`` if set (read at every call, here and in ``cpu_moe``), else the faster
     of the two on a micro-benchmark the C++ side runs once per process; ``"fma"`` where the CPU has no

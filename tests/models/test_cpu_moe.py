@@ -188,12 +188,16 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -
     assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol} * max|ref| {scale:.3g}"
 
 
+def bf16_operands(isa: str) -> bool:
+    """Whether the kernel that runs now rounds its operands to bf16: AMX, and avx512 with its dpbf16 kernel."""
+    return isa == "amx" or (isa == "avx512" and moe.avx512_bf16_kernel() == "dpbf16")
+
+
 def tolerance(isa: str, weight_dtype: str) -> float:
     """The tolerance of the module docstring for the kernel that runs now (avx512: its current bf16 kernel)."""
     if weight_dtype == "int8":
         return 3e-2
-    bf16_activations = isa == "amx" or (isa == "avx512" and moe.avx512_bf16_kernel() == "dpbf16")
-    return 2e-2 if bf16_activations else 1e-5
+    return 2e-2 if bf16_operands(isa) else 1e-5
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
@@ -220,8 +224,8 @@ def test_int8_equals_its_quantization(force_isa, isa, shape):
     x and h quantized per row as the kernel does it (``quantized_like_the_kernel``; h is the kernel's
     own, returned by return_hidden: its float32 SiLU differs from float64's in the last bits, which would
     move a few values across a rounding boundary), straight-through in the backward. Only fp32 rounding
-    remains, 1e-5; on AMX the backward's operands and the saved gate/up outputs are bf16 (and h is
-    rebuilt from the latter for dL/dw): 2e-2 for the gradients. The float reference test allows 3e-2
+    remains, 1e-5; on AMX (and avx512 with its dpbf16 kernel) the backward's operands and the saved
+    gate/up outputs are bf16 (and h is rebuilt from the latter for dL/dw): 2e-2 for the gradients. The float reference test allows 3e-2
     for the quantization itself; this one also pins the integer arithmetic (the +128 offset and the
     column sums, the scales) and dL/dw being the derivative of the quantized forward (it was computed
     from the unquantized h: 1 to 3 % off)."""
@@ -236,7 +240,7 @@ def test_int8_equals_its_quantization(force_isa, isa, shape):
         x_operand=lambda rows: straight_through(rows, quantized_like_the_kernel(x)),
         h_operand=lambda rows: straight_through(rows, quantized_like_the_kernel(kernel_h)))
     y.backward(grad.double())
-    tol_grads = 2e-2 if isa == "amx" else 1e-5
+    tol_grads = 2e-2 if bf16_operands(isa) else 1e-5
     want = (y.detach(), xr.grad, wr.grad)
     tols = (1e-5, tol_grads, tol_grads)
     for name, g, w, tol in zip(("y", "grad_x", "grad_weights"), (got[0], got[2], got[3]), want, tols):
@@ -299,19 +303,25 @@ def test_transposed_copy_matches_float64_reference(force_isa, isa, shape):
         assert_close(g, w, tolerance(isa, "bf16"), f"{isa}/transposed copy/{shape} {name}")
 
 
-@pytest.mark.parametrize("transposed_copy", [False, True], ids=["packed", "transposed_copy"])
+@pytest.mark.parametrize("weights_as", ["bf16", "bf16_transposed_copy", "int8"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("kernel", AVX512_BF16_KERNELS)
-def test_avx512_bf16_kernels_match_float64_reference(force_avx512_bf16, kernel, shape, transposed_copy):
-    """Both avx512 forward kernels for bf16 weights, with the fp32 backward on packed weights or on copies."""
+def test_avx512_bf16_kernels_match_float64_reference(force_avx512_bf16, kernel, shape, weights_as):
+    """Both avx512 kernel choices: fp32 FMA throughout, or vdpbf16ps in the bf16 forward and in both weight
+    types' backward (on rewritten strips for experts with 12 rows or more: expert 0 has every token, so both
+    branches run), on packed weights or on transposed copies."""
     force_avx512_bf16(kernel)
     assert moe.avx512_bf16_kernel() == kernel
     experts, x, ids, weights, grad = make_case(*SHAPES[shape])
-    packed = moe.PackedExperts.from_weights(*experts, transposed_copy=transposed_copy)
+    weight_dtype = weights_as.split("_")[0]
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype,
+                                            transposed_copy=weights_as.endswith("copy"))
+    if weight_dtype == "int8":
+        experts = tuple(dequantize_int8(w) for w in experts)
     want = reference_grads(x, ids, weights, grad, experts)
     got = run_kernel(x, ids, weights, grad, packed)
     for name, g, w in zip(("y", "grad_x", "grad_weights"), got, want):
-        assert_close(g, w, tolerance("avx512", "bf16"), f"avx512-{kernel}/{shape}/{transposed_copy} {name}")
+        assert_close(g, w, tolerance("avx512", weight_dtype), f"avx512-{kernel}/{shape}/{weights_as} {name}")
 
 
 def test_avx512_bf16_automatic_choice(extension, force_isa, monkeypatch):
