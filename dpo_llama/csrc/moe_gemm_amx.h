@@ -23,6 +23,7 @@
 namespace dpo_moe {
 namespace amx {
 
+using avx512::dequantize_rows;
 using avx512::prefetch_lines;
 using avx512::prefetch_step;
 using avx512::thread_scratch;
@@ -74,22 +75,6 @@ DPO_TARGET_AMX inline void release_tiles() { _tile_release(); }
 // memory, so the compiler may sink or drop vector stores that only tile loads read. Called between
 // such stores and the tile loads that read them.
 inline void stores_visible_to_tile_loads() { asm volatile("" : : : "memory"); }
-
-// int32 accumulators (stored in place in c) -> s_a s_w (acc - 128 colsum) for 16 rows x 32 cols.
-DPO_TARGET_AMX inline void dequantize_tile_rows(float* c, int64_t ldc, const float* a_scale,
-                                                const PackedView& w, int64_t p) {
-  for (int half = 0; half < 2; ++half) {
-    const int64_t n = p * kPanel + half * 16;
-    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(w.colsum + n), 7);
-    const __m512 w_scale = _mm512_loadu_ps(w.scale + n);
-    for (int i = 0; i < 16; ++i) {
-      float* row = c + i * ldc + half * 16;
-      const __m512i acc = _mm512_loadu_si512(row);
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
-      _mm512_storeu_ps(row, _mm512_mul_ps(v, _mm512_mul_ps(w_scale, _mm512_set1_ps(a_scale[i]))));
-    }
-  }
-}
 
 // Tile C += tile A x tile B: TDPBUSD (u8 x s8 -> int32) for int8 weights, else TDPBF16PS. A macro:
 // the intrinsics paste their tile numbers into the instruction, so they must be literals.
@@ -147,11 +132,11 @@ DPO_TARGET_AMX inline void gemm_nt(const Act& a, const PackedView& w, int64_t p0
       float* c0 = cp + mt * 16 * ldc;
       _tile_stored(0, c0, ldc_bytes);
       _tile_stored(1, c0 + 16, ldc_bytes);
-      if constexpr (kInt8) dequantize_tile_rows(c0, ldc, a.scale + mt * 16, w, p);
+      if constexpr (kInt8) dequantize_rows(c0, ldc, 16, a.scale + mt * 16, w, p);
       if (two) {
         _tile_stored(2, c0 + 16 * ldc, ldc_bytes);
         _tile_stored(3, c0 + 16 * ldc + 16, ldc_bytes);
-        if constexpr (kInt8) dequantize_tile_rows(c0 + 16 * ldc, ldc, a.scale + mt * 16 + 16, w, p);
+        if constexpr (kInt8) dequantize_rows(c0 + 16 * ldc, ldc, 16, a.scale + mt * 16 + 16, w, p);
       }
     }
   }

@@ -236,6 +236,24 @@ DPO_TARGET_AVX512_BF16 inline void gemm_nt_dpbf16(const Act& a, const PackedView
   });
 }
 
+// int32 sums (stored in place in c) -> s_a s_w (acc - 128 colsum) for `rows` rows x 32 columns
+// of panel p (the u8 activations are a + 128).
+DPO_TARGET_AVX512 inline void dequantize_rows(float* c, int64_t ldc, int64_t rows,
+                                              const float* a_scale, const PackedView& w,
+                                              int64_t p) {
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = p * kPanel + half * 16;
+    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(w.colsum + n), 7);
+    const __m512 w_scale = _mm512_loadu_ps(w.scale + n);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = c + i * ldc + half * 16;
+      const __m512i acc = _mm512_loadu_si512(row);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
+      _mm512_storeu_ps(row, _mm512_mul_ps(v, _mm512_mul_ps(w_scale, _mm512_set1_ps(a_scale[i]))));
+    }
+  }
+}
+
 // Same for int8: acc = sum_k u8[i][k] q[n][k] with vpdpbusd (4 products per 32-bit lane).
 template <int MR>
 DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const float* a_scale,
@@ -258,17 +276,15 @@ DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const 
       acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], x, w1);
     }
   }
-  for (int half = 0; half < 2; ++half) {
-    const int64_t n = p * kPanel + half * 16;
-    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(w.colsum + n), 7);
-    const __m512 w_scale = _mm512_loadu_ps(w.scale + n);
+  // The int32 sums go to c as they are and are dequantized there: with the dequantization on the
+  // accumulators, GCC kept them all on the stack through the product (measured on an AMD Zen 5,
+  // the int8 forward at 2048 tokens took 323 ms that way, 151 ms now; bf16 weights 237 ms).
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][half], shift));
-      const __m512 scale = _mm512_mul_ps(w_scale, _mm512_set1_ps(a_scale[i]));
-      _mm512_storeu_ps(c + i * ldc + half * 16, _mm512_mul_ps(v, scale));
-    }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_si512(c + i * ldc, acc[i][0]);
+    _mm512_storeu_si512(c + i * ldc + 16, acc[i][1]);
   }
+  dequantize_rows(c, ldc, MR, a_scale, w, p);
 }
 
 DPO_TARGET_AVX512 inline void gemm_nt_int8(const Act& a, const PackedView& w, int64_t p0,
