@@ -144,6 +144,34 @@ DPO_TARGET_AVX512 inline void widen_strip_int8(const PackedView& w, int64_t row0
   }
 }
 
+// Spreads the prefetch (to L2) of a panel over the products on the panel before it: step() is
+// called once per step (pair or quad row) of a product and prefetches one line every `stride`
+// steps, from line `line` on. Default-constructed, it prefetches nothing.
+struct PanelPrefetch {
+  const uint8_t* next = nullptr;
+  int64_t line = 0;
+  int64_t stride = 1;
+  int64_t countdown = 0;
+
+  DPO_TARGET_AVX512 DPO_INLINE void step() {
+    if (next == nullptr || --countdown > 0) return;
+    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line++), _MM_HINT_T2);
+    countdown = stride;
+  }
+};
+
+// The prefetch of panel p + 1 by block b of the nb row blocks on panel p, each block taking its
+// slice of the lines: without it, the first block on a panel waits for it to stream in from DRAM
+// (measured on an AMD Zen 5, the bf16 forward at 512 tokens, 4 blocks per panel, 1.12x faster
+// with it; unchanged at 2048). None with a single block, whose panel streams in as it is read,
+// which the hardware prefetchers follow.
+DPO_INLINE PanelPrefetch spread_over_blocks(const PackedView& w, int64_t p, int64_t b,
+                                            int64_t nb) {
+  if (nb < 2 || p + 1 >= w.n / kPanel) return {};
+  const int64_t lines = w.rows_per_panel() * kRowBytes / 64, slice = ceil_div(lines, nb);
+  return {w.panel(p + 1), b * slice, std::max<int64_t>(1, w.rows_per_panel() / slice)};
+}
+
 // Calls block(std::integral_constant<int, MR>, m0, p) for every panel p in [p0, p1) and every block
 // of up to 12 rows starting at row m0: the loops of each forward product around its MR-row kernel.
 template <class Block>
@@ -167,12 +195,14 @@ DPO_TARGET_AVX512 DPO_INLINE void store_panel_rows(const __m512 (&acc)[MR][2], f
 // c[i][0..32) = sum_k a[i][k] W[panel][k] for MR rows: 2*MR fp32 accumulators of 16 channels.
 template <int MR>
 DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const uint16_t* panel,
-                                           int64_t groups, float* c, int64_t ldc) {
+                                           int64_t groups, float* c, int64_t ldc,
+                                           PanelPrefetch ahead) {
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   for (int64_t r = 0; r < groups; ++r) {
+    ahead.step();
     const __m512i v0 = _mm512_loadu_si512(panel + r * 64);
     const __m512i v1 = _mm512_loadu_si512(panel + r * 64 + 32);
     const __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
@@ -194,10 +224,12 @@ DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const ui
 
 DPO_TARGET_AVX512 inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
+  const int64_t blocks = ceil_div(a.rows, 12);
   for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
     nt_bf16_rows<decltype(mr)::value>(a.f32 + m0 * a.ld, a.ld,
                                       reinterpret_cast<const uint16_t*>(w.panel(p)),
-                                      w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc);
+                                      w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc,
+                                      spread_over_blocks(w, p, m0 / 12, blocks));
   });
 }
 
@@ -208,11 +240,12 @@ DPO_TARGET_AVX512 inline void gemm_nt_bf16(const Act& a, const PackedView& w, in
 template <int MR>
 DPO_TARGET_AVX512_BF16 inline void nt_dpbf16_rows(const uint16_t* a, int64_t lda,
                                                   const uint16_t* panel, int64_t groups, float* c,
-                                                  int64_t ldc) {
+                                                  int64_t ldc, PanelPrefetch ahead) {
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t r = 0; r < groups; ++r) {
+    ahead.step();
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + r * 64);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + r * 64 + 32);
 #pragma GCC unroll 16
@@ -229,10 +262,12 @@ DPO_TARGET_AVX512_BF16 inline void nt_dpbf16_rows(const uint16_t* a, int64_t lda
 
 DPO_TARGET_AVX512_BF16 inline void gemm_nt_dpbf16(const Act& a, const PackedView& w, int64_t p0,
                                                   int64_t p1, float* c, int64_t ldc) {
+  const int64_t blocks = ceil_div(a.rows, 12);
   for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
     nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
                                         reinterpret_cast<const uint16_t*>(w.panel(p)),
-                                        w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc);
+                                        w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc,
+                                        spread_over_blocks(w, p, m0 / 12, blocks));
   });
 }
 
@@ -258,13 +293,14 @@ DPO_TARGET_AVX512 inline void dequantize_rows(float* c, int64_t ldc, int64_t row
 template <int MR>
 DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const float* a_scale,
                                            const PackedView& w, int64_t p, float* c,
-                                           int64_t ldc) {
+                                           int64_t ldc, PanelPrefetch ahead) {
   __m512i acc[MR][2];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
   const uint8_t* panel = w.panel(p);
   const int64_t groups = w.rows_per_panel();
   for (int64_t r = 0; r < groups; ++r) {
+    ahead.step();
     const __m512i w0 = _mm512_loadu_si512(panel + r * kRowBytes);
     const __m512i w1 = _mm512_loadu_si512(panel + r * kRowBytes + 64);
 #pragma GCC unroll 16
@@ -289,9 +325,11 @@ DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const 
 
 DPO_TARGET_AVX512 inline void gemm_nt_int8(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
+  const int64_t blocks = ceil_div(a.rows, 12);
   for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
     nt_int8_rows<decltype(mr)::value>(a.u8 + m0 * a.ld, a.ld, a.scale + m0, w, p,
-                                      c + m0 * ldc + (p - p0) * kPanel, ldc);
+                                      c + m0 * ldc + (p - p0) * kPanel, ldc,
+                                      spread_over_blocks(w, p, m0 / 12, blocks));
   });
 }
 
@@ -390,7 +428,7 @@ DPO_TARGET_AVX512_BF16 inline void product_with_pair_rows(const Act& a, const ui
     with_rows<12>(a.rows - m0, [&](auto mr) {
       nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
                                           reinterpret_cast<const uint16_t*>(pair_rows), n / 2,
-                                          c + m0 * ldc, ldc);
+                                          c + m0 * ldc, ldc, PanelPrefetch{});
     });
 }
 
