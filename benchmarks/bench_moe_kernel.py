@@ -12,8 +12,11 @@ figure is also given as a ratio against baselines measured in that run):
   transposed weight copies: twice the weight memory; the forward is the same code as ours-bf16),
 * torch-loop: a plain PyTorch per-expert loop (gather rows, three matmuls, ``index_add_``), autograd
   for the backward,
-* kt-bf16: kt-kernel's AMX BF16 MoE (``AMXBF16_MOE`` forward; ``AMXBF16_SFT_MOE_SkipLoRA``, its
+* kt-bf16: kt-kernel's BF16 MoE (``AMXBF16_MOE`` forward; ``AMXBF16_SFT_MOE_SkipLoRA``, its
   frozen-expert SFT path, for forward + backward), only if ``kt-kernel`` is installed; nan otherwise.
+  kt-kernel ships one build per instruction set and picks one for the CPU; this script loads the same
+  one (named in the output): ``amx``, or without AMX an AVX-512 build, whose ``AMXBF16_*`` classes run
+  AVX-512 BF16 code.
   Its SFT path packs a transposed copy of every weight for its backward besides the forward copy,
   so ours-bf16-T is the comparison at equal weight memory.
 
