@@ -455,13 +455,20 @@ DPO_TARGET_AVX512_BF16 inline void product_with_pair_rows(const Act& a, const ui
     });
 }
 
+// The FMA product for an expert with fewer than kDpbf16RewriteMinRows rows (true), else nothing
+// (false).
+template <int G>
+DPO_TARGET_AVX512 inline bool fma_for_few_rows(const Act& a, const PackedView& w, int64_t col0,
+                                               int64_t cols, float* c, int64_t ldc) {
+  if (a.rows >= kDpbf16RewriteMinRows) return false;
+  for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<G>(a, a.bf16, w, col0 + j, c + j, ldc);
+  return true;
+}
+
 DPO_TARGET_AVX512_BF16 inline void gemm_nn_dpbf16(const Act& a, const PackedView& w,
                                                   int64_t col0, int64_t cols, float* c,
                                                   int64_t ldc) {
-  if (a.rows < kDpbf16RewriteMinRows) {
-    for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<2>(a, a.bf16, w, col0 + j, c + j, ldc);
-    return;
-  }
+  if (fma_for_few_rows<2>(a, w, col0, cols, c, ldc)) return;
   uint8_t* strip = thread_scratch(0, w.n / kPanel * 2048);
   for (int64_t j = 0; j < cols; j += kPanel) {
     transpose_strip_bf16(w, (col0 + j) / 2, 1, strip, 64, kRowBytes);
@@ -476,10 +483,7 @@ DPO_TARGET_AVX512_BF16 inline void gemm_nn_dpbf16(const Act& a, const PackedView
 DPO_TARGET_AVX512_BF16 inline void gemm_nn_int8_dpbf16(const Act& a, const PackedView& w,
                                                        int64_t col0, int64_t cols, float* c,
                                                        int64_t ldc) {
-  if (a.rows < kDpbf16RewriteMinRows) {
-    for (int64_t j = 0; j < cols; j += kPanel) gemm_nn<4>(a, a.bf16, w, col0 + j, c + j, ldc);
-    return;
-  }
+  if (fma_for_few_rows<4>(a, w, col0, cols, c, ldc)) return;
   constexpr int64_t kCols = 128;
   const int64_t panels = w.n / kPanel;
   for (int64_t j0 = 0; j0 < cols; j0 += kCols) {
