@@ -1,12 +1,18 @@
-"""Our LLaMA checkpoints -> Hugging Face ``LlamaForCausalLM`` directories (``config.json`` + safetensors): the inverse
-of :mod:`dpo_llama.models.convert_hf`, so that a merged SFT or DPO model serves with ``transformers`` or vLLM.
+"""Our checkpoints -> Hugging Face model directories (``config.json`` + safetensors): the inverse of
+:mod:`dpo_llama.models.convert_hf` and :mod:`dpo_llama.models.convert_deepseek`, so that a merged SFT or DPO model
+serves with ``transformers`` or vLLM. LLaMA becomes ``LlamaForCausalLM``; DeepSeek-V2 ``DeepseekV2ForCausalLM``;
+DeepSeek-MoE (``deepseek``) the layout of deepseek-moe-16b's own files (its modeling code is remote code on the Hub).
 
 * keys get the ``model.`` prefix back (``lm_head.weight`` has none, and is left out with tied embeddings, as
   ``save_pretrained`` does);
 * the rows of ``q_proj`` and ``k_proj`` of every head are permuted to HF's "rotate half" order
   (:func:`permute_rotary`, the inverse of ``convert_hf.unpermute_rotary``), so a HF -> ours -> HF round trip
   gives back the same tensors bit for bit;
-* ``config.json`` holds the model's shape, ``rope_theta`` and the LLaMA-3.1 ``rope_scaling``, and the token ids of
+* DeepSeek's stacked routed experts ``layers.L.mlp.experts.{gate,up,down}_proj`` ``[E, ...]`` are written one
+  tensor per expert, ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``, as the original checkpoints and
+  ``save_pretrained`` store them; DeepSeek-MoE's q/k rows get the rotate-half permutation as LLaMA's do;
+* ``config.json`` holds the model's shape and routing, ``rope_theta`` and the ``rope_scaling`` (LLaMA-3.1's, or
+  DeepSeek-V2's YaRN with both the ``type`` key of the original files and ``rope_type``), and the token ids of
   the tokenizer copied beside it;
 * a bare sentencepiece ``tokenizer.model`` (LLaMA-2 from Meta's files, the demo) gets the ``tokenizer_config.json``
   that makes ``AutoTokenizer`` encode as Meta's code does (BOS first, ``legacy`` spaces; text that starts with a
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +34,11 @@ import torch
 from dpo_llama.models.checkpoint import (DEFAULT_SHARD_BYTES, iter_safetensors, read_params, weight_files,
                                          write_model_dir)
 from dpo_llama.models.convert_hf import tokenizer_files
+from dpo_llama.models.deepseek import DeepseekArgs
 from dpo_llama.models.llama import ModelArgs
 from dpo_llama.models.tokenizer import load_tokenizer
+
+STACKED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
 
 
 def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -52,14 +62,56 @@ def hf_config(args: ModelArgs, dtype: str, token_ids: dict[str, int]) -> dict[st
     }
 
 
-def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs,
+def deepseek_hf_config(args: DeepseekArgs, dtype: str, token_ids: dict[str, int]) -> dict[str, Any]:
+    """The ``DeepseekV2Config`` (``deepseek_v2``) or deepseek-moe's ``DeepseekConfig`` (``deepseek``) of ``args`` as
+    ``config.json`` holds it, with the weights' dtype and the tokenizer's ``token_ids``.
+
+    Raises:
+        ValueError: a ``deepseek`` model whose ``head_dim`` is not ``dim / n_heads`` (its config cannot say so).
+    """
+    v2 = args.model_type == "deepseek_v2"
+    if not v2 and args.head_dim not in (None, args.dim // args.n_heads):
+        raise ValueError(f"head_dim={args.head_dim} differs from dim / n_heads, which a deepseek config.json cannot hold")
+    scaling = None if args.rope_scaling is None else {"type": args.rope_scaling["rope_type"], **args.rope_scaling}
+    config = {
+        "architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekForCausalLM"], "model_type": args.model_type,
+        "hidden_act": "silu", "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+        "moe_intermediate_size": args.moe_hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "n_routed_experts": args.n_routed_experts, "n_shared_experts": args.n_shared_experts,
+        "num_experts_per_tok": args.num_experts_per_tok, "first_k_dense_replace": args.first_k_dense_replace,
+        "moe_layer_freq": args.moe_layer_freq, "norm_topk_prob": args.norm_topk_prob,
+        "routed_scaling_factor": args.routed_scaling_factor, "topk_method": args.topk_method,
+        "n_group": args.n_group, "topk_group": args.topk_group, "scoring_func": args.scoring_func,
+        "aux_loss_alpha": args.aux_loss_alpha, "seq_aux": args.seq_aux, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta,
+        "rope_scaling": scaling, "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False,
+        "torch_dtype": dtype, **token_ids,
+    }
+    if v2:
+        config.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+                      qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
+                      v_head_dim=args.v_head_dim)
+    return config
+
+
+def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs | DeepseekArgs,
                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Streams HF ``(key, tensor)`` pairs from our checkpoint, one tensor in memory at a time."""
+    """Streams HF ``(key, tensor)`` pairs from our checkpoint, one tensor (or one stack of experts) in memory at a
+    time."""
+    permuted = args.model_type in ("llama", "deepseek")
     for key, tensor in iter_safetensors(weight_files(ckpt_dir)):
-        if key.endswith("self_attn.q_proj.weight"):
+        experts = STACKED_EXPERTS.fullmatch(key)
+        if experts is not None:
+            layer, name = experts.groups()
+            for index, weight in enumerate(tensor):
+                yield f"model.layers.{layer}.mlp.experts.{index}.{name}.weight", weight.to(dtype or weight.dtype,
+                                                                                          copy=True)
+            continue
+        if permuted and key.endswith("self_attn.q_proj.weight"):
             tensor = permute_rotary(tensor, args.n_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            tensor = permute_rotary(tensor, args.n_kv_heads)
+        elif permuted and key.endswith("self_attn.k_proj.weight"):
+            tensor = permute_rotary(tensor, args.n_kv_heads or args.n_heads)
         yield (key if key == "lm_head.weight" else f"model.{key}"), tensor.to(dtype) if dtype else tensor
 
 
@@ -81,7 +133,7 @@ def sentencepiece_tokenizer_config(model_file: Path) -> dict[str, Any]:
             **pieces}
 
 
-def export_llama(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+def export_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Writes ``out_dir`` as a HF model directory (:func:`~dpo_llama.models.checkpoint.write_model_dir`): the
     weights sharded as ``save_pretrained`` names them, the tokenizer files, then ``config.json`` (an interrupted
@@ -91,16 +143,16 @@ def export_llama(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
 
     Raises:
-        ValueError: ``ckpt_dir`` is not a LLaMA checkpoint.
+        ValueError: a DeepSeek-MoE checkpoint whose ``head_dim`` its config cannot hold.
     """
     args = read_params(ckpt_dir)
-    if args.model_type != "llama":
-        raise ValueError(f"{ckpt_dir} is a {args.model_type} checkpoint; only llama ones are exported")
     ids = token_ids(ckpt_dir)
+    to_config = hf_config if args.model_type == "llama" else deepseek_hf_config
+    to_config(args, "float32", ids)  # refuses what config.json cannot hold before any file is written
 
     def config(dtypes: set[str]) -> str:
         widest = max(dtypes, key=lambda name: torch.finfo(getattr(torch, name)).bits, default="float32")
-        return json.dumps(hf_config(args, widest, ids), indent=2)
+        return json.dumps(to_config(args, widest, ids), indent=2)
 
     out_dir = Path(out_dir)
     summary = write_model_dir(out_dir, hf_tensors(ckpt_dir, args, dtype), tokenizer_files(ckpt_dir), "config.json",

@@ -1,12 +1,12 @@
-"""scripts/convert_to_hf_checkpoint.py: HF -> dpo_llama -> HF gives back the same tensors, and transformers loads the
-export of a trained model with our logits."""
+"""scripts/convert_to_hf_checkpoint.py: HF -> dpo_llama -> HF gives back the same tensors (LLaMA, DeepSeek-V2 and
+DeepSeek-MoE), and transformers loads the export of a trained model with our logits."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, DeepseekV2ForCausalLM, LlamaForCausalLM
 
 from dpo_llama.models.checkpoint import save_model, weight_files
 from dpo_llama.models.convert_hf import unpermute_rotary
@@ -17,7 +17,8 @@ from dpo_llama.models.presets import get_preset
 from dpo_llama.models.tokenizer import load_tokenizer
 from scripts.convert_hf_checkpoint import main as convert_hf
 from scripts.convert_to_hf_checkpoint import main as export_hf
-from tests.model_fixtures import make_hf_llama
+from tests.model_fixtures import (deepseek_moe_config, make_hf_deepseek_v2, make_hf_llama, random_deepseek_state,
+                                  write_hf_deepseek)
 from tests.tokenizer_fixtures import make_sentencepiece
 
 VARIANTS = {
@@ -87,10 +88,62 @@ def test_permute_rotary_inverts_unpermute_rotary():
     assert torch.equal(permute_rotary(unpermute_rotary(weight, 8), 8), weight)
 
 
-def test_deepseek_and_output_over_input_are_refused(tmp_path, capsys):
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+DEEPSEEK_V2_VARIANTS = {
+    "q_lora_yarn_groups": dict(q_lora_rank=24, rope_scaling=YARN, topk_method="group_limited_greedy", n_group=4,
+                               topk_group=2, routed_scaling_factor=1.5),
+    "plain_q_tied": dict(q_lora_rank=None, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(DEEPSEEK_V2_VARIANTS))
+def test_deepseek_v2_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, variant):
+    """Our stacked experts go back to one tensor per expert, as ``save_pretrained`` wrote them."""
+    torch.manual_seed(0)
+    original = make_hf_deepseek_v2(tmp_path / "hf", **DEEPSEEK_V2_VARIANTS[variant])
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV2ForCausalLM"]
+    reloaded = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, original(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_deepseek_moe_round_trip_gives_back_its_files(tmp_path):
+    """deepseek-moe-16b's layout (two bf16 shards, rotate-half q/k rows): the same tensors and the config values that
+    define the model."""
+    cfg = deepseek_moe_config()
+    write_hf_deepseek(tmp_path / "hf", cfg, random_deepseek_state(cfg))
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_routed_experts",
+                "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq",
+                "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux", "vocab_size", "rms_norm_eps",
+                "max_position_embeddings", "rope_theta", "rope_scaling", "tie_word_embeddings"):
+        assert config[key] == cfg[key], key
+
+
+def test_a_deepseek_moe_head_dim_its_config_cannot_hold_is_refused(tmp_path, capsys):
+    save_model(DeepseekTransformer(get_preset("tiny-deepseek", head_dim=8)), tmp_path / "ours")
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]) == 1
+    assert "head_dim=8 differs from dim / n_heads" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_over_input_is_refused(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny")), tmp_path / "ours")
     assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "ours")]) == 1
     assert "must differ from --input" in capsys.readouterr().err
-    save_model(DeepseekTransformer(get_preset("tiny-deepseek-v2")), tmp_path / "ds")
-    assert export_hf(["--input", str(tmp_path / "ds"), "--output", str(tmp_path / "out")]) == 1
-    assert "is a deepseek_v2 checkpoint; only llama ones are exported" in capsys.readouterr().err
