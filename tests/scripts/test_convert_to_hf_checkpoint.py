@@ -37,19 +37,25 @@ def hf_state(hf_dir) -> dict[str, torch.Tensor]:
     return state
 
 
+def assert_round_trip(tmp_path, *export_args: str) -> dict:
+    """Converts ``tmp_path/hf`` to ``ours`` and exports it to ``back``; asserts ``back`` holds the same tensors under the
+    same keys and returns its ``config.json``."""
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), *export_args]) == 0
+    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    return json.loads((tmp_path / "back" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, variant):
     """Sharded on the way back too (``--max-shard-gb``): the index names every tensor of HF's save."""
     torch.manual_seed(0)
     original = make_hf_llama(tmp_path / "hf", **VARIANTS[variant])
-    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
-    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back"),
-                      "--max-shard-gb", "0.0001"]) == 0
+    assert_round_trip(tmp_path, "--max-shard-gb", "0.0001")
     assert len(list((tmp_path / "back").glob("model-*.safetensors"))) > 1
-    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
-    assert got.keys() == expected.keys()
-    for key, tensor in expected.items():
-        assert torch.equal(got[key], tensor), key
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
     tokens = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
@@ -102,13 +108,7 @@ def test_deepseek_v2_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, v
     """Our stacked experts go back to one tensor per expert, as ``save_pretrained`` wrote them."""
     torch.manual_seed(0)
     original = make_hf_deepseek_v2(tmp_path / "hf", **DEEPSEEK_V2_VARIANTS[variant])
-    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
-    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
-    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
-    assert got.keys() == expected.keys()
-    for key, tensor in expected.items():
-        assert torch.equal(got[key], tensor), key
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    config = assert_round_trip(tmp_path)
     assert config["architectures"] == ["DeepseekV2ForCausalLM"]
     reloaded = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "back").eval()
     tokens = torch.randint(0, 300, (2, 48))
@@ -121,13 +121,7 @@ def test_deepseek_moe_round_trip_gives_back_its_files(tmp_path):
     define the model."""
     cfg = deepseek_moe_config()
     write_hf_deepseek(tmp_path / "hf", cfg, random_deepseek_state(cfg))
-    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
-    assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
-    expected, got = hf_state(tmp_path / "hf"), hf_state(tmp_path / "back")
-    assert got.keys() == expected.keys()
-    for key, tensor in expected.items():
-        assert torch.equal(got[key], tensor), key
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    config = assert_round_trip(tmp_path)
     for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "moe_intermediate_size",
                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_routed_experts",
                 "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq",
