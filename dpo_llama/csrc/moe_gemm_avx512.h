@@ -184,13 +184,29 @@ DPO_INLINE PanelPrefetch spread_over_blocks(const PackedView& w, int64_t p, int6
   return spread(w.panel(p + 1), w.rows_per_panel(), w.rows_per_panel(), b, nb);
 }
 
-// Calls block(std::integral_constant<int, MR>, m0, p) for every panel p in [p0, p1) and every block
-// of up to 12 rows starting at row m0: the loops of each forward product around its MR-row kernel.
+// The prefetch of the 32-column strip of w from pair row row0 on (2 KB of every panel, the rows that
+// transpose_strip_bf16 reads next) by block b of the nb row blocks of a product on the strip before.
+DPO_INLINE PanelPrefetch spread_over_strip(const PackedView& w, int64_t row0, int64_t b,
+                                           int64_t nb) {
+  const int64_t units = w.n / kPanel * 16;  // 16 units of 128 bytes per panel
+  PanelPrefetch ahead = spread(w.panel(0) + row0 * kRowBytes, units, units, b, nb);
+  ahead.chunk_log2 = 4;
+  ahead.chunk_bytes = w.rows_per_panel() * kRowBytes;
+  return ahead;
+}
+
+// Calls block(std::integral_constant<int, MR>, m0, p, ahead) for every panel p in [p0, p1) of w and
+// every block of up to 12 rows starting at row m0, `ahead` being that block's share of the prefetch
+// of panel p + 1 (spread_over_blocks): the loops of each forward product around its MR-row kernel.
 template <class Block>
-DPO_INLINE void for_row_blocks(int64_t rows, int64_t p0, int64_t p1, const Block& block) {
+DPO_INLINE void for_row_blocks(int64_t rows, const PackedView& w, int64_t p0, int64_t p1,
+                               const Block& block) {
+  const int64_t blocks = ceil_div(rows, 12);
   for (int64_t p = p0; p < p1; ++p)
-    for (int64_t m0 = 0; m0 < rows; m0 += 12)
-      with_rows<12>(rows - m0, [&](auto mr) { block(mr, m0, p); });
+    for (int64_t b = 0; b < blocks; ++b)
+      with_rows<12>(rows - 12 * b, [&](auto mr) {
+        block(mr, 12 * b, p, spread_over_blocks(w, p, b, blocks));
+      });
 }
 
 // c[i][0..32) = acc[i][0] | acc[i][1] for MR rows: the fp32 accumulators of a panel's 32 channels.
@@ -236,12 +252,11 @@ DPO_TARGET_AVX512 inline void nt_bf16_rows(const float* a, int64_t lda, const ui
 
 DPO_TARGET_AVX512 inline void gemm_nt_bf16(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
-  const int64_t blocks = ceil_div(a.rows, 12);
-  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+  for_row_blocks(a.rows, w, p0, p1, [&](auto mr, int64_t m0, int64_t p, PanelPrefetch ahead) {
     nt_bf16_rows<decltype(mr)::value>(a.f32 + m0 * a.ld, a.ld,
                                       reinterpret_cast<const uint16_t*>(w.panel(p)),
                                       w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc,
-                                      spread_over_blocks(w, p, m0 / 12, blocks));
+                                      ahead);
   });
 }
 
@@ -274,12 +289,11 @@ DPO_TARGET_AVX512_BF16 inline void nt_dpbf16_rows(const uint16_t* a, int64_t lda
 
 DPO_TARGET_AVX512_BF16 inline void gemm_nt_dpbf16(const Act& a, const PackedView& w, int64_t p0,
                                                   int64_t p1, float* c, int64_t ldc) {
-  const int64_t blocks = ceil_div(a.rows, 12);
-  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+  for_row_blocks(a.rows, w, p0, p1, [&](auto mr, int64_t m0, int64_t p, PanelPrefetch ahead) {
     nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
                                         reinterpret_cast<const uint16_t*>(w.panel(p)),
                                         w.rows_per_panel(), c + m0 * ldc + (p - p0) * kPanel, ldc,
-                                        spread_over_blocks(w, p, m0 / 12, blocks));
+                                        ahead);
   });
 }
 
@@ -337,11 +351,9 @@ DPO_TARGET_AVX512 inline void nt_int8_rows(const uint8_t* a, int64_t lda, const 
 
 DPO_TARGET_AVX512 inline void gemm_nt_int8(const Act& a, const PackedView& w, int64_t p0,
                                            int64_t p1, float* c, int64_t ldc) {
-  const int64_t blocks = ceil_div(a.rows, 12);
-  for_row_blocks(a.rows, p0, p1, [&](auto mr, int64_t m0, int64_t p) {
+  for_row_blocks(a.rows, w, p0, p1, [&](auto mr, int64_t m0, int64_t p, PanelPrefetch ahead) {
     nt_int8_rows<decltype(mr)::value>(a.u8 + m0 * a.ld, a.ld, a.scale + m0, w, p,
-                                      c + m0 * ldc + (p - p0) * kPanel, ldc,
-                                      spread_over_blocks(w, p, m0 / 12, blocks));
+                                      c + m0 * ldc + (p - p0) * kPanel, ldc, ahead);
   });
 }
 
@@ -440,18 +452,14 @@ DPO_TARGET_AVX512_BF16 inline void product_with_pair_rows(const Act& a, const ui
                                                           int64_t n, float* c, int64_t ldc,
                                                           const PackedView* next = nullptr,
                                                           int64_t next_row0 = 0) {
-  const int64_t blocks = ceil_div(a.rows, 12), panels = n / kPanel;
-  for (int64_t m0 = 0; m0 < a.rows; m0 += 12)
-    with_rows<12>(a.rows - m0, [&](auto mr) {
-      PanelPrefetch ahead;
-      if (next != nullptr) {
-        ahead = spread(next->panel(0) + next_row0 * kRowBytes, panels * 16, n / 2, m0 / 12, blocks);
-        ahead.chunk_log2 = 4;
-        ahead.chunk_bytes = next->rows_per_panel() * kRowBytes;
-      }
-      nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + m0 * a.ld, a.ld,
+  const int64_t blocks = ceil_div(a.rows, 12);
+  for (int64_t b = 0; b < blocks; ++b)
+    with_rows<12>(a.rows - 12 * b, [&](auto mr) {
+      const PanelPrefetch ahead = next == nullptr ? PanelPrefetch{}
+                                                  : spread_over_strip(*next, next_row0, b, blocks);
+      nt_dpbf16_rows<decltype(mr)::value>(a.bf16 + 12 * b * a.ld, a.ld,
                                           reinterpret_cast<const uint16_t*>(pair_rows), n / 2,
-                                          c + m0 * ldc, ldc, ahead);
+                                          c + 12 * b * ldc, ldc, ahead);
     });
 }
 
