@@ -50,6 +50,10 @@ def check_data(cfg: DPOLoRAConfig, meta: dict) -> None:
                          f"scored, the same tokens in both responses, which cancel only in the summed log-ratios of "
                          f"sigmoid, robust and hinge; loss_type {cfg.loss_type!r} would train them too (it averages "
                          f"per token, or compares with a KL estimate that leaves them out): rebuild without the flag")
+    if meta.get("score_all_assistant_turns") and cfg.sft_weight > 0:
+        raise ValueError(f"{cfg.train_data_dir} was built with --score-all-assistant-turns: --sft-weight adds the NLL "
+                         f"of the chosen log-probs, which on this data score the prompt history too, so it would train "
+                         f"the earlier assistant turns: rebuild without the flag, or set --sft-weight 0")
     if meta["reference"] is None and cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES:
         raise ValueError(f"{cfg.train_data_dir} was built with --no-reference; loss_type {cfg.loss_type!r} needs "
                          f"reference log-probs (reference-free: {', '.join(REFERENCE_FREE_LOSS_TYPES)})")

@@ -400,11 +400,14 @@ def test_data_that_cannot_serve_the_loss_is_refused(ws, tmp_path, capsys):
 
 def test_a_scored_history_is_refused_where_it_would_not_cancel(ws, tmp_path, capsys):
     """--score-all-assistant-turns data: sigmoid trains (the shared history cancels in its summed log-ratio);
-    ipo, which averages per token, is refused before loading the model."""
+    ipo, which averages per token, is refused before loading the model, and so is sigmoid with an NLL term
+    (--sft-weight), whose chosen log-probs would include the history."""
     data = build(ws, tmp_path / "all", "--score-all-assistant-turns")
     assert run_dpo(dpo_argv(ws, tmp_path / "a", train_data_dir=data)) == 0
     assert run_dpo(dpo_argv(ws, tmp_path / "b", train_data_dir=data, loss_type="ipo")) == 1
     assert "was built with --score-all-assistant-turns" in capsys.readouterr().err
+    assert run_dpo(dpo_argv(ws, tmp_path / "c", train_data_dir=data, sft_weight=0.5)) == 1
+    assert "--sft-weight adds the NLL" in capsys.readouterr().err
 
 
 def logits(model) -> torch.Tensor:

@@ -731,10 +731,13 @@ class Trainer:
         if state["step"] > self.cfg.max_train_steps:
             raise ValueError(f"--resume: {latest} is at step {state['step']}, beyond --max-train-steps "
                              f"{self.cfg.max_train_steps}: raise it to continue the run")
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, fresh in zip(self.optimizer.param_groups, settings):
-            group.update(fresh)  # this run's lr, betas, eps and weight decay, even if they changed
+        # This run's lr, betas, eps, weight decay and fused flag, even if they changed. The flag must be set before
+        # loading: torch puts the step counters on the parameters' device only for a group loaded as fused, which
+        # fused AdamW on CUDA needs when it resumes a checkpoint written on the CPU.
+        saved = state["optimizer"]
+        saved["param_groups"] = [{**group, **{k: v for k, v in fresh.items() if k != "params"}}
+                                 for group, fresh in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,

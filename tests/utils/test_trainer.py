@@ -652,6 +652,17 @@ def test_adamw_is_fused_on_cuda(tmp_path):
     assert optimizer.defaults["fused"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW needs CUDA parameters")
+def test_a_cpu_checkpoint_resumes_on_cuda(tmp_path):
+    """--device may change on a resume: the CPU run's foreach AdamW state (step counters on the CPU) continues in
+    the fused AdamW of a CUDA run, which needs its step counters on the GPU."""
+    data = make_dataset([1, 2, 3, 4, 5, 6], seed=5)
+    run(make_cfg(tmp_path, max_train_steps=2, ckpt_interval=2), ToyModel(seed=7), data)
+    model = ToyModel(seed=7).cuda()
+    resumed = run(make_cfg(tmp_path, resume=True, max_train_steps=3, device="cuda"), model, data)
+    assert resumed.step == 3 and all(p.is_cuda for p in model.parameters())
+
+
 def test_cuda_rng_state_is_the_current_gpus_only(monkeypatch):
     """A checkpoint keeps the current GPU's RNG state only, so a resume on a machine with fewer GPUs works; an
     older checkpoint with one state per GPU restores the current GPU's (CUDA faked: CI has no GPU)."""
