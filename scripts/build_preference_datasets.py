@@ -7,7 +7,7 @@ meta.json).
 Formats (auto-detected per file, or --format): hh (HH-RLHF chosen/rejected transcripts), trl (prompt/chosen/rejected
 strings), trl_conversational (message lists; implicit prompt too), sharegpt_ranking (LLaMA-Factory conversations +
 chosen/rejected), alpaca_ranking (instruction/input/chosen/rejected), shp (Stanford SHP; pairs kept when the score
-ratio >= --shp-min-score-ratio), kto (unpaired: messages + label, or prompt/completion/label).
+ratio >= --shp-min-score-ratio), kto (unpaired: messages or ShareGPT conversations + label, or prompt/completion/label).
 
 The reference model (--ref-model, plus --lora if the policy will continue training that adapter) scores every
 chosen/rejected sequence once, with the quantization the policy will train with (--quant-4bit nf4 quantizes every

@@ -76,7 +76,8 @@ def write_data(out_dir: Path, splits: dict[str, list[demo_task.Problem]], args: 
     """Writes the corpus and the JSON Lines files; returns the corpus path."""
     corpus = out_dir / "pretrain.txt"
     line_rng = random.Random(args.seed)
-    corpus.write_text("".join(demo_task.pretraining_line(p, line_rng) + "\n" for p in splits["pretrain"]))
+    corpus.write_text("".join(demo_task.pretraining_line(p, line_rng) + "\n" for p in splits["pretrain"]),
+                      encoding="utf-8")
     annotator_rng = random.Random(args.seed + 1)
     demo_task.write_jsonl(out_dir / "sft.jsonl", (
         demo_task.sft_row(p, demo_task.sloppy_answer(p, args.error_rate, annotator_rng)) for p in splits["sft"]))
@@ -97,7 +98,7 @@ def train_tokenizer(corpus: Path, model_path: Path, vocab_size: int) -> None:
     """
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus.read_text().splitlines()), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(corpus.read_text(encoding="utf-8").splitlines()), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", split_digits=True, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
@@ -167,7 +168,7 @@ def make_base_model(corpus: Path, base_dir: Path, args: argparse.Namespace) -> t
                                       vocab_size=tokenizer.vocab_size, max_seq_len=args.max_seq_len))
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"vocabulary {tokenizer.vocab_size}")
-        docs = [tokenizer.encode(line, bos=True, eos=True) for line in corpus.read_text().splitlines()]
+        docs = [tokenizer.encode(line, bos=True, eos=True) for line in corpus.read_text(encoding="utf-8").splitlines()]
         loss = pretrain(model, docs, tokenizer.pad_id, args)
         return loss, save_model(model, base_dir, [tokenizer_path], dtype=DTYPES[args.dtype])
 

@@ -244,7 +244,7 @@ class ShardedWriter:
             weight_map.update(dict.fromkeys(keys, final.name))
             files.append(final)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
         return files + [self.out_dir / INDEX_FILE]
 
 
@@ -314,7 +314,7 @@ def write_model_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, tor
         raise
     files += copy_tokenizer(tokenizer_files, out_dir)
     text = description_text(dtypes)
-    write_atomically(out_dir / description, lambda tmp: tmp.write_text(text))
+    write_atomically(out_dir / description, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     files.append(out_dir / description)
     return {"num_params": writer.num_params, "bytes": writer.total_bytes, "dtypes": sorted(dtypes),
             "files": [str(f) for f in files]}

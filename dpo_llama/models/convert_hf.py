@@ -33,14 +33,14 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def hf_weight_files(hf_dir: str | Path) -> list[Path]:
     """``model.safetensors`` or the shards named by ``model.safetensors.index.json``."""
     hf_dir = Path(hf_dir)
     if (hf_dir / HF_INDEX).is_file():
-        weight_map = json.loads((hf_dir / HF_INDEX).read_text())["weight_map"]
+        weight_map = json.loads((hf_dir / HF_INDEX).read_text(encoding="utf-8"))["weight_map"]
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     else:
         files = [hf_dir / HF_WEIGHTS]

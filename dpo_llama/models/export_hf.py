@@ -159,6 +159,6 @@ def export_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
                               config, max_shard_bytes)
     if [Path(f).name for f in summary["files"] if Path(f).name.startswith("tokenizer")] == ["tokenizer.model"]:
         tokenizer_config = json.dumps(sentencepiece_tokenizer_config(out_dir / "tokenizer.model"), indent=2)
-        (out_dir / "tokenizer_config.json").write_text(tokenizer_config)
+        (out_dir / "tokenizer_config.json").write_text(tokenizer_config, encoding="utf-8")
         summary["files"].append(str(out_dir / "tokenizer_config.json"))
     return summary

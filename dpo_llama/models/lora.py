@@ -512,7 +512,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig, bas
     base = {"model_type": model.args.model_type, "params": model.args.to_dict(),
             "weight_dtype": str(base_weight_dtype(model)).removeprefix("torch."), "info": base_info}
     content = json.dumps({"lora": as_lora_config(cfg).to_dict(), "base": base}, indent=2)
-    write_atomically(out_dir / LORA_CONFIG_FILE, lambda p: p.write_text(content))
+    write_atomically(out_dir / LORA_CONFIG_FILE, lambda p: p.write_text(content, encoding="utf-8"))
 
 
 def read_lora_config_file(lora_dir: str | os.PathLike) -> dict[str, Any]:

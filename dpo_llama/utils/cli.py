@@ -256,4 +256,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as indented JSON to ``path``."""
-    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")

@@ -75,7 +75,7 @@ class MetricsLogger:
         self.history = [dict(record) for record in history]
         last_step = self.history[-1]["step"] if self.history else 0
         self._writer = SummaryWriter(str(self.run_dir), purge_step=last_step + 1)
-        self._jsonl = open(self.run_dir / METRICS_FILE, "w")
+        self._jsonl = open(self.run_dir / METRICS_FILE, "w", encoding="utf-8")
         for record in self.history:
             self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()

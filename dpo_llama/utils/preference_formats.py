@@ -27,8 +27,8 @@ Formats (``format=`` name: the keys of one row):
 * ``"shp"``: stanfordnlp/SHP, ``history`` (the post), ``human_ref_A``, ``human_ref_B``,
   ``labels`` (1: A preferred), ``score_A``, ``score_B``; filtered by score ratio (see
   :func:`shp_score_ratio`).
-* ``"kto"`` (unpaired): ``messages`` plus ``label`` (LLaMA-Factory; the last message is the
-  completion), or TRL's ``prompt`` / ``completion`` / ``label`` with strings or message lists.
+* ``"kto"`` (unpaired): ``messages`` or ShareGPT ``conversations`` plus ``label`` (LLaMA-Factory; the last
+  message is the completion), or TRL's ``prompt`` / ``completion`` / ``label`` with strings or message lists.
 
 Rows are skipped and counted when they have missing fields, non-string content, empty
 responses, identical chosen and rejected, an SHP score ratio below the minimum, declared tools
@@ -250,8 +250,9 @@ def shp_split(row: dict, min_score_ratio: float = 2.0) -> Split:
 def kto_split(row: dict) -> tuple[list[Message], list[Message], bool]:
     """KTO row -> ``(prompt, completion, desirable)``.
 
-    Accepts ``messages`` + ``label`` (the last message is the completion) and TRL's
-    ``prompt`` / ``completion`` / ``label`` (strings or message lists).
+    Accepts ``messages`` + ``label`` (the last message is the completion), the same with LLaMA-Factory's ShareGPT
+    ``conversations`` (its default column) and optional ``system``, and TRL's ``prompt`` / ``completion`` /
+    ``label`` (strings or message lists).
 
     Raises:
         BadRowError: ``"invalid label"`` when ``label`` is not true/false, or a bad message.
@@ -261,6 +262,9 @@ def kto_split(row: dict) -> tuple[list[Message], list[Message], bool]:
         raise BadRowError("invalid label", f"label must be true or false, got {label!r}")
     if "messages" in row:
         messages = to_messages(row["messages"], "role", "content", OPENAI_ROLES)
+        return messages[:-1], messages[-1:], label
+    if "conversations" in row:
+        messages = sharegpt_messages(row)
         return messages[:-1], messages[-1:], label
     return as_messages(row, "prompt", "user"), as_messages(row, "completion", "assistant"), label
 
@@ -281,7 +285,7 @@ PREFERENCE_FORMAT_KEYS = {
     "sharegpt_ranking": "conversations + chosen/rejected {from, value}",
     "alpaca_ranking": "instruction/input/chosen/rejected",
     "shp": "history/human_ref_A/human_ref_B/labels/score_A/score_B",
-    "kto": "messages + label, or prompt/completion/label",
+    "kto": "messages or conversations + label, or prompt/completion/label",
 }
 
 
@@ -307,7 +311,7 @@ def detect_preference_format(row: dict) -> str:
             ("sharegpt_ranking", "conversations" in row and isinstance(chosen, dict)),
             ("alpaca_ranking", "instruction" in row and isinstance(chosen, str)),
             ("shp", all(k in row for k in ("history", "human_ref_A", "human_ref_B", "labels"))),
-            ("kto", "label" in row and ("messages" in row or "completion" in row)),
+            ("kto", "label" in row and any(k in row for k in ("messages", "conversations", "completion"))),
         )
         if matched
     ]

@@ -205,7 +205,8 @@ def refuse_tools(row: dict) -> None:
 
 def refuse_kto_label(row: dict) -> None:
     """Raises ``BadRowError("KTO row")`` for an unpaired preference row (``label`` true / false / null): its
-    undesirable completions are no demonstrations."""
+    undesirable completions are no demonstrations. The SFT row parsers call it after :func:`refuse_tools`, whatever
+    the format (LLaMA-Factory's KTO rows are ShareGPT ``conversations`` by default)."""
     if "label" in row and (row["label"] is None or isinstance(row["label"], bool)):
         raise BadRowError("KTO row", "a 'label' of true/false/null: build it with build_preference_datasets.py")
 
@@ -235,7 +236,6 @@ def sharegpt_messages(row: dict) -> list[Message]:
 
 def alpaca_conversation(row: dict) -> list[Message]:
     """Alpaca row -> messages."""
-    refuse_kto_label(row)
     return alpaca_prompt(row) + [{"role": "assistant", "content": text_field(row, "output")}]
 
 
@@ -244,9 +244,8 @@ def messages_conversation(row: dict) -> list[Message]:
 
     Raises:
         BadRowError: Missing ``messages``, a bad message, a weight other than 0 or 1, only weight-0 assistant
-            messages, or a KTO label.
+            messages.
     """
-    refuse_kto_label(row)
     if "messages" not in row:
         raise BadRowError("missing field", "'messages'")
     messages = to_messages(row["messages"], "role", "content", OPENAI_ROLES)
@@ -335,6 +334,7 @@ def sft_parser(format: str) -> Callable[[dict, str], Conversation]:
 
     def parse(row: dict, location: str) -> Conversation:
         refuse_tools(row)
+        refuse_kto_label(row)
         return Conversation(check_conversation(to_conversation(row)), location)
 
     return parse

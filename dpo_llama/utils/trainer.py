@@ -703,7 +703,7 @@ class Trainer:
         for checkpoint in checkpoints:
             config_path = checkpoint / CONFIG_FILE
             try:
-                saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+                saved = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
                 state = load_trainer_state(checkpoint)
                 mismatches = resume_mismatches(saved, current) + input_changes(
                     state.get("input_fingerprints"), self.input_fingerprints, checkpoint)

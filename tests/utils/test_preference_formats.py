@@ -360,6 +360,23 @@ def test_kto_llama_factory_messages():
     ]
 
 
+def test_kto_llama_factory_sharegpt_conversations(tmp_path):
+    """LLaMA-Factory's default messages column is ``conversations`` (from/value, optional system column): the last
+    message is the completion, as with ``messages``."""
+    rows = [{"conversations": [{"from": "human", "value": "Insult me"}, {"from": "gpt", "value": "No."}],
+             "system": "Be kind.", "label": True},
+            {"conversations": [{"from": "human", "value": "Insult me"}, {"from": "gpt", "value": "Idiot."}],
+             "label": False}]
+    path = tmp_path / "kto_sharegpt.json"
+    path.write_text(json.dumps(rows))
+    records, report = load_preference_records(path)
+    assert records == [
+        UnpairedExample([system("Be kind."), user("Insult me")], [assistant("No.")], True, f"{path}:[0]"),
+        UnpairedExample([user("Insult me")], [assistant("Idiot.")], False, f"{path}:[1]"),
+    ]
+    assert report.skipped == {}
+
+
 def test_kto_trl_conversational_and_standard():
     conversational, standard = FIXTURES / "kto_mix.jsonl", FIXTURES / "kto_standard.jsonl"
     records, report = load_preference_records([conversational, standard])

@@ -344,6 +344,7 @@ def test_sharegpt_with_role_and_content_tags(tmp_path):
     ({"messages": [user("q"), assistant("a")], "label": False}, "KTO row"),
     ({"messages": [user("q"), assistant("a")], "label": None}, "KTO row"),
     ({"instruction": "q", "output": "a", "label": True}, "KTO row"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "label": False}, "KTO row"),
 ])
 def test_rows_with_tools_or_a_kto_label_are_skipped(tmp_path, row, reason):
     """A declared tool list (LLaMA-Factory's tools column, OpenAI's tools) would be dropped from the prompt; a
