@@ -115,9 +115,8 @@ def test_a_rebuild_interrupted_after_its_first_file_reads_as_no_dataset(tmp_path
 def test_meta_json_is_utf8_whatever_the_locale(tmp_path):
     """Under an ASCII locale (LC_ALL=C, no UTF-8 mode) a non-ASCII path in meta.json still writes and reads back."""
     path = tmp_path / "meta.json"
-    code = ("import sys; from dpo_llama.utils.dataset_io import read_json, write_json; "
-            "write_json(sys.argv[1], {'input': 'données/café.jsonl'}); print(read_json(sys.argv[1])['input'] == "
-            "'données/café.jsonl')")
+    code = ("import sys; from dpo_llama.utils.dataset_io import read_json, write_json; name = 'caf\\u00e9.jsonl'; "
+            "write_json(sys.argv[1], {'input': name}); print(read_json(sys.argv[1])['input'] == name)")
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
