@@ -101,6 +101,18 @@ def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {ckpt_dir}")
 
 
+def open_safetensors(path: Path) -> safe_open:
+    """``safe_open(path)`` for torch tensors.
+
+    Raises:
+        ValueError: the file is not readable safetensors (a truncated file, say: its header is checked here).
+    """
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields ``(key, tensor)`` pairs one tensor at a time from safetensors files.
 
@@ -110,15 +122,12 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
     """
     seen: dict[str, str] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in seen:
-                        raise ValueError(f"weight {key!r} is stored in both {seen[key]} and {path.name}")
-                    seen[key] = path.name
-                    yield key, f.get_tensor(key)
-        except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                if key in seen:
+                    raise ValueError(f"weight {key!r} is stored in both {seen[key]} and {path.name}")
+                seen[key] = path.name
+                yield key, f.get_tensor(key)
 
 
 def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor, device: str | torch.device = "cpu") -> None:

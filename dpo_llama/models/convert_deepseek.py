@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from dpo_llama.models.checkpoint import open_safetensors
 from dpo_llama.models.convert_hf import hf_weight_files, rope_settings, unpermute_rotary
 from dpo_llama.models.deepseek import DeepseekArgs
 
@@ -82,7 +82,7 @@ def tensor_locations(files: list[Path]) -> dict[str, Path]:
     """Key -> safetensors file, read from the file headers only."""
     locations = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             locations.update(dict.fromkeys(f.keys(), path))
     return locations
 
@@ -145,7 +145,7 @@ def deepseek_tensors_from_hf(hf_dir: str | Path, args: DeepseekArgs,
     locations = tensor_locations(hf_weight_files(hf_dir))
     keys = set(locations)
     with ExitStack() as open_files:
-        handles = {path: open_files.enter_context(safe_open(str(path), framework="pt"))
+        handles = {path: open_files.enter_context(open_safetensors(path))
                    for path in dict.fromkeys(locations.values())}
 
         def read(key: str) -> torch.Tensor:

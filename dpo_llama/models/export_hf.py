@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,26 @@ def deepseek_hf_config(args: DeepseekArgs, dtype: str, token_ids: dict[str, int]
     return config
 
 
+def transformers_differences(args: ModelArgs | DeepseekArgs) -> list[str]:
+    """The settings of a DeepSeek-V2 model that transformers' ``DeepseekV2ForCausalLM`` does not follow (see
+    :mod:`dpo_llama.models.deepseek`): an export with any of them computes other logits there. No published
+    checkpoint has one."""
+    if args.model_type != "deepseek_v2":
+        return []
+    found = []
+    if args.norm_topk_prob and args.num_experts_per_tok > 1:
+        found.append("norm_topk_prob=true (it never renormalises the chosen experts' scores)")
+    if args.moe_layer_freq != 1:
+        found.append(f"moe_layer_freq={args.moe_layer_freq} (it makes every layer from first_k_dense_replace on a "
+                     f"MoE layer)")
+    scaling = args.rope_scaling or {}
+    mscale, mscale_all_dim = scaling.get("mscale", 1.0), scaling.get("mscale_all_dim", 0.0)
+    if scaling.get("factor", 1.0) > 1 and not (mscale and mscale_all_dim) and (mscale, mscale_all_dim) != (1, 0):
+        found.append(f"YaRN's mscale={mscale}, mscale_all_dim={mscale_all_dim} (it scales cos and sin by "
+                     f"0.1 ln(factor) + 1 unless both are set)")
+    return found
+
+
 def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs | DeepseekArgs,
                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams HF ``(key, tensor)`` pairs from our checkpoint, one tensor (or one stack of experts) in memory at a
@@ -116,11 +137,16 @@ def hf_tensors(ckpt_dir: str | os.PathLike, args: ModelArgs | DeepseekArgs,
 
 
 def token_ids(ckpt_dir: str | os.PathLike) -> dict[str, int]:
-    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the checkpoint's tokenizer (none without one)."""
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the checkpoint's tokenizer (none without one).
+
+    No ``pad_token_id`` where the pad is EOS (our fallback for tokenizers without a pad, such as LLaMA's):
+    transformers makes it the input embedding's ``padding_idx``, whose row then gets no gradient, and EOS's must.
+    """
     if not tokenizer_files(ckpt_dir):
         return {}
     tokenizer = load_tokenizer(ckpt_dir)
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    pad_id = None if tokenizer.pad_id == tokenizer.eos_id else tokenizer.pad_id
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad_id}
     return {name: value for name, value in ids.items() if value is not None and value >= 0}
 
 
@@ -144,11 +170,17 @@ def export_model(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype:
 
     Raises:
         ValueError: a DeepSeek-MoE checkpoint whose ``head_dim`` its config cannot hold.
+
+    Warns:
+        UserWarning: for each :func:`transformers_differences` of the model.
     """
     args = read_params(ckpt_dir)
     ids = token_ids(ckpt_dir)
     to_config = hf_config if args.model_type == "llama" else deepseek_hf_config
     to_config(args, "float32", ids)  # refuses what config.json cannot hold before any file is written
+    for difference in transformers_differences(args):
+        warnings.warn(f"{out_dir}: transformers' DeepseekV2ForCausalLM ignores {difference}; its logits will differ "
+                      f"from this model's", stacklevel=2)
 
     def config(dtypes: set[str]) -> str:
         widest = max(dtypes, key=lambda name: torch.finfo(getattr(torch, name)).bits, default="float32")

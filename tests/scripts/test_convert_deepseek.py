@@ -99,8 +99,8 @@ def test_expert_stacking_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     events = []
 
     class RecordingSafeOpen:
-        def __init__(self, path, framework):
-            self.inner = safe_open(path, framework=framework)
+        def __init__(self, path):
+            self.inner = safe_open(str(path), framework="pt")
 
         def __enter__(self):
             self.file = self.inner.__enter__()
@@ -116,7 +116,7 @@ def test_expert_stacking_holds_one_layer_at_a_time(tmp_path, monkeypatch):
             events.append(key)
             return self.file.get_tensor(key)
 
-    monkeypatch.setattr(convert_deepseek, "safe_open", RecordingSafeOpen)
+    monkeypatch.setattr(convert_deepseek, "open_safetensors", RecordingSafeOpen)
     for key, _ in deepseek_tensors_from_hf(tmp_path, deepseek_args_from_hf(cfg)):
         events.append(key)
     layers = [int(m.group(1)) for e in events if (m := re.match(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.", e))]
@@ -175,3 +175,11 @@ def test_fused_experts_with_wrong_shape_are_refused(tmp_path, capsys):
     save_file(weights, tmp_path / "model.safetensors")
     assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "shape mismatch for model.layers.1.mlp.experts.gate_up_proj" in capsys.readouterr().err
+
+
+def test_a_truncated_weight_file_is_one_clear_error(tmp_path, capsys):
+    argv = write_bad(tmp_path)
+    path = next((tmp_path / "hf").glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[:1000])
+    assert convert_hf(argv) == 1
+    assert f"{path} is not a readable safetensors file" in capsys.readouterr().err

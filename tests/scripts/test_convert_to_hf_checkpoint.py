@@ -2,6 +2,7 @@
 DeepSeek-MoE), and transformers loads the export of a trained model with our logits."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -64,8 +65,9 @@ def test_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, variant):
 
 def test_an_exported_model_of_ours_computes_our_logits_with_its_token_ids(tmp_path):
     """A model saved by dpo_llama (as the merges write them) with a sentencepiece tokenizer: transformers gives its
-    logits, config.json carries the tokenizer's BOS/EOS ids, and the tokenizer file is copied; ``--dtype bf16``
-    writes bf16 tensors and says so."""
+    logits, config.json carries the tokenizer's BOS/EOS ids and no pad id (it has no pad: ours is EOS, which as
+    transformers' padding_idx would get no gradient), and the tokenizer file is copied; ``--dtype bf16`` writes
+    bf16 tensors and says so."""
     torch.manual_seed(0)
     tokenizer = make_sentencepiece(tmp_path / "tok")
     model = Transformer(get_preset("tiny", vocab_size=400)).eval()
@@ -73,6 +75,7 @@ def test_an_exported_model_of_ours_computes_our_logits_with_its_token_ids(tmp_pa
     assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "float32")
+    assert "pad_token_id" not in config
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")  # through the tokenizer_config.json written
     ours = load_tokenizer(tmp_path / "ours")
@@ -114,6 +117,35 @@ def test_deepseek_v2_round_trip_gives_back_the_hf_tensors_and_logits(tmp_path, v
     tokens = torch.randint(0, 300, (2, 48))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, original(tokens).logits, atol=1e-5, rtol=0)
+
+
+IGNORED_BY_TRANSFORMERS = {
+    "norm_topk_prob": dict(norm_topk_prob=True),
+    "moe_layer_freq": dict(n_layers=3, moe_layer_freq=2),
+    "mscale": dict(rope_scaling={**get_preset("tiny-deepseek-v2").rope_scaling, "mscale_all_dim": 0.0}),
+    "none": {},
+}
+
+
+@pytest.mark.parametrize("name", list(IGNORED_BY_TRANSFORMERS))
+def test_a_setting_transformers_ignores_is_warned_about(tmp_path, name):
+    """A DeepSeek-V2 setting that transformers' DeepseekV2ForCausalLM does not follow is named in a warning, and
+    its logits there do differ from ours; without one there is no warning and they are ours."""
+    torch.manual_seed(0)
+    model = DeepseekTransformer(get_preset("tiny-deepseek-v2", **IGNORED_BY_TRANSFORMERS[name])).eval()
+    save_model(model, tmp_path / "ours")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf")]) == 0
+    warned = [str(w.message) for w in caught if "DeepseekV2ForCausalLM ignores" in str(w.message)]
+    tokens = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        difference = (DeepseekV2ForCausalLM.from_pretrained(tmp_path / "hf").eval()(tokens).logits
+                      - model(tokens)).abs().max().item()
+    if name == "none":
+        assert warned == [] and difference < 1e-4
+    else:
+        assert len(warned) == 1 and f"ignores {name}" in warned[0].replace("YaRN's ", "") and difference > 1e-3
 
 
 def test_deepseek_moe_round_trip_gives_back_its_files(tmp_path):
