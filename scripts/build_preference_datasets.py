@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-all-assistant-turns", action="store_true",
                    help="score every assistant turn of the trajectories (M-DPO) instead of only the final one; "
                         "paired data for the sigmoid, robust and hinge losses only")
-    p.add_argument("--shp-min-score-ratio", type=float, default=2.0, help="SHP: keep pairs with score ratio >= this")
+    p.add_argument("--shp-min-score-ratio", type=at_least(1.0, float), default=2.0,
+                   help="SHP: keep pairs with score ratio (higher / lower score) >= this")
     p.add_argument("--max-samples", type=at_least(1), default=None, help="use at most this many records")
     p.add_argument("--val-ratio", type=float, default=0.05, help="fraction held out for validation")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")

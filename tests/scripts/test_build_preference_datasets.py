@@ -200,6 +200,9 @@ def test_shp_minimum_score_ratio_reaches_the_parser(reference, tmp_path):
     assert build(reference, tmp_path / "default", [shp], "--no-reference") == 0
     assert build(reference, tmp_path / "one", [shp], "--no-reference", shp_min_score_ratio=1.0) == 0
     assert [len(load(tmp_path / name)[0]) for name in ("default", "one")] == [4, 5]
+    for bad in ("nan", "0.5"):  # NaN would keep every pair; a ratio (higher / lower) is never below 1
+        with pytest.raises(SystemExit):
+            build(reference, tmp_path / "bad", [shp], "--no-reference", "--shp-min-score-ratio", bad)
 
 
 def test_a_kto_example_alone_in_its_split_gets_another_examples_completion(reference, tmp_path):
