@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -34,12 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_llama.configs.demo import ASSETS
-from dpo_llama.models.checkpoint import DTYPES, format_summary, load_model, save_model
+from dpo_llama.models.checkpoint import DTYPES, load_model, save_model
 from dpo_llama.models.generation import generate
 from dpo_llama.models.llama import ModelArgs, Transformer
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils import demo_task
-from dpo_llama.utils.cli import HelpFormatter
+from dpo_llama.utils.cli import HelpFormatter, at_least
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.trainer import lr_factor
 
@@ -49,26 +50,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default=str(ASSETS), help="assets directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the splits and the weights")
     data = parser.add_argument_group("data")
-    data.add_argument("--sft-size", type=int, default=2000, help="SFT demonstrations")
-    data.add_argument("--preference-train-size", type=int, default=2000, help="training preference pairs")
-    data.add_argument("--preference-test-size", type=int, default=300, help="held-out preference pairs")
-    data.add_argument("--eval-size", type=int, default=400, help="held-out evaluation prompts")
+    data.add_argument("--sft-size", type=at_least(1), default=2000, help="SFT demonstrations")
+    data.add_argument("--preference-train-size", type=at_least(1), default=2000, help="training preference pairs")
+    data.add_argument("--preference-test-size", type=at_least(1), default=300, help="held-out preference pairs")
+    data.add_argument("--eval-size", type=at_least(1), default=400, help="held-out evaluation prompts")
     data.add_argument("--error-rate", type=float, default=0.8,
                       help="chance that the sloppy annotator forgets a carry (SFT data)")
-    data.add_argument("--vocab-size", type=int, default=320, help="sentencepiece vocabulary size")
+    data.add_argument("--vocab-size", type=at_least(1), default=320, help="sentencepiece vocabulary size")
     model = parser.add_argument_group("model")
-    model.add_argument("--dim", type=int, default=128, help="width of the residual stream")
-    model.add_argument("--n-layers", type=int, default=4, help="transformer blocks")
-    model.add_argument("--n-heads", type=int, default=4, help="query heads")
-    model.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads")
-    model.add_argument("--hidden-dim", type=int, default=384, help="SwiGLU inner width")
-    model.add_argument("--max-seq-len", type=int, default=128, help="longest sequence")
+    model.add_argument("--dim", type=at_least(1), default=128, help="width of the residual stream")
+    model.add_argument("--n-layers", type=at_least(1), default=4, help="transformer blocks")
+    model.add_argument("--n-heads", type=at_least(1), default=4, help="query heads")
+    model.add_argument("--n-kv-heads", type=at_least(1), default=2, help="key/value heads")
+    model.add_argument("--hidden-dim", type=at_least(1), default=384, help="SwiGLU inner width")
+    model.add_argument("--max-seq-len", type=at_least(1), default=128, help="longest sequence")
     model.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype the weights are saved in")
     train = parser.add_argument_group("pretraining")
-    train.add_argument("--pretrain-steps", type=int, default=2000, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=64, help="lines per step")
+    train.add_argument("--pretrain-steps", type=at_least(1), default=2000, help="optimizer steps")
+    train.add_argument("--batch-size", type=at_least(1), default=64, help="lines per step")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
+    train.add_argument("--warmup-steps", type=at_least(0), default=100, help="linear warmup steps")
     return parser.parse_args(argv)
 
 
@@ -173,6 +174,19 @@ def make_base_model(corpus: Path, base_dir: Path, args: argparse.Namespace) -> t
         return loss, save_model(model, base_dir, [tokenizer_path], dtype=DTYPES[args.dtype])
 
 
+def publish(staging: Path, out_dir: Path) -> None:
+    """Moves every file and folder of ``staging`` into ``out_dir``, replacing those of the same name (others, such
+    as the assets' README, stay). Everything is made in ``staging`` first, so that a run that fails or is
+    interrupted leaves the old assets as they were, never new data beside an old model pretrained on other
+    held-out problems."""
+    out_dir.mkdir(exist_ok=True)
+    for item in sorted(staging.iterdir()):
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
@@ -184,13 +198,17 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = write_data(out_dir, splits, args)
-    print(f"wrote {', '.join(f'{len(splits[n])} {n}' for n in ('pretrain', *sizes))} problems to {out_dir}")
-    loss, summary = make_base_model(corpus, out_dir / "base", args)
-    print(f"final pretraining loss {loss:.3f}\n{format_summary(summary)}")
-    base = load_model(out_dir / "base", dtype=torch.float32)
-    accuracy = plain_text_accuracy(base, load_tokenizer(out_dir / "base"), splits["eval"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-partial-") as tmp:
+        staging = Path(tmp)
+        corpus = write_data(staging, splits, args)
+        print(f"made {', '.join(f'{len(splits[n])} {n}' for n in ('pretrain', *sizes))} problems")
+        loss, summary = make_base_model(corpus, staging / "base", args)
+        print(f"final pretraining loss {loss:.3f}, {summary['num_params']:,} parameters")
+        base = load_model(staging / "base", dtype=torch.float32)
+        accuracy = plain_text_accuracy(base, load_tokenizer(staging / "base"), splits["eval"])
+        publish(staging, out_dir)
+    print(f"wrote {out_dir}: {', '.join(sorted(item.name for item in out_dir.iterdir()))}")
     print(f"base model plain-text accuracy on the {len(splits['eval'])} held-out eval sums: {accuracy:.3f}")
     print(f"done in {time.time() - start:.0f}s")
     return 0

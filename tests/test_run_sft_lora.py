@@ -304,3 +304,9 @@ def test_4bit_experts_with_a_kernel_backend_are_refused(switches):
     with pytest.raises(ValueError, match="takes no 4-bit experts"):
         SFTLoRAConfig(experts_backend="cpu_kernel", **switches)
     SFTLoRAConfig(experts_backend="cpu_kernel", quant_lora_4bit=True)  # dense layers 4-bit, experts not
+
+
+def test_a_negative_aux_loss_weight_is_refused():
+    """The balancing loss is added only for a weight > 0: a negative one would act as 0 without a word."""
+    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+        SFTLoRAConfig(aux_loss_weight=-1.0)

@@ -47,6 +47,8 @@ class FinetuneConfig(TrainConfig, LoRAConfig):
         LoRAConfig.__post_init__(self)
         if not self.pretrain_ckpt_dir or not self.train_data_dir:
             raise ValueError("pretrain_ckpt_dir and train_data_dir must be set")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.experts_transposed_copy and self.experts_backend != "cpu_kernel":
             raise ValueError("experts_transposed_copy needs experts_backend=cpu_kernel")
         if self.experts_backend != "torch" and (self.quant_4bit or (self.quant_lora_4bit

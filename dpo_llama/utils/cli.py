@@ -123,6 +123,8 @@ def _argument_spec(name: str, tp: Any) -> dict[str, Any]:
         spec["type"] = _allow_none(spec["type"])
         if "choices" in spec:
             spec["choices"] = [*spec["choices"], None]
+        if spec.get("nargs") not in (None, "?"):
+            spec["nargs"] = "+"  # `none` alone, or the values (counted by _container_values)
         return spec
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is bool:
@@ -162,9 +164,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
     spec = _argument_spec(f.name, tp)
     if "choices" in spec:
         spec["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in spec["choices"]) + "}"
-    required = _field_default(f) is dataclasses.MISSING
     dashed = f.name.replace("_", "-")
-    parser.add_argument(f"--{dashed}", dest=f.name, help=_help_text(f, tp), required=required, **spec)
+    parser.add_argument(f"--{dashed}", dest=f.name, help=_help_text(f, tp), **spec)
     if dashed != f.name:
         parser.add_argument(f"--{f.name}", dest=f.name, help=argparse.SUPPRESS, **spec)
     if tp is bool:
@@ -194,15 +195,37 @@ def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentPa
     return parser
 
 
-def _lists_to_tuples(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Convert list values of tuple-typed fields (argparse and JSON give lists) to tuples."""
+def _container_values(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """List values (argparse and JSON give lists) as their fields' types: ``none`` alone is None for an optional
+    list or tuple, tuple fields get tuples.
+
+    Raises:
+        ValueError: ``none`` among other values, or a fixed-size tuple given another number of values.
+    """
     hints = typing.get_type_hints(config_cls)
     converted = dict(values)
     for name, value in values.items():
+        if not isinstance(value, list):
+            continue
+        flag = "--" + name.replace("_", "-")
         tp = _optional_inner(hints[name]) or hints[name]
-        if typing.get_origin(tp) is tuple and value is not None:
+        if value == [None] and tp is not hints[name]:
+            converted[name] = None
+            continue
+        if None in value:
+            raise ValueError(f"{flag}: 'none' must be its only value")
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is tuple:
+            if Ellipsis not in args and len(value) != len(args):
+                raise ValueError(f"{flag}: expected {len(args)} values, got {len(value)}")
             converted[name] = tuple(value)
     return converted
+
+
+def _missing_required(config_cls: type, values: dict[str, Any]) -> list[str]:
+    """The flags of fields without a default that are not in ``values`` (either spelling given counts)."""
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)
+            if f.init and _field_default(f) is dataclasses.MISSING and f.name not in values]
 
 
 def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
@@ -233,8 +256,11 @@ def parse_config(config_cls: type[ConfigT], argv: list[str] | None = None, descr
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         _reject_unknown(parser, unknown)
+    missing = _missing_required(config_cls, vars(namespace))
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
-        return config_cls(**_lists_to_tuples(config_cls, vars(namespace)))
+        return config_cls(**_container_values(config_cls, vars(namespace)))
     except ValueError as error:
         parser.error(str(error))
 

@@ -76,6 +76,21 @@ def test_lists_and_tuples():
     assert cfg.layers == (3,)
 
 
+def test_optional_lists_and_tuples_take_none_alone(capsys):
+    @dataclass
+    class Containers:
+        layers: Optional[list[int]] = field(default_factory=lambda: [1])
+        pair: tuple[int, int] | None = (1, 2)
+
+    assert parse_config(Containers, ["--layers", "none", "--pair", "NONE"]) == Containers(None, None)
+    assert parse_config(Containers, ["--layers", "3", "4", "--pair", "5", "6"]) == Containers([3, 4], (5, 6))
+    for argv, message in ((["--layers", "3", "none"], "'none' must be its only value"),
+                          (["--pair", "5"], "--pair: expected 2 values, got 1")):
+        with pytest.raises(SystemExit):
+            parse_config(Containers, argv)
+        assert message in capsys.readouterr().err
+
+
 def test_choices_are_validated(capsys):
     assert parse("--dtype", "fp32").dtype == "fp32"
     with pytest.raises(SystemExit):
@@ -166,9 +181,14 @@ def test_required_field_and_unsupported_type():
     class Required:
         path: str = field(metadata={"help": "Input file."})
 
+    @dataclass
+    class RequiredPair:
+        data_dir: str = field(metadata={"help": "Input directory."})
+
     with pytest.raises(SystemExit):
         parse_config(Required, [])
     assert parse_config(Required, ["--path", "a.pkl"]).path == "a.pkl"
+    assert parse_config(RequiredPair, ["--data_dir", "x"]).data_dir == "x"  # either spelling counts
 
     @dataclass
     class Unsupported:

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,30 @@ def test_make_demo_assets_is_deterministic(tmp_path):
 def test_make_demo_assets_rejects_impossible_sizes(tmp_path, capsys):
     assert make_demo_assets(["--output", str(tmp_path), "--sft-size", "9000"]) == 1
     assert "only 8100 exist" in capsys.readouterr().err
+    for flag in ("--pretrain-steps", "--eval-size"):  # nothing to train or to measure on
+        with pytest.raises(SystemExit):
+            make_demo_assets(["--output", str(tmp_path), flag, "0"])
+
+
+def test_an_interrupted_make_demo_assets_leaves_the_old_assets(tmp_path, monkeypatch):
+    """Everything is made aside and moved in at the end: a run stopped during pretraining changes nothing (no new
+    held-out data beside an old model), and a finished one replaces the assets but keeps other files."""
+    assert make_demo_assets(tiny_asset_args(tmp_path / "demo")) == 0
+    (tmp_path / "demo" / "README.md").write_text("hand-written")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("scripts.make_demo_assets.pretrain", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            make_demo_assets(tiny_asset_args(tmp_path / "demo", seed=1))
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "demo").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no partial folder left
+    assert make_demo_assets(tiny_asset_args(tmp_path / "demo", seed=1)) == 0
+    assert (tmp_path / "demo" / "eval.jsonl").read_bytes() != before[Path("demo/eval.jsonl")]
+    assert (tmp_path / "demo" / "README.md").read_text() == "hand-written"
 
 
 # The committed assets (regenerate them with `python scripts/make_demo_assets.py`).
