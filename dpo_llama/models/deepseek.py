@@ -174,11 +174,14 @@ class DeepseekArgs:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "DeepseekArgs":
-        """Builds args from ``params.json`` content, refusing unknown keys."""
+        """Builds args from ``params.json`` content, refusing unknown keys. An ``experts_backend`` (in files written
+        before :meth:`to_dict` left it out) is dropped: the backend is chosen at run time, by
+        ``set_experts_backend``, which also freezes the experts the kernel needs frozen and falls back to PyTorch
+        where it cannot build."""
         unknown = sorted(set(params) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown keys in params.json for {cls.__name__}: {unknown}")
-        return cls(**params)
+        return cls(**{key: value for key, value in params.items() if key != "experts_backend"})
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -262,8 +262,8 @@ class PairGroups:
         return tensor.index_select(0, self.token_of[span]) if by_token else tensor[span]
 
     def sorted_weights(self, topk_weights: torch.Tensor) -> torch.Tensor:
-        """The routing weight of every pair, in sorted order, float32 ``[P]``."""
-        return topk_weights.reshape(-1)[self.order].float()
+        """The routing weight of every pair, in sorted order, ``[P]`` in float32 (float64 for a float64 model)."""
+        return topk_weights.reshape(-1)[self.order].to(torch.promote_types(topk_weights.dtype, torch.float32))
 
 
 class GatherPairs(torch.autograd.Function):
@@ -506,8 +506,10 @@ def load_cpu_kernel():
                            f"{err}; use experts_backend='torch'") from err
     error = cpu_moe.kernel_error()
     if error is not None:
+        lines = [line.strip() for line in error.splitlines() if line.strip()]
+        cause = " | ".join(lines if len(lines) <= 3 else [lines[0], "...", *lines[-2:]])  # a build log's cause ends it
         raise RuntimeError(f"experts backend 'cpu_kernel': the C++ MoE kernel is not available on this machine "
-                           f"({error.splitlines()[0]}); use experts_backend='torch'")
+                           f"({cause}); use experts_backend='torch'")
     return cpu_moe
 
 

@@ -621,6 +621,17 @@ def test_gather_and_scatter_pairs_pass_gradcheck():
     assert torch.autograd.gradcheck(moe, (x, topk_weights, mats))
 
 
+def test_a_float64_torch_backend_passes_gradcheck():
+    """The whole torch backend in float64 (its routing weights too, not float32): finite differences agree for
+    the token states and the routing weights, with a token routed twice to one expert."""
+    torch.manual_seed(0)
+    experts = make_experts(4, 6, 5).double()
+    ids = torch.tensor([[0, 2], [3, 3], [2, 1]])
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, w_: experts(x_, ids, w_), (x, weights))
+
+
 def test_grouped_lora_allocates_its_per_pair_tensors_through_empty():
     """With ``empty`` given, GroupedLoRA takes its per-pair output (no scatter) and the per-pair input's
     gradient (no gather) from it, the two [pairs, ...] tensors, and computes the same as without it."""
