@@ -112,13 +112,18 @@ class Packed4bit:
         self.state.to(device)
         return self
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight ``Ŵ`` (original shape) in the compute dtype, dequantized straight into it as
-        ``linear_4bit``'s product does (not through the original dtype, which would round it there first)."""
-        from bitsandbytes.functional import dequantize_4bit
+    def compute_state(self) -> QuantState:
+        """The quantization state with the compute dtype as its dtype: bitsandbytes dequantizes ``Ŵ`` straight into
+        that dtype (for the product and for its backward alike), not through the original weight's dtype, which
+        would round it there first (bf16 weights computed in fp32)."""
         state = copy.copy(self.state)
         state.dtype = self.compute_dtype
-        return dequantize_4bit(self.data, state)
+        return state
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight ``Ŵ`` (original shape) in the compute dtype, as ``linear_4bit`` multiplies with it."""
+        from bitsandbytes.functional import dequantize_4bit
+        return dequantize_4bit(self.data, self.compute_state())
 
     def __repr__(self) -> str:
         return (f"Packed4bit(shape={tuple(self.shape)}, {self.state.quant_type}, blocksize={self.state.blocksize}, "
@@ -148,7 +153,7 @@ def linear_4bit(x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None =
     compute = packed.compute_dtype
     bias = None if bias is None else bias.to(compute)
     from bitsandbytes import matmul_4bit
-    return matmul_4bit(x.to(compute), packed.data.t(), packed.state, bias=bias).to(x.dtype)
+    return matmul_4bit(x.to(compute), packed.data.t(), packed.compute_state(), bias=bias).to(x.dtype)
 
 
 def applied_device(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.device:

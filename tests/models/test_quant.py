@@ -92,6 +92,22 @@ def test_output_comes_back_in_the_inputs_dtype(x_dtype, compute_dtype):
     assert y.dtype == x_dtype and torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_the_backward_multiplies_with_the_forwards_weight(weight_dtype, compute_dtype):
+    """dL/dx is computed with the same Ŵ as the forward, bit for bit: for bf16 weights computed in fp32 too, which
+    bitsandbytes' backward would otherwise dequantize through bf16."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(128, 64, bias=False).to(weight_dtype),
+                                   Quant4bitConfig(compute_dtype=compute_dtype))
+    x = torch.randn(5, 128, dtype=compute_dtype, requires_grad=True)
+    grad = torch.randn(5, 64, dtype=compute_dtype)
+    layer(x).backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    nn.functional.linear(x_ref, layer.packed.dequantize()).backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
 def test_gradient_flows_to_the_input_only():
     """dL/dx = dL/dy · Ŵ for y = x Ŵᵀ; the 4-bit weight is frozen and holds no Parameter."""
     layer = Linear4bit.from_linear(nn.Linear(64, 32, bias=False), Quant4bitConfig(**FP32))
