@@ -377,8 +377,10 @@ inline bool amx_runs() {
   if (pid < 0) return false;
   if (pid == 0) _exit(amx::self_test() ? 0 : 1);
   int status = 0;
-  if (waitpid(pid, &status, 0) != pid) return false;
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  pid_t waited;
+  do waited = waitpid(pid, &status, 0);
+  while (waited < 0 && errno == EINTR);  // a signal handled meanwhile is no verdict on AMX
+  return waited == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 DPO_TARGET_AMX inline void release_tiles_amx() { amx::release_tiles(); }

@@ -6,6 +6,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <limits>
 
 #include "moe_common.h"
 
@@ -20,12 +21,13 @@ DPO_INLINE float bf16_to_f32(uint16_t b) {
 }
 
 // exp(x) = 2^k * p(r) with x = k ln2 + r, |r| <= ln2 / 2; p is the degree-6 Taylor polynomial
-// (relative error < 2e-7). Branch-free so that it vectorises.
+// (relative error < 2e-7); +inf above 88 (where float's exp all but overflows), so that silu(g) of a
+// very negative g is -0, not g / e^88. Branch-free so that it vectorises.
 DPO_INLINE float fast_exp(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
-  const float t = x * 1.44269504f;
+  const float c = std::min(88.0f, std::max(-87.0f, x));
+  const float t = c * 1.44269504f;
   const int k = int(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float r = x - float(k) * 0.693145752f - float(k) * 1.42860677e-06f;
+  const float r = c - float(k) * 0.693145752f - float(k) * 1.42860677e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -36,7 +38,7 @@ DPO_INLINE float fast_exp(float x) {
   const uint32_t bits = uint32_t(k + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return x > 88.0f ? std::numeric_limits<float>::infinity() : p * scale;
 }
 
 // Gate/up outputs of one row are interleaved per 32-column panel: [gate 0..31 | up 0..31 | ...].

@@ -128,27 +128,29 @@ const std::map<std::string, double>& bf16_nt_timings() {
   return timings;
 }
 
+// "fma" or "dpbf16" (`what` names where the name came from in the error of any other).
+Bf16Nt parse_bf16_nt(const std::string& name, const std::string& what) {
+  if (name == "fma") return Bf16Nt::fma;
+  TORCH_CHECK_VALUE(name == "dpbf16", what, "='", name,
+                    "': expected fma or dpbf16 (or unset: the faster one on this CPU)");
+  TORCH_CHECK(detect_cpu().avx512_bf16, what, "=dpbf16, but this CPU has no AVX512_BF16 (vdpbf16ps)");
+  return Bf16Nt::dpbf16;
+}
+
 // The avx512 bf16 forward kernel: $DPO_LLAMA_MOE_AVX512_BF16 (fma|dpbf16) if set, read at every
 // call, else the faster one in bf16_nt_timings(). fma wherever AVX512_BF16 is missing.
 Bf16Nt avx512_bf16_nt() {
-  const bool dpbf16_runs = detect_cpu().avx512_bf16;
-  const char* env = std::getenv(kBf16NtEnv);
-  const std::string forced = env == nullptr ? "" : env;
-  if (forced == "fma") return Bf16Nt::fma;
-  if (forced == "dpbf16") {
-    TORCH_CHECK(dpbf16_runs, kBf16NtEnv, "=dpbf16, but this CPU has no AVX512_BF16 (vdpbf16ps)");
-    return Bf16Nt::dpbf16;
-  }
-  TORCH_CHECK_VALUE(forced.empty(), kBf16NtEnv, "='", forced,
-                    "': expected fma or dpbf16 (or unset: the faster one on this CPU)");
-  if (!dpbf16_runs) return Bf16Nt::fma;
+  const char* forced = std::getenv(kBf16NtEnv);
+  if (forced != nullptr && *forced != '\0') return parse_bf16_nt(forced, kBf16NtEnv);
+  if (!detect_cpu().avx512_bf16) return Bf16Nt::fma;
   const auto& timings = bf16_nt_timings();
   return timings.at("dpbf16") < timings.at("fma") ? Bf16Nt::dpbf16 : Bf16Nt::fma;
 }
 
 // ---------------------------------------------------------------- kernel tables
 
-Kernels kernels_for(Isa isa, WeightType type) {
+// The kernels of `isa` for weights of `type`; `nt` picks the avx512 products (ignored elsewhere).
+Kernels kernels_for(Isa isa, WeightType type, Bf16Nt nt) {
   const bool bf16 = type == WeightType::bf16;
   // Transposed weight copies exist for bf16 only, so the int8 tables have no nt_on_nn_format.
   switch (isa) {
@@ -161,7 +163,7 @@ Kernels kernels_for(Isa isa, WeightType type) {
               silu_mul_avx512, swiglu_backward_avx512, store_row_avx512, release_tiles_amx};
     case Isa::avx512:
       // With vdpbf16ps the backward's operands are bf16 too, as on AMX, for either weight type.
-      if (avx512_bf16_nt() == Bf16Nt::dpbf16) {
+      if (nt == Bf16Nt::dpbf16) {
         if (bf16)
           return {ActFormat::bf16, ActFormat::bf16, gemm_nt_bf16_dpbf16_avx512,
                   gemm_nn_bf16_dpbf16_avx512, gemm_nt_bf16_dpbf16_avx512, silu_mul_avx512,
@@ -283,9 +285,11 @@ Routing route(const at::Tensor& ids, int64_t experts) {
 // backed by transparent huge pages.
 // Sizes are rounded up to a size class (below), and a request takes the smallest free block of its
 // class up to twice its class, or maps a new one. So calls of varying token counts (length-grouped
-// batches) share blocks across classes, and the cache holds about the most bytes that were alive at the
-// same time (one call's buffers plus the gate/up products saved by the forwards awaiting their
-// backward), up to twice that where sizes vary.
+// batches) share blocks across classes. The free blocks never hold more bytes than the most that were
+// in use at one time (one call's buffers plus the gate/up products saved by the forwards awaiting
+// their backward): beyond that the smallest are unmapped, so that requests that keep growing (token
+// counts rising batch after batch) cannot pile up blocks too small to serve them. The cache thus maps
+// at most twice that high-water mark, and holds at most once it between calls.
 class BlockCache {
  public:
   // The process-wide cache. Never destroyed: tensors may be freed after static destructors ran.
@@ -325,19 +329,34 @@ class BlockCache {
     const int64_t wanted = size_class(bytes);
     std::lock_guard<std::mutex> guard(mutex_);
     const auto fit = free_.lower_bound(wanted);
+    uint8_t* block;
     if (fit == free_.end() || fit->first > 2 * wanted) {
       *block_bytes = wanted;
-      return map_block(wanted);
+      block = map_block(wanted);
+    } else {
+      *block_bytes = fit->first;
+      block = fit->second;
+      free_bytes_ -= fit->first;
+      free_.erase(fit);
     }
-    *block_bytes = fit->first;
-    uint8_t* block = fit->second;
-    free_.erase(fit);
+    live_bytes_ += *block_bytes;
+    peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
     return block;
   }
 
+  // Keeps the block for another request, then unmaps the smallest free blocks while the free ones hold
+  // more than the most bytes ever in use at once.
   void give_back(uint8_t* block, int64_t bytes) {
     std::lock_guard<std::mutex> guard(mutex_);
     free_.emplace(bytes, block);
+    free_bytes_ += bytes;
+    live_bytes_ -= bytes;
+    while (free_bytes_ > peak_live_bytes_) {
+      const auto smallest = free_.begin();
+      munmap(smallest->second, size_t(smallest->first));
+      free_bytes_ -= smallest->first;
+      free_.erase(smallest);
+    }
   }
 
   // Maps `bytes` (a multiple of 2 MB) at a 2 MB boundary: maps 2 MB more, then unmaps the
@@ -357,6 +376,7 @@ class BlockCache {
 
   std::mutex mutex_;
   std::multimap<int64_t, uint8_t*> free_;  // block size in bytes -> block
+  int64_t free_bytes_ = 0, live_bytes_ = 0, peak_live_bytes_ = 0;
 };
 
 at::Tensor empty_cached(at::IntArrayRef shape, at::ScalarType dtype) {
@@ -546,16 +566,26 @@ void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& 
               "topk_weights must be a contiguous float32 tensor shaped like topk_ids");
 }
 
+// The kernels an ISA name asks for: amx | avx512 | avx2 | portable, the avx512 one with its products
+// as "avx512:fma" or "avx512:dpbf16" (cpu_moe names them so at the forward and hands its backward the
+// same name, whatever $DPO_LLAMA_MOE_AVX512_BF16 says by then); a bare "avx512" takes
+// avx512_bf16_nt() now.
 Kernels prepare(const std::string& isa_name, const PackedExperts& gate_up,
                 const PackedExperts& down) {
-  const Isa isa = parse_isa(isa_name);
+  const size_t colon = isa_name.find(':');
+  const Isa isa = parse_isa(isa_name.substr(0, colon));
+  TORCH_CHECK_VALUE(colon == std::string::npos || isa == Isa::avx512, "MoE kernel ISA '", isa_name,
+                    "': only avx512 names its products");
   TORCH_CHECK(isa_supported(isa), "MoE kernel ISA '", isa_name, "' is not supported by this CPU");
   if (isa == Isa::amx)
     TORCH_CHECK(request_amx_permission(), "Linux refused the AMX tile state: ", std::strerror(errno));
   TORCH_CHECK(gate_up.type == down.type && gate_up.k == down.n && down.k == gate_up.n / 2 &&
                   gate_up.data.size(0) == down.data.size(0),
               "packed gate/up and down weights do not match");
-  return kernels_for(isa, gate_up.type);
+  const Bf16Nt nt = colon != std::string::npos ? parse_bf16_nt(isa_name.substr(colon + 1), isa_name)
+                    : isa == Isa::avx512          ? avx512_bf16_nt()
+                                                  : Bf16Nt::fma;
+  return kernels_for(isa, gate_up.type, nt);
 }
 
 // The optional transposed copy of `w` (an empty tensor when absent): W^T packed like a forward

@@ -56,10 +56,10 @@ second copy of the weights is kept by default; ``from_weights(..., transposed_co
 packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
 memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x, and through ``empty_cached``
 the expert adapters' delta and dL/dh) come from a cache of huge-page blocks on the C++ side that reuses freed
-blocks across calls, a block serving requests down to half its size: it holds about the most bytes alive at once
-(a few hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, plus every layer's saved gate/up outputs awaiting
-their backward), up to twice that when token counts vary, for the life of the process. Fresh memory would cost a
-page fault per 4 KB.
+blocks across calls, a block serving requests down to half its size. Its free blocks hold at most the most bytes
+alive at once (a few hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, plus every layer's saved gate/up
+outputs awaiting their backward), the smallest unmapped beyond that, so it maps at most twice that, however token
+counts vary, for the life of the process. Fresh memory would cost a page fault per 4 KB.
 
 Example::
 
@@ -257,7 +257,8 @@ def avx512_bf16_kernel() -> str:
     ``"dpbf16"`` runs ``vdpbf16ps`` in the bf16 weights' forward and in both weight types' backward (on bf16
     operands); ``"fma"`` runs fp32 FMA there.
 
-    ``$DPO_LLAMA_MOE_AVX512_BF16`` if set (read at every call, here and in ``cpu_moe``), else the faster
+    ``$DPO_LLAMA_MOE_AVX512_BF16`` if set (read at every call, here and at every ``cpu_moe`` forward, whose
+    backward runs the same products), else the faster
     of the two on a micro-benchmark the C++ side runs once per process; ``"fma"`` where the CPU has no
     AVX512_BF16.
 
@@ -629,4 +630,11 @@ def cpu_moe(
         ValueError: Shapes, dtypes, devices or expert ids do not fit ``packed``.
     """
     _check_inputs(x, topk_ids, topk_weights, packed, gate_up_delta)
-    return _CpuMoeFunction.apply(x, topk_ids, topk_weights, gate_up_delta, packed, selected_isa(), return_hidden)
+    return _CpuMoeFunction.apply(x, topk_ids, topk_weights, gate_up_delta, packed, _kernel_name(), return_hidden)
+
+
+def _kernel_name() -> str:
+    """The kernels a call runs: :func:`selected_isa`, for ``avx512`` with its products (``"avx512:dpbf16"``), named
+    once at the forward so that the backward runs the products the forward saved its operands for."""
+    isa = selected_isa()
+    return f"{isa}:{avx512_bf16_kernel()}" if isa == "avx512" else isa

@@ -324,6 +324,34 @@ def test_avx512_bf16_kernels_match_float64_reference(force_avx512_bf16, kernel, 
         assert_close(g, w, tolerance("avx512", weight_dtype), f"avx512-{kernel}/{shape}/{weights_as} {name}")
 
 
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8"])
+def test_the_backward_runs_the_forwards_avx512_products(force_avx512_bf16, monkeypatch, weight_dtype):
+    """The avx512 products are named at the forward: a backward after $DPO_LLAMA_MOE_AVX512_BF16 changed runs the
+    forward's (the saved gate/up outputs are in their operand dtype), with the gradients of that forward."""
+    force_avx512_bf16("dpbf16")
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts, weight_dtype=weight_dtype)
+    for forward, backward in (("dpbf16", "fma"), ("fma", "dpbf16")):
+        monkeypatch.setenv(AVX512_BF16_ENV, forward)
+        want = run_kernel(x, ids, weights, grad, packed)
+        xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = moe.cpu_moe(xg, ids, wg, packed)
+        monkeypatch.setenv(AVX512_BF16_ENV, backward)
+        y.backward(grad)
+        for got, expected in zip((y.detach(), xg.grad, wg.grad), want):
+            assert torch.equal(got, expected)
+
+
+def test_an_isa_name_with_products_is_checked(extension):
+    experts, x, ids, weights, _ = make_case(*SHAPES["one_token_top1"])
+    args = (x, ids.long(), weights.float(), *moe.PackedExperts.from_weights(*experts).kernel_args())
+    with pytest.raises(ValueError, match="only avx512 names its products"):
+        extension.moe_forward(*args, "avx2:fma", False, NO_TENSOR, False)
+    if "avx512" in moe.available_isas():
+        with pytest.raises(ValueError, match="expected fma or dpbf16"):
+            extension.moe_forward(*args, "avx512:vnni", False, NO_TENSOR, False)
+
+
 def test_avx512_bf16_automatic_choice(extension, force_isa, monkeypatch):
     """Unforced, the faster kernel of the once-per-process micro-benchmark (fma where dpbf16 cannot run)."""
     force_isa("avx512")
@@ -350,6 +378,21 @@ def test_avx512_bf16_forced_value_validation(force_isa, monkeypatch):
         monkeypatch.setenv(AVX512_BF16_ENV, "dpbf16")
         with pytest.raises(RuntimeError, match="no AVX512_BF16"):
             moe.avx512_bf16_kernel()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_of_a_very_negative_gate_is_zero(force_isa, isa):
+    """silu(g) = g sigmoid(g) -> 0 as g -> -inf: a gate of -1e37 (diverged training) gives h = 0 and zero
+    gradients, not g / e^88 (the exp's clamp)."""
+    force_isa(isa)
+    experts, x, ids, weights, grad = make_case(*SHAPES["odd_sizes_top2"])
+    packed = moe.PackedExperts.from_weights(*experts)
+    inter = experts[0].shape[1]
+    delta = torch.cat([torch.full((ids.numel(), inter), -1e37), torch.zeros(ids.numel(), inter)], 1)
+    xg = x.clone().requires_grad_()
+    y, h = moe.cpu_moe(xg, ids, weights, packed, gate_up_delta=delta, return_hidden=True)
+    y.backward(grad)
+    assert h.abs().max() == 0 and y.abs().max() == 0 and xg.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -739,6 +782,26 @@ def test_a_free_block_serves_requests_down_to_half_its_size(extension):
     small = moe.empty_cached((20, page), torch.float32)
     assert small.data_ptr() != address
     assert moe.empty_cached((40, page), torch.float32).data_ptr() == address
+
+
+def test_growing_requests_do_not_pile_up_blocks(extension):
+    """Requests growing one after another (token counts rising batch after batch) never find a free block big enough;
+    the smaller ones are unmapped once the free blocks hold more than the most bytes in use at once, so the memory
+    stays within twice the largest request instead of the sum of all (1.1 GB here). A fresh process: the high-water
+    mark is process-wide."""
+    code = """
+import resource, torch
+from dpo_llama.models import cpu_moe
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+start = rss_mb()
+for pages in range(8, 65, 4):
+    cpu_moe.empty_cached((pages, 2**19), torch.float32).fill_(1.0)  # 2 MB pages, touched, then freed
+print(rss_mb() - start)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(result.stdout.split()[-1]) < 2 * 128 + 64  # MB: the largest request is 128 MB
 
 
 def test_packed_layout_sizes(extension):
