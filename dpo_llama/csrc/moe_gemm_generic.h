@@ -6,7 +6,6 @@
 
 #include <cfloat>
 #include <cmath>
-#include <limits>
 
 #include "moe_common.h"
 
@@ -21,13 +20,14 @@ DPO_INLINE float bf16_to_f32(uint16_t b) {
 }
 
 // exp(x) = 2^k * p(r) with x = k ln2 + r, |r| <= ln2 / 2; p is the degree-6 Taylor polynomial
-// (relative error < 2e-7); +inf above 88 (where float's exp all but overflows), so that silu(g) of a
-// very negative g is -0, not g / e^88. Branch-free so that it vectorises.
+// (relative error < 2e-7). x is clamped to [-87, 89]: from 88.38 on, k = 128 makes 2^k the
+// infinity bit pattern, so exp is +inf there (float's exp overflows at 88.72) and silu(g) of a very
+// negative g is -0, not g / e^88. Branch-free so that it vectorises.
 DPO_INLINE float fast_exp(float x) {
-  const float c = std::min(88.0f, std::max(-87.0f, x));
-  const float t = c * 1.44269504f;
+  x = std::min(89.0f, std::max(-87.0f, x));
+  const float t = x * 1.44269504f;
   const int k = int(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float r = c - float(k) * 0.693145752f - float(k) * 1.42860677e-06f;
+  const float r = x - float(k) * 0.693145752f - float(k) * 1.42860677e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -38,7 +38,7 @@ DPO_INLINE float fast_exp(float x) {
   const uint32_t bits = uint32_t(k + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return x > 88.0f ? std::numeric_limits<float>::infinity() : p * scale;
+  return p * scale;
 }
 
 // Gate/up outputs of one row are interleaved per 32-column panel: [gate 0..31 | up 0..31 | ...].

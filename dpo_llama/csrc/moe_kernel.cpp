@@ -285,11 +285,12 @@ Routing route(const at::Tensor& ids, int64_t experts) {
 // backed by transparent huge pages.
 // Sizes are rounded up to a size class (below), and a request takes the smallest free block of its
 // class up to twice its class, or maps a new one. So calls of varying token counts (length-grouped
-// batches) share blocks across classes. The free blocks never hold more bytes than the most that were
-// in use at one time (one call's buffers plus the gate/up products saved by the forwards awaiting
-// their backward): beyond that the smallest are unmapped, so that requests that keep growing (token
-// counts rising batch after batch) cannot pile up blocks too small to serve them. The cache thus maps
-// at most twice that high-water mark, and holds at most once it between calls.
+// batches) share blocks across classes. Requests that keep growing (token counts rising batch after
+// batch) would pile up free blocks too small to serve them: when a request must map a new block and
+// the cache would then hold more than twice the most bytes ever in use at once (one call's buffers
+// plus the gate/up products saved by the forwards awaiting their backward), the free blocks smaller
+// than the request are unmapped first, smallest first. Calls that repeat their sizes never map, so
+// never unmap either.
 class BlockCache {
  public:
   // The process-wide cache. Never destroyed: tensors may be freed after static destructors ran.
@@ -324,13 +325,23 @@ class BlockCache {
     return round_up(pages, step) * kHugePage;
   }
 
-  // The smallest free block of at least the request's class and at most twice it, else a new one.
+  // The smallest free block of at least the request's class and at most twice it, else a new one,
+  // after unmapping the smallest free blocks too small to serve it while the cache would map more
+  // than twice the most bytes ever in use at once.
   uint8_t* take(int64_t bytes, int64_t* block_bytes) {
     const int64_t wanted = size_class(bytes);
     std::lock_guard<std::mutex> guard(mutex_);
     const auto fit = free_.lower_bound(wanted);
     uint8_t* block;
     if (fit == free_.end() || fit->first > 2 * wanted) {
+      peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_ + wanted);
+      while (!free_.empty() && free_.begin()->first < wanted &&
+             free_bytes_ + live_bytes_ + wanted > 2 * peak_live_bytes_) {
+        const auto smallest = free_.begin();
+        munmap(smallest->second, size_t(smallest->first));
+        free_bytes_ -= smallest->first;
+        free_.erase(smallest);
+      }
       *block_bytes = wanted;
       block = map_block(wanted);
     } else {
@@ -344,19 +355,11 @@ class BlockCache {
     return block;
   }
 
-  // Keeps the block for another request, then unmaps the smallest free blocks while the free ones hold
-  // more than the most bytes ever in use at once.
   void give_back(uint8_t* block, int64_t bytes) {
     std::lock_guard<std::mutex> guard(mutex_);
     free_.emplace(bytes, block);
     free_bytes_ += bytes;
     live_bytes_ -= bytes;
-    while (free_bytes_ > peak_live_bytes_) {
-      const auto smallest = free_.begin();
-      munmap(smallest->second, size_t(smallest->first));
-      free_bytes_ -= smallest->first;
-      free_.erase(smallest);
-    }
   }
 
   // Maps `bytes` (a multiple of 2 MB) at a 2 MB boundary: maps 2 MB more, then unmaps the

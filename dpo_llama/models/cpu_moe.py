@@ -56,10 +56,10 @@ second copy of the weights is kept by default; ``from_weights(..., transposed_co
 packs ``W^T`` as well, and the backward then runs as fast as the forward products (for twice the weight
 memory). Buffers of 2 MB or more (temporaries, saved gate/up outputs, y, grad_x, and through ``empty_cached``
 the expert adapters' delta and dL/dh) come from a cache of huge-page blocks on the C++ side that reuses freed
-blocks across calls, a block serving requests down to half its size. Its free blocks hold at most the most bytes
-alive at once (a few hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, plus every layer's saved gate/up
-outputs awaiting their backward), the smallest unmapped beyond that, so it maps at most twice that, however token
-counts vary, for the life of the process. Fresh memory would cost a page fault per 4 KB.
+blocks across calls, a block serving requests down to half its size, for the life of the process. Beyond twice the
+most bytes alive at once (a few hundred MB at 2048 tokens for DeepSeek-V2-Lite shapes, plus every layer's saved
+gate/up outputs awaiting their backward), a request that needs a new block first unmaps the free blocks too small
+for it, so token counts that keep rising cannot pile them up. Fresh memory would cost a page fault per 4 KB.
 
 Example::
 
