@@ -171,6 +171,10 @@ def add_reference(args, train, validation, tokenizer) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
+    if args.max_prompt_len >= args.max_seq_len:
+        print(f"warning: --max-prompt-len {args.max_prompt_len} >= --max-seq-len {args.max_seq_len}: a long prompt "
+              f"may leave a response one token (pairs then identical, and dropped); set --max-prompt-len lower",
+              file=sys.stderr)
     try:
         check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         refuse_quant_4bit_against_the_adapter(args)
@@ -181,6 +185,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ImportError, ValueError) as err:  # ImportError: Parquet without pyarrow
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: the reference log-probs computed so far are kept in {Path(args.output) / CACHE_DIR}; "
+              f"run the same command again to go on from them", file=sys.stderr)
+        return 130
     examples = train + validation
     lengths = [example_length(e) for e in examples]
     meta = {

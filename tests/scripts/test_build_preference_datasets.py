@@ -253,3 +253,19 @@ def test_the_template_is_required_with_a_reference_other_than_the_demo(reference
     argv = ["--input", str(FIXTURES / "trl_preference.jsonl")] + flags(ref_model=reference, output=tmp_path / "out")
     assert builder.main(argv) == 1
     assert "pass --template" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_build_says_how_to_go_on(reference, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the reference pass: exit status 130 and one line naming the cache a re-run goes on from."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder, "add_reference", interrupted)
+    assert build(reference, tmp_path / "d", [FIXTURES / "trl_preference.jsonl"]) == 130
+    assert "run the same command again to go on from them" in capsys.readouterr().err
+
+
+def test_a_prompt_limit_at_the_sequence_limit_is_warned_about(reference, tmp_path, capsys):
+    """--max-prompt-len (default 256) >= --max-seq-len lets a long prompt leave each response one token."""
+    build(reference, tmp_path / "d", [FIXTURES / "trl_preference.jsonl"], "--no-reference", max_seq_len=64)
+    assert "--max-prompt-len 256 >= --max-seq-len 64" in capsys.readouterr().err
