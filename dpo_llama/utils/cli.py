@@ -159,12 +159,17 @@ def _help_text(f: dataclasses.Field, tp: Any) -> str:
     return text.replace("%", "%%")
 
 
+def _dashed(name: str) -> str:
+    """A field's flag as ``--help`` shows it: ``max_train_steps`` -> ``max-train-steps``."""
+    return name.replace("_", "-")
+
+
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     """Add ``--field-name`` (and ``--no-field-name`` for bools) plus hidden underscore spellings."""
     spec = _argument_spec(f.name, tp)
     if "choices" in spec:
         spec["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in spec["choices"]) + "}"
-    dashed = f.name.replace("_", "-")
+    dashed = _dashed(f.name)
     parser.add_argument(f"--{dashed}", dest=f.name, help=_help_text(f, tp), **spec)
     if dashed != f.name:
         parser.add_argument(f"--{f.name}", dest=f.name, help=argparse.SUPPRESS, **spec)
@@ -207,24 +212,24 @@ def _container_values(config_cls: type, values: dict[str, Any]) -> dict[str, Any
     for name, value in values.items():
         if not isinstance(value, list):
             continue
-        flag = "--" + name.replace("_", "-")
-        tp = _optional_inner(hints[name]) or hints[name]
-        if value == [None] and tp is not hints[name]:
+        optional = _optional_inner(hints[name])
+        tp = optional or hints[name]
+        if value == [None] and optional is not None:
             converted[name] = None
             continue
         if None in value:
-            raise ValueError(f"{flag}: 'none' must be its only value")
+            raise ValueError(f"--{_dashed(name)}: 'none' must be its only value")
         args = typing.get_args(tp)
         if typing.get_origin(tp) is tuple:
             if Ellipsis not in args and len(value) != len(args):
-                raise ValueError(f"{flag}: expected {len(args)} values, got {len(value)}")
+                raise ValueError(f"--{_dashed(name)}: expected {len(args)} values, got {len(value)}")
             converted[name] = tuple(value)
     return converted
 
 
 def _missing_required(config_cls: type, values: dict[str, Any]) -> list[str]:
     """The flags of fields without a default that are not in ``values`` (either spelling given counts)."""
-    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)
+    return [f"--{_dashed(f.name)}" for f in dataclasses.fields(config_cls)
             if f.init and _field_default(f) is dataclasses.MISSING and f.name not in values]
 
 
