@@ -38,7 +38,7 @@ from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, 
 from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import HelpFormatter, at_least, parse_bool
+from dpo_llama.utils.cli import HelpFormatter, add_bool_flag, at_least
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.dpo import example_length
 from dpo_llama.utils.finetune import prepare_model
@@ -77,12 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="quantize the reference's frozen linear layers as the policy will be (with --lora the "
                         "adapter's own settings apply, and a contradicting value is refused)")
     p.add_argument("--quant-4bit-blocksize", type=int, default=64, help="4-bit block size")
-    p.add_argument("--quant-4bit-double", type=parse_bool, default=True, help="double quant")
+    add_bool_flag(p, "quant_4bit_double", "double quant", default=True)
     p.add_argument("--quant-4bit-compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="4-bit compute")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="reference dtype (default: bf16 on CUDA, fp32 on CPU); train the policy in the same dtype")
-    p.add_argument("--mixed-precision", type=parse_bool, default=True,
-                   help="bf16 autocast on CUDA (ignored on CPU); use the policy's --mixed-precision")
+    add_bool_flag(p, "mixed_precision", "bf16 autocast on CUDA (ignored on CPU); use the policy's --mixed-precision",
+                  default=True)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the reference runs")
     p.add_argument("--experts-backend", default="torch", choices=EXPERT_BACKENDS,
                    help="MoE models: routed experts in PyTorch or the C++ CPU kernel, bf16 or int8 weights "

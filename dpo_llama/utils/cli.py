@@ -38,6 +38,18 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str, **default: bool) -> None:
+    """``--name`` (true), ``--name true|false`` and ``--no-name`` (false), plus the hidden underscore spellings
+    ``--no_name`` and, for a ``name`` with underscores, ``--name_part``; ``default=`` as in ``add_argument``."""
+    dashed = _dashed(name)
+    parser.add_argument(f"--{dashed}", dest=name, type=parse_bool, nargs="?", const=True, help=help, **default)
+    if dashed != name:
+        parser.add_argument(f"--{name}", dest=name, type=parse_bool, nargs="?", const=True, help=argparse.SUPPRESS,
+                            **default)
+    parser.add_argument(f"--no-{dashed}", dest=name, action="store_false", help=f"Set {dashed} to false.", **default)
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS, **default)
+
+
 def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
     """An argparse ``type`` that parses ``kind`` (int or float) and refuses values below ``minimum`` (and, for
     floats, NaN and infinity), e.g. ``type=at_least(1)`` for a length."""
@@ -166,6 +178,9 @@ def _dashed(name: str) -> str:
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     """Add ``--field-name`` (and ``--no-field-name`` for bools) plus hidden underscore spellings."""
+    if tp is bool:
+        add_bool_flag(parser, f.name, _help_text(f, tp))
+        return
     spec = _argument_spec(f.name, tp)
     if "choices" in spec:
         spec["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in spec["choices"]) + "}"
@@ -173,9 +188,6 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
     parser.add_argument(f"--{dashed}", dest=f.name, help=_help_text(f, tp), **spec)
     if dashed != f.name:
         parser.add_argument(f"--{f.name}", dest=f.name, help=argparse.SUPPRESS, **spec)
-    if tp is bool:
-        parser.add_argument(f"--no-{dashed}", dest=f.name, action="store_false", help=f"Set {dashed} to false.")
-        parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
 
 
 def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:

@@ -205,6 +205,14 @@ def test_shp_minimum_score_ratio_reaches_the_parser(reference, tmp_path):
             build(reference, tmp_path / "bad", [shp], "--no-reference", "--shp-min-score-ratio", bad)
 
 
+def test_bool_flags_take_the_trainers_forms():
+    """--mixed-precision / --quant-4bit-double are spelt as the trainers spell them: bare, with a value, or --no-."""
+    assert builder.parse_args([]).mixed_precision is True
+    assert builder.parse_args(["--no-mixed-precision"]).mixed_precision is False
+    assert builder.parse_args(["--mixed-precision", "false", "--quant-4bit-double"]).mixed_precision is False
+    assert builder.parse_args(["--no-quant-4bit-double"]).quant_4bit_double is False
+
+
 def test_a_kto_example_alone_in_its_split_gets_another_examples_completion(reference, tmp_path):
     """kto_en_demo.json keeps 2 examples; val_ratio 0.5 leaves one in each split, so each one's KL completion is
     the other split's completion, never its own."""

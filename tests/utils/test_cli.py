@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import pytest
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import (HelpFormatter, add_max_shard_gb, at_least, check_output_differs, config_to_dict,
+from dpo_llama.utils.cli import (HelpFormatter, add_bool_flag, add_max_shard_gb, at_least, check_output_differs, config_to_dict,
                                  parse_config, save_config)
 
 
@@ -61,6 +61,15 @@ def test_bool_flag_forms(argv, expected):
 @pytest.mark.parametrize("flag", ["--no-enabled", "--no_enabled"])
 def test_negated_bool(flag):
     assert parse(flag).enabled is False
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], True), (["--fast-path"], True), (["--fast-path", "no"], False),
+                                                 (["--no-fast-path"], False), (["--no_fast_path"], False)])
+def test_add_bool_flag_gives_a_script_the_config_flags_forms(argv, expected):
+    """A script's own bool flag (add_bool_flag) takes the forms a config's bool field does, with its default."""
+    parser = argparse.ArgumentParser()
+    add_bool_flag(parser, "fast_path", "a bool", default=True)
+    assert parser.parse_args(argv).fast_path is expected
 
 
 def test_optional_values():
