@@ -640,10 +640,13 @@ def test_optimizer_trains_only_trainable_params_with_decay_on_matrices(tmp_path)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["foreach"]
 
 
-def test_8bit_optimizer_is_bitsandbytes(tmp_path):
+def test_8bit_optimizer_is_bitsandbytes_with_a_warning_off_cuda(tmp_path, capsys):
     import bitsandbytes as bnb
+    build_optimizer(make_cfg(tmp_path), ToyModel())
+    assert "warning" not in capsys.readouterr().out
     optimizer = build_optimizer(make_cfg(tmp_path, optimizer="adamw_8bit"), ToyModel())
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    assert "--optimizer adamw_8bit on parameters off CUDA" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW needs CUDA parameters")
