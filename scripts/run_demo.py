@@ -62,12 +62,29 @@ def clean_previous_outputs() -> None:
             shutil.rmtree(path)
 
 
+class StageFailed(Exception):
+    """A stage exited with an error or was interrupted; ``status`` is the demo's exit status (1 or 130)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def run_stage(title: str, script: str, args: list[str]) -> float:
-    """Runs one stage as its command line; returns the seconds it took."""
+    """Runs one stage as its command line; returns the seconds it took.
+
+    Raises:
+        StageFailed: The stage failed (it printed why) or Ctrl-C stopped it.
+    """
     command = [sys.executable, str(REPO / script), *args]
     print(f"\n=== {title}\n$ python {script} {' '.join(args)}", flush=True)
     start = time.time()
-    subprocess.run(command, check=True)
+    try:
+        status = subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        raise StageFailed(f'interrupted during "{title}"; run the demo again (it starts from scratch)', 130) from None
+    if status != 0:
+        raise StageFailed(f'stage "{title}" failed (exit status {status}, its output above says why)', 1)
     return time.time() - start
 
 
@@ -123,6 +140,18 @@ def report(results: dict[str, tuple[float, float]], durations: dict[str, float])
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run_demo(args)
+    except StageFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return failure.status
+    except KeyboardInterrupt:
+        print("interrupted; run the demo again (it starts from scratch)", file=sys.stderr)
+        return 130
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every stage, then the evaluation of the SFT and DPO models and the report; returns 0."""
     start = time.time()
     clean_previous_outputs()
     durations = run_pipeline(args)

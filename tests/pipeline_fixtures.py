@@ -127,13 +127,17 @@ def kto_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+class Killed(BaseException):
+    """A process killed outright (SIGKILL, power loss): nothing in the run scripts catches it."""
+
+
 def die_after_the_next_checkpoint(monkeypatch) -> None:
-    """Makes training raise KeyboardInterrupt ("killed after step-...") right after it writes a checkpoint: a run
-    killed at its most delicate moment, for resume tests (``monkeypatch.undo()`` lets the next run finish)."""
+    """Makes training raise Killed ("killed after step-...") right after it writes a checkpoint: a run killed at
+    its most delicate moment, for resume tests (``monkeypatch.undo()`` lets the next run finish)."""
     save = Trainer._save_checkpoint
 
     def save_then_die(self, history):
         path = save(self, history)
-        raise KeyboardInterrupt(f"killed after {path.name}")
+        raise Killed(f"killed after {path.name}")
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)

@@ -25,8 +25,8 @@ from dpo_llama.utils.dataset_io import META_FILE, TRAIN_FILE, load_examples, sav
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.build_preference_datasets import main as build_preference
 from scripts.convert_lora_checkpoint import main as merge_lora
-from tests.pipeline_fixtures import (SMALL_RUN, die_after_the_next_checkpoint, flags, kto_rows, preference_rows,
-                                     read_history, series, sft_rows, tiny_llama, write_jsonl)
+from tests.pipeline_fixtures import (SMALL_RUN, Killed, die_after_the_next_checkpoint, flags, kto_rows,
+                                     preference_rows, read_history, series, sft_rows, tiny_llama, write_jsonl)
 from tests.tokenizer_fixtures import make_sentencepiece
 
 LN2 = math.log(2)
@@ -291,7 +291,7 @@ def test_dpo_resume_continues_without_remeasuring_the_trained_policy(ws, tmp_pat
     run = dict(max_train_steps=4, ckpt_interval=2, learning_rate=0.1)
     assert run_dpo(dpo_argv(ws, tmp_path / "whole", **run)) == 0
     die_after_the_next_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt, match="step-000002"):
+    with pytest.raises(Killed, match="step-000002"):
         run_dpo(dpo_argv(ws, tmp_path / "killed", **run))
     monkeypatch.undo()
     check = tmp_path / "killed" / "logs" / "run" / "reference_check.json"

@@ -29,8 +29,8 @@ from dpo_llama.utils.finetune import input_fingerprints, run_main, trainable_sum
 from dpo_llama.utils.trainer import STATE_FILE, TrainingInterrupted
 from scripts.build_finetune_datasets import main as build_sft
 from scripts.convert_lora_checkpoint import main as merge_lora
-from tests.pipeline_fixtures import (SMALL_RUN, die_after_the_next_checkpoint, flags, read_history, series, sft_rows,
-                                     tiny_llama, write_jsonl)
+from tests.pipeline_fixtures import (SMALL_RUN, Killed, die_after_the_next_checkpoint, flags, read_history, series,
+                                     sft_rows, tiny_llama, write_jsonl)
 from tests.tokenizer_fixtures import make_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_killed_run_resumes_with_the_same_losses(workspace, tmp_path, monkeypatc
     assert run_sft(sft_argv(workspace, tmp_path / "whole", **run)) == 0
 
     die_after_the_next_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt, match="step-000003"):
+    with pytest.raises(Killed, match="step-000003"):
         run_sft(sft_argv(workspace, tmp_path / "killed", **run))
     monkeypatch.undo()
     assert run_sft(sft_argv(workspace, tmp_path / "killed", resume=True, **run)) == 0
@@ -285,6 +285,15 @@ def test_an_interrupted_run_prints_where_it_saved_and_exits_130(capsys):
 
     assert run_main(SFTLoRAConfig, interrupted, [], "") == 130
     assert "interrupted after step 7, saved in ckpt/step-000007; continue with --resume true" in capsys.readouterr().err
+
+
+def test_an_interrupt_while_loading_is_one_line_and_exit_130(capsys):
+    """Ctrl-C before the trainer's own handler is installed (a large model loading) is a KeyboardInterrupt."""
+    def loading(cfg):
+        raise KeyboardInterrupt
+
+    assert run_main(SFTLoRAConfig, loading, ["--pretrain-ckpt-dir", "m", "--train-data-dir", "d"], "") == 130
+    assert capsys.readouterr().err == "interrupted; checkpoints saved so far, if any, are in ./checkpoints/demo/sft-lora\n"
 
 
 def test_trainable_summary_counts_4bit_weights_by_their_shapes():

@@ -152,7 +152,8 @@ def run_main(config_cls: type, run: Callable, argv: list[str] | None, descriptio
     """Body of a run script's ``main``: parse flags into ``config_cls``, ``run(cfg)``, report; exit status 0/1.
 
     Expected failures (bad paths or data, a refused reference, a checkpoint folder in use, a NaN loss) print
-    one ``error:`` line instead of a traceback; an interrupted run (saved after its last step) exits with 130.
+    one ``error:`` line instead of a traceback; an interrupted run (saved after its last step if it was training)
+    exits with 130.
     """
     cfg = parse_config(config_cls, argv, description=description)
     try:
@@ -162,6 +163,9 @@ def run_main(config_cls: type, run: Callable, argv: list[str] | None, descriptio
         return 1
     except TrainingInterrupted as interrupt:
         print(interrupt, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the trainer's own handler was installed (loading) or after it was removed
+        print(f"interrupted; checkpoints saved so far, if any, are in {cfg.ckpt_dir}", file=sys.stderr)
         return 130
     print(f"done: {result.step} steps; adapter checkpoint {result.last_checkpoint}; "
           f"logs and plots in {cfg.log_dir}/{cfg.run_name}")

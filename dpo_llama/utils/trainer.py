@@ -311,13 +311,26 @@ class BatchSampler:
         self.epoch, self.position, self._steps = int(state["epoch"]), int(state["position"]), steps
 
 
+def refuse_a_file_in_the_way(flag: str, directory: Path) -> None:
+    """Raises FileExistsError if ``directory``, or the nearest of its parents that exists, is a file: the run would
+    otherwise fail only when it first writes there (the first checkpoint, after hours of training)."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"{flag} {directory}: {path} is a file, not a directory")
+            return
+
+
 def check_run_directories(cfg: TrainConfig) -> None:
     """Refuses to start a fresh run (no ``cfg.resume``) over an earlier run's checkpoints or logs; the run scripts
     call it before loading anything.
 
     Raises:
-        FileExistsError: ``ckpt_dir`` holds checkpoints, or ``log_dir/run_name`` holds a run's metrics.jsonl.
+        FileExistsError: ``ckpt_dir`` or ``log_dir/run_name`` is, or lies under, a file (resuming or not), or a
+            fresh run's ``ckpt_dir`` holds checkpoints, or its ``log_dir/run_name`` holds a run's metrics.jsonl.
     """
+    for flag, path in (("--ckpt-dir", Path(cfg.ckpt_dir)), ("--log-dir/--run-name", Path(cfg.log_dir) / cfg.run_name)):
+        refuse_a_file_in_the_way(flag, path)
     if cfg.resume:
         return
     checkpoints = complete_checkpoints(cfg.ckpt_dir)
@@ -714,7 +727,8 @@ class Trainer:
                 if not mismatches:
                     self.load_trainable(checkpoint)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-                tqdm.write(f"warning: {checkpoint} does not read back ({error}); trying the one before it")
+                reason = str(error) or type(error).__name__  # an empty file's EOFError says nothing
+                tqdm.write(f"warning: {checkpoint} does not read back ({reason}); trying the one before it")
                 continue
             if mismatches:
                 raise ValueError(f"--resume: {checkpoint} was trained with other settings (checkpoint -> this "

@@ -25,6 +25,7 @@ from dpo_llama.utils.trainer import (
     TrainingInterrupted,
     autocast_name,
     build_optimizer,
+    check_run_directories,
     evaluate,
     latest_checkpoint,
     load_trainer_state,
@@ -432,6 +433,27 @@ def test_resume_from_another_directory_with_its_own_relative_paths(tmp_path, mon
     monkeypatch.chdir(tmp_path / "sub")
     resumed = run(make_cfg(tmp_path, max_train_steps=4, resume=True, ckpt_dir="../run/ckpt"), ToyModel(seed=9), data)
     assert resumed.step == 4 and resumed.history[0]["step"] == 1
+
+
+def test_an_empty_state_file_is_named_as_the_reason_of_the_fallback(tmp_path, capsys):
+    data = make_dataset([1, 2, 3, 4], seed=5)
+    run(make_cfg(tmp_path, max_train_steps=2, ckpt_interval=1), ToyModel(seed=7), data)
+    (tmp_path / "ckpt" / "step-000002" / "trainer_state.pt").write_bytes(b"")
+    run(make_cfg(tmp_path, resume=True, max_train_steps=2, ckpt_interval=1), ToyModel(seed=9), data)
+    assert "step-000002 does not read back (EOFError); trying the one before it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize(("field", "blocker", "flag"), [("ckpt_dir", "ckpt", "--ckpt-dir"), ("ckpt_dir", "f", "--ckpt-dir"),
+                                                       ("log_dir", "logs", "--log-dir/--run-name")])
+def test_a_file_where_a_run_directory_goes_is_refused_before_training(tmp_path, resume, field, blocker, flag):
+    """A checkpoint or log directory that is (or lies under) a file would fail at the first save, after the
+    training time was spent: refused up front, resuming or not."""
+    (tmp_path / blocker).write_text("")
+    cfg = make_cfg(tmp_path, resume=resume, **{field: str(tmp_path / blocker / "sub") if blocker == "f"
+                                              else str(tmp_path / blocker)})
+    with pytest.raises(FileExistsError, match=f"{flag} .*{blocker} is a file, not a directory"):
+        check_run_directories(cfg)
 
 
 def test_resume_falls_back_over_an_unreadable_checkpoint(tmp_path, capsys):
