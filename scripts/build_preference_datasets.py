@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dpo_llama.configs import demo
-from dpo_llama.models.checkpoint import checkpoint_fingerprint, load_model, parse_dtype
+from dpo_llama.models.checkpoint import checkpoint_fingerprint, load_model, parse_dtype, read_params
 from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, quantize_frozen_layers,
                                    read_lora_config)
 from dpo_llama.models.moe import EXPERT_BACKENDS
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     try:
         check_val_ratio(args.val_ratio)  # before the tokenization, not after it
         refuse_quant_4bit_against_the_adapter(args)
+        if not args.no_reference:
+            read_params(args.ref_model)  # a wrong --ref-model is named as such, before the tokenizer is looked for
         tokenizer = load_tokenizer(args.tokenizer or args.ref_model)
         args.template = template_or_demo_default(args.template, tokenizer)
         train, validation, report = tokenize_and_split(args, tokenizer)

@@ -219,6 +219,15 @@ def test_dataset_of_another_tokenizer_or_stage_is_refused(workspace, tmp_path, c
     assert "holds a 'preference' dataset, but this stage needs 'sft'" in capsys.readouterr().err
 
 
+def test_a_lora_run_given_as_the_model_is_named_so(workspace, tmp_path, capsys):
+    """Its own earlier run's checkpoints as --pretrain-ckpt-dir: the error says to merge them (not that a tokenizer
+    is missing)."""
+    assert run_sft(sft_argv(workspace, tmp_path / "a")) == 0
+    capsys.readouterr()
+    assert run_sft(sft_argv(workspace, tmp_path / "b", pretrain_ckpt_dir=tmp_path / "a" / "ckpt")) == 1
+    assert "holds a LoRA adapter, not a model: merge it onto its base" in capsys.readouterr().err
+
+
 def test_sequences_longer_than_the_model_and_a_tokenizer_larger_than_its_vocabulary_are_refused_up_front(
         workspace, tmp_path, capsys):
     """A dataset built with a larger --max-seq-len than the model takes (256 positions) would stop training at the

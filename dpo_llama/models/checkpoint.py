@@ -33,6 +33,7 @@ from torch import nn
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+LORA_CONFIG_FILE = "lora_config.json"  # an adapter directory's settings (see lora.py)
 SHARD_GLOB = "model-*-of-*.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -81,9 +82,21 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def read_params(ckpt_dir: str | os.PathLike):
-    """Reads ``params.json`` of a checkpoint directory into the matching args dataclass."""
-    path = Path(ckpt_dir) / PARAMS_FILE
+    """Reads ``params.json`` of a checkpoint directory into the matching args dataclass.
+
+    Raises:
+        FileNotFoundError: No such directory; a LoRA adapter or a LoRA run's checkpoints where a model was
+            expected (with how to use it); or a directory without ``params.json``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / PARAMS_FILE
+    if not ckpt_dir.exists():
+        raise FileNotFoundError(f"model checkpoint directory not found: {ckpt_dir}")
     if not path.is_file():
+        if (ckpt_dir / LORA_CONFIG_FILE).is_file() or any(ckpt_dir.glob(f"step-*/{LORA_CONFIG_FILE}")):
+            raise FileNotFoundError(f"{ckpt_dir} holds a LoRA adapter, not a model: merge it onto its base with "
+                                    "scripts/convert_lora_checkpoint.py, or pass it as an adapter (--lora, "
+                                    "--init-lora-dir)")
         raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a dpo_llama checkpoint directory?")
     params = read_json(path)
     args_cls, _ = model_classes(params.get("model_type", "llama"))

@@ -60,13 +60,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpo_llama.models.checkpoint import DTYPES, checkpoint_fingerprint, load_model, read_json, write_atomically
+from dpo_llama.models.checkpoint import (DTYPES, LORA_CONFIG_FILE, checkpoint_fingerprint, load_model, read_json,
+                                        write_atomically)
 from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantization_summary, quantize_4bit, replace_linears_4bit)
 
 ADAPTER_FILE = "adapter.safetensors"
-LORA_CONFIG_FILE = "lora_config.json"
 ADAPTER_DTYPE = torch.float32
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "lora_attn_query": ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"),

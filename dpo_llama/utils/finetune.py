@@ -36,7 +36,7 @@ def check_data_fits_model(meta: dict, examples: Sequence[dict], example_length: 
     """Loads the checkpoint's tokenizer, refusing, before the model loads: a tokenizer with more ids than the
     model's embeddings, a dataset tokenized with another tokenizer, and a dataset holding a sequence longer than
     the model takes (its forward would stop at the first step that draws it, possibly hours in)."""
-    tokenizer, params = load_tokenizer(ckpt_dir), read_params(ckpt_dir)
+    params, tokenizer = read_params(ckpt_dir), load_tokenizer(ckpt_dir)  # params first: it says what ckpt_dir is
     if tokenizer.vocab_size > params.vocab_size:
         raise ValueError(f"the tokenizer in {ckpt_dir} has {tokenizer.vocab_size} ids but the model only "
                          f"{params.vocab_size} embeddings: the checkpoint pairs another model's tokenizer")

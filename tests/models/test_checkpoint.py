@@ -46,6 +46,26 @@ def test_truncated_weights_or_invalid_json_name_the_file(tmp_path):
         checkpoint.read_params(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize(("layout", "message"), [
+    ([], "model checkpoint directory not found: "),
+    (["run"], r"run/params\.json not found: is .*run a dpo_llama checkpoint directory\?"),
+    (["run/lora_config.json"], "run holds a LoRA adapter, not a model: merge it onto its base with "
+                               r"scripts/convert_lora_checkpoint\.py"),
+    (["run/step-000002/lora_config.json"], "run holds a LoRA adapter, not a model"),
+])
+def test_a_directory_that_is_no_model_says_what_it_is(tmp_path, layout, message):
+    """A misspelt model path, or a LoRA run given where a model goes, is named as such (not as a missing tokenizer,
+    which is what the run scripts looked for first before)."""
+    for path in layout:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith(".json"):
+            (tmp_path / path).write_text("{}")
+        else:
+            (tmp_path / path).mkdir()
+    with pytest.raises(FileNotFoundError, match=message):
+        checkpoint.read_params(tmp_path / "run")
+
+
 def test_a_save_interrupted_after_its_weights_reads_as_no_checkpoint(tmp_path, monkeypatch):
     """Saving B over A, killed once B's weights are in place: the directory has no params.json (A's would
     describe B's weights wrongly), so loading it fails instead of loading a model that is neither."""

@@ -237,6 +237,11 @@ def test_unusable_inputs_are_clear_errors(reference, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+def test_a_misspelt_reference_is_named_as_the_model(reference, tmp_path, capsys):
+    assert build(tmp_path / "nosuch", tmp_path / "out", [FIXTURES / "trl_preference.jsonl"]) == 1
+    assert capsys.readouterr().err == f"error: model checkpoint directory not found: {tmp_path / 'nosuch'}\n"
+
+
 def test_a_tokenizer_larger_than_the_reference_vocabulary_is_refused(reference, tmp_path, capsys):
     """The reference has the 400 ids of the default tokenizer: one id more is refused (equal sizes are built by
     every other test)."""
