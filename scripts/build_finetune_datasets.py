@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dpo_llama.configs import demo
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import HelpFormatter, at_least
+from dpo_llama.utils.cli import HelpFormatter, at_least, check_output_directory
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.sft import tokenize_conversations
 from dpo_llama.utils.sft_formats import SFT_FORMATS, load_sft_records
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
-        check_val_ratio(args.val_ratio)  # before the tokenization, not after it
+        check_output_directory(args.output)  # checks, like the next ones, before the tokenization, not after it
+        check_val_ratio(args.val_ratio)
         tokenizer = load_tokenizer(args.tokenizer)
         args.template = template_or_demo_default(args.template, tokenizer)
         records, report = load_sft_records(args.input, args.format, args.max_samples)

@@ -38,7 +38,7 @@ from dpo_llama.models.lora import (check_adapter_base, find_adapter, load_lora, 
 from dpo_llama.models.moe import EXPERT_BACKENDS
 from dpo_llama.models.quant import Quant4bitConfig
 from dpo_llama.models.tokenizer import load_tokenizer
-from dpo_llama.utils.cli import HelpFormatter, add_bool_flag, at_least
+from dpo_llama.utils.cli import HelpFormatter, add_bool_flag, at_least, check_output_directory
 from dpo_llama.utils.dataset_io import check_val_ratio, length_stats, split_train_val, write_dataset
 from dpo_llama.utils.dpo import example_length
 from dpo_llama.utils.finetune import prepare_model
@@ -176,7 +176,8 @@ def main(argv=None) -> int:
               f"may leave a response one token (pairs then identical, and dropped); set --max-prompt-len lower",
               file=sys.stderr)
     try:
-        check_val_ratio(args.val_ratio)  # before the tokenization, not after it
+        check_output_directory(args.output)  # checks, like the next ones, before the tokenization, not after it
+        check_val_ratio(args.val_ratio)
         refuse_quant_4bit_against_the_adapter(args)
         if not args.no_reference:
             read_params(args.ref_model)  # a wrong --ref-model is named as such, before the tokenizer is looked for

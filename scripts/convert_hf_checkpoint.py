@@ -14,7 +14,7 @@ import sys
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
-from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_directory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_output_differs(args.output, input=args.input)
+        check_output_directory(args.output, input=args.input)
         config = read_hf_config(args.input)
         model_args, tensors = hf_args_and_tensors(args.input, config, parse_dtype(args.dtype))
         summary = save_checkpoint(args.output, model_args, tensors, tokenizer_files(args.input),

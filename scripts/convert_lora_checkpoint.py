@@ -44,7 +44,7 @@ from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, L
                                    apply_lora, check_adapter, check_adapter_base, find_adapter, read_adapter,
                                    read_lora_config)
 from dpo_llama.models.quant import quantize_4bit, stored_4bit
-from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_directory
 from dpo_llama.utils.trainer import resolve_device
 
 
@@ -148,7 +148,7 @@ def merge(args: argparse.Namespace) -> tuple[dict, str, dict[str, int], LoRAConf
     model_args = check_base(base_dir, base, lora_dir / LORA_CONFIG_FILE)
     if not args.allow_other_base:
         check_adapter_base(lora_dir, base_dir)
-    check_output_differs(output, base=base_dir, lora=lora_dir)
+    check_output_directory(output, base=base_dir, lora=lora_dir)
     adapter = read_adapter(lora_dir)
     model = adapted_model(model_args, cfg)
     check_adapter(adapter, adapter_shapes(model), str(lora_dir / ADAPTER_FILE))

@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
 from dpo_llama.models.convert_meta import load_meta, meta_tensors
-from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, at_least, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, at_least, check_output_directory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.input)
     try:
-        check_output_differs(args.output, input=args.input)
+        check_output_directory(args.output, input=args.input)
         model_args, shards = load_meta(args.input, args.max_seq_len)
         summary = save_checkpoint(args.output, model_args, meta_tensors(model_args, shards, parse_dtype(args.dtype)),
                                   tokenizer, max_shard_bytes=args.max_shard_bytes)

@@ -17,7 +17,7 @@ import sys
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype
 from dpo_llama.models.export_hf import export_model
-from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_differs
+from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_directory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_output_differs(args.output, input=args.input)
+        check_output_directory(args.output, input=args.input)
         summary = export_model(args.input, args.output, parse_dtype(args.dtype), args.max_shard_bytes)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

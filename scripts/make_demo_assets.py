@@ -40,7 +40,7 @@ from dpo_llama.models.generation import generate
 from dpo_llama.models.llama import ModelArgs, Transformer
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils import demo_task
-from dpo_llama.utils.cli import HelpFormatter, at_least
+from dpo_llama.utils.cli import HelpFormatter, at_least, check_output_directory
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.trainer import lr_factor
 
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     sizes = {"sft": args.sft_size, "preference_train": args.preference_train_size,
              "preference_test": args.preference_test_size, "eval": args.eval_size}
     try:
+        check_output_directory(args.output)
         splits = demo_task.split_problems(args.seed, sizes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -76,9 +76,21 @@ def add_max_shard_gb(parser: argparse.ArgumentParser) -> None:
                         metavar="GB", help="largest output shard in GiB (default: 4)")
 
 
-def check_output_differs(output: str | Path, **inputs: str | Path) -> None:
-    """Refuses (ValueError) an output directory that is one of the ``inputs`` (flag name -> directory): writing
-    it would overwrite the files being read."""
+def refuse_a_file_in_the_way(flag: str, directory: str | Path) -> None:
+    """Refuses (ValueError) a ``directory`` that is, or whose nearest existing parent is, a file: the command would
+    otherwise fail only when it first writes there (for a trainer, the first checkpoint, hours in)."""
+    directory = Path(directory)
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{flag} {directory}: {path} is a file, not a directory")
+            return
+
+
+def check_output_directory(output: str | Path, **inputs: str | Path) -> None:
+    """Refuses (ValueError) an ``--output`` directory where a file is in the way (see refuse_a_file_in_the_way) or
+    that is one of the ``inputs`` (flag name -> directory): writing it would overwrite the files being read."""
+    refuse_a_file_in_the_way("--output", output)
     clashes = [name for name, directory in inputs.items() if Path(directory).resolve() == Path(output).resolve()]
     if clashes:
         raise ValueError(f"--output {output} must differ from {' and '.join(f'--{name}' for name in clashes)} "

@@ -52,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import config_to_dict, save_config
+from dpo_llama.utils.cli import config_to_dict, refuse_a_file_in_the_way, save_config
 from dpo_llama.utils.metrics import METRICS_FILE, MetricsLogger, PlotSpec
 
 STATE_FILE = "trainer_state.pt"
@@ -311,23 +311,14 @@ class BatchSampler:
         self.epoch, self.position, self._steps = int(state["epoch"]), int(state["position"]), steps
 
 
-def refuse_a_file_in_the_way(flag: str, directory: Path) -> None:
-    """Raises FileExistsError if ``directory``, or the nearest of its parents that exists, is a file: the run would
-    otherwise fail only when it first writes there (the first checkpoint, after hours of training)."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise FileExistsError(f"{flag} {directory}: {path} is a file, not a directory")
-            return
-
-
 def check_run_directories(cfg: TrainConfig) -> None:
     """Refuses to start a fresh run (no ``cfg.resume``) over an earlier run's checkpoints or logs; the run scripts
     call it before loading anything.
 
     Raises:
-        FileExistsError: ``ckpt_dir`` or ``log_dir/run_name`` is, or lies under, a file (resuming or not), or a
-            fresh run's ``ckpt_dir`` holds checkpoints, or its ``log_dir/run_name`` holds a run's metrics.jsonl.
+        ValueError: ``ckpt_dir`` or ``log_dir/run_name`` is, or lies under, a file (resuming or not).
+        FileExistsError: A fresh run's ``ckpt_dir`` holds checkpoints, or its ``log_dir/run_name`` holds a run's
+            metrics.jsonl.
     """
     for flag, path in (("--ckpt-dir", Path(cfg.ckpt_dir)), ("--log-dir/--run-name", Path(cfg.log_dir) / cfg.run_name)):
         refuse_a_file_in_the_way(flag, path)

@@ -240,6 +240,14 @@ def test_a_file_without_a_usable_row_is_an_error(tmp_path, tokenizer_paths, caps
     assert not out.exists()
 
 
+def test_an_output_over_the_input_file_is_one_error_line(tmp_path, tokenizer_paths, capsys):
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Hi", "output": "Hello."}])
+    assert build(["--input", str(rows)] + flags(tokenizer=tokenizer_paths["llama2"], template="llama2",
+                                                output=rows)) == 1
+    assert capsys.readouterr().err == f"error: --output {rows}: {rows} is a file, not a directory\n"
+    assert rows.read_text().startswith('{"instruction"')
+
+
 def test_no_example_left_after_truncation_is_an_error(tmp_path, tokenizer_paths, capsys):
     """--max-seq-len 3 leaves no assistant token in any conversation: exit 1 with the row summary."""
     rc, out = run_builder(tmp_path, tokenizer_paths["llama2"], "llama2", [FIXTURES / "databricks-dolly-15k.jsonl"],

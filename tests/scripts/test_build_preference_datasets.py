@@ -237,6 +237,12 @@ def test_unusable_inputs_are_clear_errors(reference, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+def test_an_output_under_a_file_is_one_error_line(reference, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert build(reference, tmp_path / "f" / "out", [FIXTURES / "trl_preference.jsonl"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --output {tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a file")
+
+
 def test_a_misspelt_reference_is_named_as_the_model(reference, tmp_path, capsys):
     assert build(tmp_path / "nosuch", tmp_path / "out", [FIXTURES / "trl_preference.jsonl"]) == 1
     assert capsys.readouterr().err == f"error: model checkpoint directory not found: {tmp_path / 'nosuch'}\n"

@@ -107,7 +107,8 @@ def test_an_output_that_is_a_file_is_one_error_line(tmp_path, capsys):
     make_hf_llama(tmp_path / "hf")
     (tmp_path / "taken").write_text("")
     assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "taken")]) == 1
-    assert capsys.readouterr().err.startswith("error: [Errno 17] File exists")
+    taken = tmp_path / "taken"
+    assert capsys.readouterr().err == f"error: --output {taken}: {taken} is a file, not a directory\n"
 
 
 def test_unsupported_model_type_is_refused(tmp_path, capsys):

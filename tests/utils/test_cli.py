@@ -9,8 +9,8 @@ from typing import Literal, Optional
 import pytest
 
 from dpo_llama.configs.base import TrainConfig
-from dpo_llama.utils.cli import (HelpFormatter, add_bool_flag, add_max_shard_gb, at_least, check_output_differs, config_to_dict,
-                                 parse_config, save_config)
+from dpo_llama.utils.cli import (HelpFormatter, add_bool_flag, add_max_shard_gb, at_least, check_output_directory,
+                                 config_to_dict, parse_config, save_config)
 
 
 @dataclass
@@ -229,11 +229,20 @@ def test_max_shard_gb_is_parsed_into_bytes():
 
 def test_an_output_over_an_input_directory_is_refused(tmp_path):
     """Every input the output resolves to is named; distinct directories pass."""
-    check_output_differs(tmp_path / "out", base=tmp_path / "base", lora=tmp_path / "lora")
+    check_output_directory(tmp_path / "out", base=tmp_path / "base", lora=tmp_path / "lora")
     with pytest.raises(ValueError, match="must differ from --lora "):
-        check_output_differs(tmp_path / "x" / ".." / "lora", base=tmp_path / "base", lora=tmp_path / "lora")
+        check_output_directory(tmp_path / "x" / ".." / "lora", base=tmp_path / "base", lora=tmp_path / "lora")
     with pytest.raises(ValueError, match="must differ from --base and --lora"):
-        check_output_differs(tmp_path, base=tmp_path, lora=tmp_path)
+        check_output_directory(tmp_path, base=tmp_path, lora=tmp_path)
+
+
+def test_an_output_where_a_file_is_in_the_way_is_refused(tmp_path):
+    """--output a file, or under one: refused before any work (the write would fail at the end)."""
+    (tmp_path / "f").write_text("")
+    for output in (tmp_path / "f", tmp_path / "f" / "sub" / "dir"):
+        with pytest.raises(ValueError, match=f"--output {output}: {tmp_path / 'f'} is a file, not a directory"):
+            check_output_directory(output)
+    check_output_directory(tmp_path / "new" / "dir")
 
 
 def test_script_help_shows_defaults_once():

@@ -210,6 +210,12 @@ def test_make_demo_assets_rejects_impossible_sizes(tmp_path, capsys):
             make_demo_assets(["--output", str(tmp_path), flag, "0"])
 
 
+def test_make_demo_assets_refuses_an_output_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert make_demo_assets(["--output", str(tmp_path / "f")]) == 1
+    assert f"{tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
+
+
 def test_an_interrupted_make_demo_assets_leaves_the_old_assets(tmp_path, monkeypatch):
     """Everything is made aside and moved in at the end: a run stopped during pretraining changes nothing (no new
     held-out data beside an old model), and a finished one replaces the assets but keeps other files."""

@@ -452,7 +452,7 @@ def test_a_file_where_a_run_directory_goes_is_refused_before_training(tmp_path, 
     (tmp_path / blocker).write_text("")
     cfg = make_cfg(tmp_path, resume=resume, **{field: str(tmp_path / blocker / "sub") if blocker == "f"
                                               else str(tmp_path / blocker)})
-    with pytest.raises(FileExistsError, match=f"{flag} .*{blocker} is a file, not a directory"):
+    with pytest.raises(ValueError, match=f"{flag} .*{blocker} is a file, not a directory"):
         check_run_directories(cfg)
 
 
