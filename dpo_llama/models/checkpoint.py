@@ -321,8 +321,14 @@ def write_model_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, tor
 
     Returns:
         A summary dict: ``num_params``, ``bytes``, ``dtypes`` and ``files`` written.
+
+    Raises:
+        FileNotFoundError: A tokenizer file does not exist (checked before anything is written).
     """
     out_dir = Path(out_dir)
+    missing = [str(path) for path in tokenizer_files if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer file(s) not found: {', '.join(missing)}")
     writer = ShardedWriter(out_dir, max_shard_bytes)
     dtypes = set()
     try:

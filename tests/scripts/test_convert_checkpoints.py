@@ -157,6 +157,14 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
     assert "consolidated.01.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
+def test_a_misspelt_tokenizer_is_refused_before_anything_is_written(tmp_path, capsys):
+    write_meta_checkpoint(make_hf_llama(tmp_path / "hf"), tmp_path / "meta")
+    argv = ["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o"), "--tokenizer", "nosuch.model"]
+    assert convert_meta(argv) == 1
+    assert capsys.readouterr().err == "error: tokenizer file(s) not found: nosuch.model\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_meta_shards_with_different_norms_are_refused(tmp_path, capsys):
     """A weight every shard holds whole must be one weight: two different copies are refused, not one dropped."""
     write_meta_checkpoint(make_hf_llama(tmp_path / "hf"), tmp_path / "meta", n_shards=2)
