@@ -126,6 +126,7 @@ def test_other_weights_dtype_or_template_are_refused(ws, tmp_path, capsys):
         assert run_dpo(dpo_argv(ws, tmp_path / "run", **override)) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("dataset has") == 1
+        assert ("the dataset was built against" in err) == message.startswith("weights_sha256")
     assert not (tmp_path / "run" / "ckpt").exists()
 
 
