@@ -14,14 +14,13 @@ Config layouts: the Hub's ``rope_theta`` + ``rope_scaling`` (``rope_type`` or le
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors
+from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors, read_json
 from dpo_llama.models.llama import ModelArgs
 
 HF_WEIGHTS = "model.safetensors"
@@ -33,14 +32,14 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def hf_weight_files(hf_dir: str | Path) -> list[Path]:
     """``model.safetensors`` or the shards named by ``model.safetensors.index.json``."""
     hf_dir = Path(hf_dir)
     if (hf_dir / HF_INDEX).is_file():
-        weight_map = json.loads((hf_dir / HF_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(hf_dir / HF_INDEX)["weight_map"]
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     else:
         files = [hf_dir / HF_WEIGHTS]

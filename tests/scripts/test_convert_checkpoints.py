@@ -98,9 +98,12 @@ def test_both_rope_config_layouts_give_the_same_args():
     assert rope_settings({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}) == (1e4, None)
 
 
-def test_missing_config_is_refused(tmp_path, capsys):
+def test_missing_or_malformed_config_is_refused(tmp_path, capsys):
     assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "config.json not found" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "llama",\n')
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON (")
 
 
 def test_an_output_that_is_a_file_is_one_error_line(tmp_path, capsys):
