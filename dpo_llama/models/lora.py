@@ -60,8 +60,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpo_llama.models.checkpoint import (DTYPES, LORA_CONFIG_FILE, checkpoint_fingerprint, load_model, read_json,
-                                        write_atomically)
+from dpo_llama.models.checkpoint import (DTYPES, LORA_CONFIG_FILE, checkpoint_fingerprint, load_model,
+                                        open_safetensors, read_json, weight_files, write_atomically)
 from dpo_llama.models.llama import refuse_second_derivative
 from dpo_llama.models.quant import (Packed4bit, Quant4bitConfig, applied_device, check_shape, linear_4bit,
                                     quantization_summary, quantize_4bit, replace_linears_4bit)
@@ -658,11 +658,14 @@ def check_adapter_base(lora_dir: str | os.PathLike, ckpt_dir: str | os.PathLike,
     ``ckpt_dir``'s fingerprint if the caller already has it (hashing a large base takes seconds per GB).
 
     Raises:
-        ValueError: the recorded base weights differ from ``ckpt_dir``'s.
+        ValueError: the recorded base weights differ from ``ckpt_dir``'s, or (said first, as the likelier cause)
+            a weight file of ``ckpt_dir`` is not readable safetensors, such as a truncated download.
     """
     info = read_lora_config(lora_dir)[1].get("info") or {}
     recorded = info.get("weights_sha256")
     if recorded and recorded != (weights_sha256 or checkpoint_fingerprint(ckpt_dir)):
+        for path in weight_files(ckpt_dir):
+            open_safetensors(path)
         raise ValueError(f"the adapter {lora_dir} was trained on other base weights than {ckpt_dir} (its base: "
                          f"{info.get('ckpt_dir')}): load it onto that base")
 

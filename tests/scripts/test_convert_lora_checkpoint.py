@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -193,6 +194,16 @@ def test_other_base_weights_are_refused_and_the_output_keeps_the_trained_dtype(b
     assert run(tmp_path / "bf16", tmp_path / "adapter", tmp_path / "keep", "--dtype", "keep") == 0
     assert {t.dtype for _, t in iter_safetensors(weight_files(tmp_path / "keep"))} == {torch.bfloat16}
     assert run(base_dir, tmp_path / "adapter", tmp_path / "forced", "--allow-other-base") == 0
+
+
+def test_a_truncated_base_is_named_as_unreadable_not_as_another_base(base_dir, tmp_path, capsys):
+    """A truncated download of the right base hashes differently too: its unreadable file is the error."""
+    train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
+    shutil.copytree(base_dir, tmp_path / "torn")
+    weights = tmp_path / "torn" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    assert run(tmp_path / "torn", tmp_path / "adapter", tmp_path / "merged") == 1
+    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_output_over_the_base_is_refused(base_dir, tmp_path, capsys):
