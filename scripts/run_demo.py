@@ -80,7 +80,7 @@ def run_stage(title: str, script: str, args: list[str]) -> float:
     print(f"\n=== {title}\n$ python {script} {' '.join(args)}", flush=True)
     start = time.time()
     try:
-        status = subprocess.run(command).returncode
+        status = subprocess.run(command, check=False).returncode
     except KeyboardInterrupt:
         raise StageFailed(f'interrupted during "{title}"; run the demo again (it starts from scratch)', 130) from None
     if status != 0:

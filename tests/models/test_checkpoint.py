@@ -49,8 +49,8 @@ def test_truncated_weights_or_invalid_json_name_the_file(tmp_path):
 @pytest.mark.parametrize(("layout", "message"), [
     ([], "model checkpoint directory not found: "),
     (["run"], r"run/params\.json not found: is .*run a dpo_llama checkpoint directory\?"),
-    (["run/lora_config.json"], "run holds a LoRA adapter, not a model: merge it onto its base with "
-                               r"scripts/convert_lora_checkpoint\.py"),
+    (["run/lora_config.json"], ("run holds a LoRA adapter, not a model: merge it onto its base with "
+                                r"scripts/convert_lora_checkpoint\.py")),
     (["run/step-000002/lora_config.json"], "run holds a LoRA adapter, not a model"),
 ])
 def test_a_directory_that_is_no_model_says_what_it_is(tmp_path, layout, message):

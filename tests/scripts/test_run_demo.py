@@ -50,16 +50,16 @@ def test_a_rerun_removes_only_the_demos_earlier_outputs(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize(("stage_result", "status", "message"), [
-    (subprocess.CompletedProcess([], 1), 1, 'error: stage "build the SFT dataset" failed (exit status 1, its output '
-                                            "above says why)"),
-    (KeyboardInterrupt(), 130, 'error: interrupted during "build the SFT dataset"; run the demo again (it starts '
-                               "from scratch)"),
+    (subprocess.CompletedProcess([], 1), 1, ('error: stage "build the SFT dataset" failed (exit status 1, its '
+                                             "output above says why)")),
+    (KeyboardInterrupt(), 130, ('error: interrupted during "build the SFT dataset"; run the demo again (it starts '
+                                "from scratch)")),
 ])
 def test_a_failed_or_interrupted_stage_is_one_line(tmp_path, monkeypatch, capsys, stage_result, status, message):
     """No traceback: the stage printed its own error; the demo names the stage and exits 1 (failure) or 130."""
-    import scripts.run_demo as run_demo
+    from scripts import run_demo
 
-    def stage(command):
+    def stage(command, check):
         if isinstance(stage_result, BaseException):
             raise stage_result
         return stage_result
