@@ -76,10 +76,10 @@ def verify_fingerprint(cfg: DPOLoRAConfig, meta: dict, model, tokenizer, lora_di
     differences = fingerprint_mismatches(meta["reference"], policy)
     if any(difference.startswith(("weights_sha256:", "lora_sha256:")) for difference in differences):
         recorded = meta["reference"]
-        adapter = f" with the adapter {recorded['lora']}" if recorded.get("lora") else " with no adapter"
-        differences.append(f"(the dataset was built against {recorded.get('ckpt_dir')}{adapter}: start the policy "
-                           "there with --pretrain-ckpt-dir and --init-lora-dir, or rebuild the dataset against this "
-                           "one)")
+        adapter = (f" with the adapter {recorded['lora']}: pass them as --pretrain-ckpt-dir and --init-lora-dir"
+                   if recorded.get("lora") else " with no adapter: pass it as --pretrain-ckpt-dir")
+        differences.append(f"(the dataset was built against {recorded.get('ckpt_dir')}{adapter}, or rebuild the "
+                           "dataset against this policy)")
     if any(difference.startswith("quant:") for difference in differences):
         differences.append("(the builder's --quant-4bit stores every frozen linear layer 4-bit, as --quant-4bit true "
                            "--quant-lora-4bit true do here; with --lora it takes the adapter's own 4-bit settings)")
