@@ -302,7 +302,8 @@ def test_an_interrupt_while_loading_is_one_line_and_exit_130(capsys):
         raise KeyboardInterrupt
 
     assert run_main(SFTLoRAConfig, loading, ["--pretrain-ckpt-dir", "m", "--train-data-dir", "d"], "") == 130
-    assert capsys.readouterr().err == "interrupted; checkpoints saved so far, if any, are in ./checkpoints/demo/sft-lora\n"
+    expected = "interrupted; checkpoints saved so far, if any, are in ./checkpoints/demo/sft-lora\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_trainable_summary_counts_4bit_weights_by_their_shapes():

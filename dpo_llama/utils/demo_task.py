@@ -11,8 +11,8 @@ The story the demo tells, in data (files written by ``scripts/make_demo_assets.p
   equation ten off, down (what a forgotten carry does, ``"47 + 38 = 75"``) or up (a spurious carry,
   ``"47 + 38 = 95"``), each with probability 1/2. The pairs bracket the truth from both sides: with a rejected
   answer on one side only, DPO keeps pushing away from it and, trained longer, overshoots to the other side
-  (sums without a carry came out ten too large, with a spurious carry). DPO on the pairs repairs what SFT broke, which :func:`reward`
-  measures on held-out problems.
+  (sums without a carry came out ten too large, with a spurious carry). DPO on the pairs repairs what SFT broke,
+  which :func:`reward` measures on held-out problems.
 
 A problem is ``a + b`` with ``a, b`` in ``[10, 99]``: 8,100 problems, 45% of which need a carry. The splits
 (:func:`split_problems`) are disjoint, and the held-out ones (``preference_test``, ``eval``) are also left out

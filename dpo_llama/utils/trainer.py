@@ -320,7 +320,7 @@ def check_run_directories(cfg: TrainConfig) -> None:
         FileExistsError: A fresh run's ``ckpt_dir`` holds checkpoints, or its ``log_dir/run_name`` holds a run's
             metrics.jsonl.
     """
-    for flag, path in (("--ckpt-dir", Path(cfg.ckpt_dir)), ("--log-dir/--run-name", Path(cfg.log_dir) / cfg.run_name)):
+    for flag, path in (("--ckpt-dir", cfg.ckpt_dir), ("--log-dir/--run-name", Path(cfg.log_dir) / cfg.run_name)):
         refuse_a_file_in_the_way(flag, path)
     if cfg.resume:
         return

@@ -444,7 +444,8 @@ def test_an_empty_state_file_is_named_as_the_reason_of_the_fallback(tmp_path, ca
 
 
 @pytest.mark.parametrize("resume", [False, True])
-@pytest.mark.parametrize(("field", "blocker", "flag"), [("ckpt_dir", "ckpt", "--ckpt-dir"), ("ckpt_dir", "f", "--ckpt-dir"),
+@pytest.mark.parametrize(("field", "blocker", "flag"), [("ckpt_dir", "ckpt", "--ckpt-dir"),
+                                                       ("ckpt_dir", "f", "--ckpt-dir"),
                                                        ("log_dir", "logs", "--log-dir/--run-name")])
 def test_a_file_where_a_run_directory_goes_is_refused_before_training(tmp_path, resume, field, blocker, flag):
     """A checkpoint or log directory that is (or lies under) a file would fail at the first save, after the
