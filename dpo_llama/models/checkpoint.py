@@ -68,6 +68,23 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
 
 
+class JsonObject(dict):
+    """A JSON object read from a file: looking up a key it lacks raises a one-line ``ValueError`` naming the file
+    and the key (a ``KeyError`` would print as the bare quoted key)."""
+
+    def __init__(self, path: str | os.PathLike, content: dict[str, Any]):
+        super().__init__(content)
+        self.path = path
+
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(f'{self.path} lacks the required key "{key}"')
+
+
+def read_json_object(path: str | os.PathLike) -> JsonObject:
+    """``read_json`` for a file that holds a JSON object, as a ``JsonObject`` (missing keys name the file)."""
+    return JsonObject(path, read_json(path))
+
+
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """Calls ``write(tmp_path)``, flushes the temporary file to disk and renames it to ``path``; a write that
     fails or is interrupted leaves ``path`` as it was and no temporary file."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors, read_json
+from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors, read_json_object
 from dpo_llama.models.llama import ModelArgs
 
 HF_WEIGHTS = "model.safetensors"
@@ -28,18 +28,19 @@ HF_INDEX = "model.safetensors.index.json"
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """Reads ``config.json`` of a HF model directory."""
+    """Reads ``config.json`` of a HF model directory; a key the converters need but it lacks is a ``ValueError``
+    naming the file and the key."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
-    return read_json(path)
+    return read_json_object(path)
 
 
 def hf_weight_files(hf_dir: str | Path) -> list[Path]:
     """``model.safetensors`` or the shards named by ``model.safetensors.index.json``."""
     hf_dir = Path(hf_dir)
     if (hf_dir / HF_INDEX).is_file():
-        weight_map = read_json(hf_dir / HF_INDEX)["weight_map"]
+        weight_map = read_json_object(hf_dir / HF_INDEX)["weight_map"]
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     else:
         files = [hf_dir / HF_WEIGHTS]

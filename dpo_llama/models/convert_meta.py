@@ -32,6 +32,7 @@ META_TO_OURS = {
     "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 IGNORED_KEYS = ("rope.freqs",)
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -43,11 +44,17 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 
 
 def shard_files(meta_dir: str | Path) -> list[Path]:
-    """``consolidated.00.pth``, ``consolidated.01.pth``, ... in rank order."""
-    files = sorted(Path(meta_dir).glob("consolidated.*.pth"))
+    """``consolidated.00.pth``, ``consolidated.01.pth``, ... in rank order; a gap in the numbering (a missing
+    shard) is a ``FileNotFoundError`` naming the missing files."""
+    files = {int(match.group(1)): path for path in Path(meta_dir).glob("consolidated.*.pth")
+             if (match := SHARD_NAME.fullmatch(path.name))}
     if not files:
         raise FileNotFoundError(f"no consolidated.*.pth in {meta_dir}")
-    return files
+    missing = [f"consolidated.{rank:02d}.pth" for rank in range(max(files)) if rank not in files]
+    if missing:
+        raise FileNotFoundError(f"{meta_dir} lacks shard(s) {', '.join(missing)}: the shards must be numbered "
+                                f"00 to {max(files):02d} without gaps")
+    return [files[rank] for rank in sorted(files)]
 
 
 def meta_args(params: dict[str, Any], vocab_size: int, max_seq_len: int | None = None) -> ModelArgs:
@@ -87,7 +94,8 @@ def our_key(meta_key: str) -> str:
 
 def merge_shards(pieces: list[torch.Tensor], shape: torch.Size, key: str) -> torch.Tensor:
     """Concatenates model-parallel pieces along the dimension where they are smaller than ``shape``; a weight
-    every shard holds whole (the norms) must be the same in all of them."""
+    every shard holds whole (the norms) must be the same in all of them. Pieces that add up to less than ``shape``
+    are refused as a likely missing shard."""
     if pieces[0].shape == shape:
         if any(not torch.equal(piece, pieces[0]) for piece in pieces[1:]):
             raise ValueError(f"{key}: the shards hold different full-size copies of {tuple(shape)}")
@@ -96,6 +104,9 @@ def merge_shards(pieces: list[torch.Tensor], shape: torch.Size, key: str) -> tor
     if len(split_dims) != 1:
         raise ValueError(f"shape mismatch for {key}: shard piece {tuple(pieces[0].shape)} vs full {tuple(shape)}")
     merged = torch.cat(pieces, dim=split_dims[0])
+    if merged.shape[split_dims[0]] < shape[split_dims[0]]:
+        raise ValueError(f"shape mismatch for {key}: the {len(pieces)} shard(s) found merge to {tuple(merged.shape)}, "
+                         f"params.json implies {tuple(shape)}: is a consolidated.NN.pth shard missing?")
     if merged.shape != shape:
         raise ValueError(f"shape mismatch for {key}: merged {tuple(merged.shape)} vs params {tuple(shape)}")
     return merged

@@ -106,6 +106,16 @@ def test_missing_or_malformed_config_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON (")
 
 
+def test_a_config_without_a_required_key_names_the_file_and_the_key(tmp_path, capsys):
+    make_hf_llama(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    del config["num_attention_heads"]
+    path.write_text(json.dumps(config))
+    assert convert_hf(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == f'error: {path} lacks the required key "num_attention_heads"\n'
+
+
 def test_an_output_that_is_a_file_is_one_error_line(tmp_path, capsys):
     make_hf_llama(tmp_path / "hf")
     (tmp_path / "taken").write_text("")
@@ -158,6 +168,21 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
     (tmp_path / "meta" / "consolidated.01.pth").write_bytes(shard[:len(shard) // 2])
     assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
     assert "consolidated.01.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_a_missing_meta_shard_is_named_or_suspected(tmp_path, capsys):
+    """A gap in the shard numbers names the missing files; a missing last shard shows as pieces that add up to
+    less than params.json implies."""
+    meta = tmp_path / "meta"
+    write_meta_checkpoint(make_hf_llama(tmp_path / "hf"), meta, n_shards=3)
+    (meta / "consolidated.01.pth").unlink()
+    assert convert_meta(["--input", str(meta), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (f"error: {meta} lacks shard(s) consolidated.01.pth: the shards must be "
+                                       "numbered 00 to 02 without gaps\n")
+    (meta / "consolidated.02.pth").unlink()
+    assert convert_meta(["--input", str(meta), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "the 1 shard(s) found merge to" in err and "is a consolidated.NN.pth shard missing?" in err
 
 
 def test_a_misspelt_tokenizer_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -147,6 +147,14 @@ def test_unsupported_config_is_refused(tmp_path, capsys, field, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["num_attention_heads", "moe_intermediate_size"])
+def test_a_config_without_a_required_key_names_the_file_and_the_key(tmp_path, capsys, key):
+    config = deepseek_moe_config()
+    del config[key]
+    assert convert_hf(write_bad(tmp_path, config)) == 1
+    assert capsys.readouterr().err == f'error: {tmp_path / "hf" / "config.json"} lacks the required key "{key}"\n'
+
+
 def test_unknown_yarn_key_is_refused():
     config = {**V2_LITE_HUB, "rope_scaling": {**V2_LITE_HUB["rope_scaling"], "attention_factor": 1.0}}
     with pytest.raises(ValueError, match="unsupported YaRN keys"):
