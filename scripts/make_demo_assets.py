@@ -40,7 +40,7 @@ from dpo_llama.models.generation import generate
 from dpo_llama.models.llama import ModelArgs, Transformer
 from dpo_llama.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_llama.utils import demo_task
-from dpo_llama.utils.cli import HelpFormatter, at_least, check_output_directory
+from dpo_llama.utils.cli import HelpFormatter, at_least, check_output_directory, probability
 from dpo_llama.utils.logprobs import sequence_logps
 from dpo_llama.utils.trainer import lr_factor
 
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--preference-train-size", type=at_least(1), default=2000, help="training preference pairs")
     data.add_argument("--preference-test-size", type=at_least(1), default=300, help="held-out preference pairs")
     data.add_argument("--eval-size", type=at_least(1), default=400, help="held-out evaluation prompts")
-    data.add_argument("--error-rate", type=float, default=0.8,
+    data.add_argument("--error-rate", type=probability, default=0.8,
                       help="chance that the sloppy annotator forgets a carry (SFT data)")
     data.add_argument("--vocab-size", type=at_least(1), default=320, help="sentencepiece vocabulary size")
     model = parser.add_argument_group("model")
@@ -68,9 +68,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     train = parser.add_argument_group("pretraining")
     train.add_argument("--pretrain-steps", type=at_least(1), default=2000, help="optimizer steps")
     train.add_argument("--batch-size", type=at_least(1), default=64, help="lines per step")
-    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    train.add_argument("--lr", type=at_least(0.0, float), default=3e-3, help="peak learning rate (AdamW)")
     train.add_argument("--warmup-steps", type=at_least(0), default=100, help="linear warmup steps")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_head_counts(parser, args)
+    return args
+
+
+def check_head_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses (``parser.error``) a --dim / --n-heads / --n-kv-heads combination the model cannot be built with."""
+    if args.dim % args.n_heads:
+        parser.error(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads}")
+    if args.dim // args.n_heads % 2:
+        parser.error(f"the head width --dim / --n-heads = {args.dim // args.n_heads} must be even (rotary "
+                     "embeddings turn pairs of dimensions)")
+    if args.n_heads % args.n_kv_heads:
+        parser.error(f"--n-heads {args.n_heads} must be a multiple of --n-kv-heads {args.n_kv_heads}")
 
 
 def write_data(out_dir: Path, splits: dict[str, list[demo_task.Problem]], args: argparse.Namespace) -> Path:

@@ -66,6 +66,14 @@ def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+def probability(text: str) -> float:
+    """An argparse ``type``: a number from 0 to 1."""
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text!r}")
+    return value
+
+
 def add_max_shard_gb(parser: argparse.ArgumentParser) -> None:
     """``--max-shard-gb`` of the scripts that write checkpoints, parsed into ``args.max_shard_bytes``."""
 

@@ -10,7 +10,7 @@ import pytest
 
 from dpo_llama.configs.base import TrainConfig
 from dpo_llama.utils.cli import (HelpFormatter, add_bool_flag, add_max_shard_gb, at_least, check_output_directory,
-                                 config_to_dict, parse_config, save_config)
+                                 config_to_dict, parse_config, probability, save_config)
 
 
 @dataclass
@@ -183,6 +183,13 @@ def test_at_least_parses_and_bounds_numbers():
     for parse, text in ((at_least(2), "1"), (at_least(2), "x"), (at_least(0.0, float), "nan")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_probability_is_a_number_from_0_to_1():
+    assert probability("0") == 0.0 and probability("1") == 1.0 and probability("0.25") == 0.25
+    for text in ("1.5", "-0.1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            probability(text)
 
 
 def test_required_field_and_unsupported_type():

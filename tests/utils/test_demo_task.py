@@ -210,6 +210,20 @@ def test_make_demo_assets_rejects_impossible_sizes(tmp_path, capsys):
             make_demo_assets(["--output", str(tmp_path), flag, "0"])
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--error-rate", "1.5"], "argument --error-rate: must be a probability from 0 to 1, got '1.5'"),
+    (["--lr", "-1"], "argument --lr: must be a finite number >= 0.0, got '-1'"),
+    (["--n-heads", "3"], "--dim 32 must be a multiple of --n-heads 3"),
+    (["--dim", "6"], "the head width --dim / --n-heads = 3 must be even"),
+    (["--n-kv-heads", "3", "--n-heads", "4", "--dim", "64"], "--n-heads 4 must be a multiple of --n-kv-heads 3"),
+])
+def test_make_demo_assets_refuses_bad_rates_and_head_counts(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        make_demo_assets(tiny_asset_args(tmp_path / "demo") + flags)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_make_demo_assets_refuses_an_output_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert make_demo_assets(["--output", str(tmp_path / "f")]) == 1
