@@ -27,12 +27,15 @@ weights (forward object | SFT object), the unpacked bf16 weights' bytes for torc
 FLOPs: forward = 6 qlen k H I (gate, up, down: 2 flops per multiply-add); forward + backward =
 12 qlen k H I (the backward computes W_down^T dy and [dg | du] W_gate_up; no weight gradients).
 The fp32 peak is measured with an AVX-512 FMA loop in the extension on every thread (or, without
-AVX-512, a 2048^3 fp32 torch matmul as a proxy).
+AVX-512, a 2048^3 fp32 torch matmul as a proxy), the ``vdpbf16ps`` peak likewise (nan without
+AVX512_BF16). Without AMX, no product of bf16 weights runs faster than the larger of the two, so
+``fwd_vs_kt_ceiling`` (kt-kernel's forward time over the time of the forward's FLOPs at that peak)
+bounds ``fwd_vs_kt`` on such a machine (nan on an AMX machine or without kt-kernel).
 
 Ends with one machine-readable line for the largest qlen::
 
     RESULT fwd_vs_torch=<x> fwd_vs_kt=<x or nan> fwdbwd_vs_kt=<x or nan> fwd_peak_frac=<x> \\
-        fwdbwd_equal_memory_vs_kt=<x or nan>
+        fwdbwd_equal_memory_vs_kt=<x or nan> fwd_dpbf16_peak_frac=<x or nan> fwd_vs_kt_ceiling=<x or nan>
 
 (``fwdbwd_vs_kt`` is ours-bf16, one packed copy of the weights; ``fwdbwd_equal_memory_vs_kt`` is
 ours-bf16-T, which keeps as many weight bytes as kt-kernel's SFT path.)
@@ -264,10 +267,18 @@ def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[s
 def fma_peak_gflops() -> tuple[float, str]:
     """Measured fp32 FMA peak of this machine on ``torch.get_num_threads()`` threads."""
     if "avx512" in available_isas():
-        return max(load_extension().fma_peak_gflops(30_000_000) for _ in range(3)), "AVX-512 FMA loop"
+        return max(load_extension().peak_gflops("fma", 30_000_000) for _ in range(3)), "AVX-512 FMA loop"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     seconds = min(median_seconds({"matmul": lambda: a @ b}, 3)["matmul"] for _ in range(2))
     return 2 * 2048**3 / seconds / 1e9, "fp32 torch matmul 2048^3 (proxy)"
+
+
+def dpbf16_peak_gflops() -> float:
+    """Measured ``vdpbf16ps`` peak on ``torch.get_num_threads()`` threads; nan without AVX512_BF16."""
+    try:
+        return max(load_extension().peak_gflops("dpbf16", 30_000_000) for _ in range(3))
+    except RuntimeError:
+        return math.nan
 
 
 def avx512_bf16_summary() -> str:
@@ -388,18 +399,28 @@ def main() -> None:
         setups["kt"] = None
     peak, peak_source = fma_peak_gflops()
     print(f"fp32 FMA peak: {peak:.0f} GFLOP/s ({peak_source}, {args.threads} threads)")
+    dpbf16_peak = dpbf16_peak_gflops()
+    print(f"vdpbf16ps peak: {dpbf16_peak:.0f} GFLOP/s (AVX512_BF16 loop, {args.threads} threads)")
     memory = weight_memory(setups)
     last = {}
     for qlen in args.qlen:
         last = measure(qlen, setups, args.repeats)
         print_table(qlen, last, memory)
-    qlen = args.qlen[-1]
-    ours_fwd, ours_total = last["ours-bf16"]
+    print_result(args.qlen[-1], last, peak, dpbf16_peak)
+
+
+def print_result(qlen: int, results: dict[str, tuple[float, float]], fma_peak: float, dpbf16_peak: float) -> None:
+    """The RESULT line of the module docstring for the largest qlen's ``results``."""
+    ours_fwd, ours_total = results["ours-bf16"]
+    kt_fwd, kt_total = results["kt-bf16"]
+    fwd_gflops = 6 * qlen * TOP_K * HIDDEN * INTER / 1e9
+    best_peak = fma_peak if math.isnan(dpbf16_peak) else max(fma_peak, dpbf16_peak)
+    ceiling = math.nan if selected_isa() == "amx" else kt_fwd * best_peak / fwd_gflops
     print(
-        f"\nRESULT fwd_vs_torch={last['torch-loop'][0] / ours_fwd:.2f} fwd_vs_kt={last['kt-bf16'][0] / ours_fwd:.2f} "
-        f"fwdbwd_vs_kt={last['kt-bf16'][1] / ours_total:.2f} "
-        f"fwd_peak_frac={6 * qlen * TOP_K * HIDDEN * INTER / ours_fwd / 1e9 / peak:.2f} "
-        f"fwdbwd_equal_memory_vs_kt={last['kt-bf16'][1] / last['ours-bf16-T'][1]:.2f}"
+        f"\nRESULT fwd_vs_torch={results['torch-loop'][0] / ours_fwd:.2f} fwd_vs_kt={kt_fwd / ours_fwd:.2f} "
+        f"fwdbwd_vs_kt={kt_total / ours_total:.2f} fwd_peak_frac={fwd_gflops / ours_fwd / fma_peak:.2f} "
+        f"fwdbwd_equal_memory_vs_kt={kt_total / results['ours-bf16-T'][1]:.2f} "
+        f"fwd_dpbf16_peak_frac={fwd_gflops / ours_fwd / dpbf16_peak:.2f} fwd_vs_kt_ceiling={ceiling:.2f}"
     )
 
 

@@ -879,8 +879,9 @@ std::vector<std::string> available_isas() {
   return isas;
 }
 
-// Peak fp32 FMA rate of one thread: a loop of independent AVX-512 FMAs (2 flops per lane).
-DPO_TARGET_AVX512 double fma_peak_gflops_avx512(int64_t iterations) {
+// Peak rates of one thread: a loop of 12 independent chains of one instruction, AVX-512 FMA
+// (2 flops per fp32 lane) or vdpbf16ps (4 flops per lane: two bf16 products added to fp32).
+DPO_TARGET_AVX512 double fma_peak_one_thread(int64_t iterations) {
   __m512 acc[12];
   for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
   const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
@@ -895,13 +896,37 @@ DPO_TARGET_AVX512 double fma_peak_gflops_avx512(int64_t iterations) {
   return double(iterations) * 12 * 16 * 2 / seconds / 1e9;
 }
 
-// Aggregate fp32 FMA peak over torch.get_num_threads() threads (each runs the loop above).
-double fma_peak_gflops(int64_t iterations) {
-  TORCH_CHECK(detect_cpu().avx512, "the FMA peak probe needs AVX-512");
+DPO_TARGET_AVX512_BF16 double dpbf16_peak_one_thread(int64_t iterations) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
+  // bf16 1.0 and 2^-24: every step adds 2 * 2^-24 per lane, far from overflow.
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80);
+  const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3380);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  float sink = 0.0f;
+  for (int i = 0; i < 12; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  TORCH_CHECK(std::isfinite(sink), "vdpbf16ps peak loop overflowed");
+  return double(iterations) * 12 * 16 * 4 / seconds / 1e9;
+}
+
+// Aggregate peak over torch.get_num_threads() threads (each runs one of the loops above):
+// `instruction` is "fma" or "dpbf16".
+double peak_gflops(const std::string& instruction, int64_t iterations) {
+  const CpuFeatures f = detect_cpu();
+  TORCH_CHECK_VALUE(instruction == "fma" || instruction == "dpbf16",
+                    "peak_gflops: unknown instruction '", instruction, "' (expected fma or dpbf16)");
+  const bool dpbf16 = instruction == "dpbf16";
+  TORCH_CHECK(dpbf16 ? f.avx512_bf16 : f.avx512, "the ", instruction, " peak probe needs ",
+              dpbf16 ? "AVX512_BF16" : "AVX-512");
   const int64_t threads = at::get_num_threads();
   std::vector<double> rates(threads, 0.0);
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) rates[i] = fma_peak_gflops_avx512(iterations);
+    for (int64_t i = b; i < e; ++i)
+      rates[i] = dpbf16 ? dpbf16_peak_one_thread(iterations) : fma_peak_one_thread(iterations);
   });
   double total = 0.0;
   for (double rate : rates) total += rate;
@@ -930,7 +955,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the avx512 forward kernel for bf16 weights now: fma or dpbf16");
   m.def("avx512_bf16_timings", &dpo_moe::bf16_nt_timings,
         "seconds of each avx512 bf16 forward kernel on the selection micro-benchmark");
-  m.def("fma_peak_gflops", &dpo_moe::fma_peak_gflops, "measured fp32 AVX-512 FMA peak, GFLOP/s");
+  m.def("peak_gflops", &dpo_moe::peak_gflops,
+        "measured peak GFLOP/s of an instruction loop on torch.get_num_threads() threads: "
+        "\"fma\" (AVX-512 fp32 FMA) or \"dpbf16\" (vdpbf16ps)");
   m.def("empty_cached",
         [](const std::vector<int64_t>& shape, at::ScalarType dtype) {
           return dpo_moe::empty_cached(shape, dtype);

@@ -365,6 +365,19 @@ def test_avx512_bf16_automatic_choice(extension, force_isa, monkeypatch):
     assert extension.avx512_bf16_timings() == timings  # measured once per process
 
 
+def test_peak_probes(extension):
+    """The benchmark's instruction-loop peaks: positive where the CPU runs the instruction, an error elsewhere."""
+    probes = {"fma": "avx512" in moe.available_isas(), "dpbf16": cpu_has_avx512_bf16()}
+    for instruction, runs in probes.items():
+        if runs:
+            assert 0 < extension.peak_gflops(instruction, 1000) < float("inf")
+        else:
+            with pytest.raises(RuntimeError, match="peak probe needs"):
+                extension.peak_gflops(instruction, 1000)
+    with pytest.raises(ValueError, match="unknown instruction 'vnni'"):
+        extension.peak_gflops("vnni", 1000)
+
+
 def test_avx512_bf16_forced_value_validation(force_isa, monkeypatch):
     force_isa("avx512")
     experts, x, ids, weights, _ = make_case(*SHAPES["one_token_top1"])
