@@ -377,6 +377,14 @@ DPO_TARGET_AVX512 DPO_INLINE __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
+// A sweep of nn_rows reads kGroupRows rows (512 bytes for bf16) of every panel, 64 to 88 panels
+// 90 to 128 KB apart at DeepSeek-V2-Lite's sizes: too short a run per panel for the hardware
+// prefetchers, so each step prefetches (to L2) the panel this many ahead, and past the last panel
+// the next sweep's rows of the first ones. On an AMD Zen 4, forward + backward with one weight
+// copy at 8 / 32 / 128 tokens (about 1 / 3 / 12 rows per expert) got 1.18 / 1.13 / 1.10x faster
+// (two rounds of alternating builds), and was unchanged at 512.
+constexpr int64_t kNnPrefetchPanels = 16;
+
 // Transposed product for MR rows (fp32 or bf16) and 8 output columns starting at group row row0:
 // acc[i][j] holds 16 partial sums over n mod 16, reduced once after the sweep over all of N.
 template <int MR, int G, class T>
@@ -391,6 +399,12 @@ DPO_TARGET_AVX512 inline void nn_rows(const T* a, int64_t lda, const PackedView&
   const int64_t panels = w.n / kPanel;
   for (int64_t p = 0; p < panels; ++p) {
     const uint8_t* base = w.panel(p) + row0 * kRowBytes;
+    const int64_t ahead = p + kNnPrefetchPanels;
+    if (ahead < panels)
+      prefetch_lines(w.panel(ahead) + row0 * kRowBytes, kGroupRows * kRowBytes);
+    else if (row0 + 2 * kGroupRows <= w.rows_per_panel())
+      prefetch_lines(w.panel(ahead - panels) + (row0 + kGroupRows) * kRowBytes,
+                     kGroupRows * kRowBytes);
     for (int half = 0; half < 2; ++half) {
       __m512 x[MR];
 #pragma GCC unroll 16
