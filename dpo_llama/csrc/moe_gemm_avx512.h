@@ -382,14 +382,27 @@ DPO_TARGET_AVX512 DPO_INLINE __m512 load16(const uint16_t* p) {
 // prefetchers, so each step prefetches (to L2) the panel this many ahead, and past the last panel
 // the next sweep's rows of the first ones. On an AMD Zen 4, forward + backward with one weight
 // copy at 8 / 32 / 128 tokens (about 1 / 3 / 12 rows per expert) got 1.18 / 1.13 / 1.10x faster
-// (two rounds of alternating builds), and was unchanged at 512.
+// (two rounds of alternating builds), and was unchanged at 512. Only the first block of rows
+// prefetches: the later blocks sweep the same rows, which the first left in L2.
 constexpr int64_t kNnPrefetchPanels = 16;
+
+// Prefetches the pair rows [row0, row0 + rows) of the panel kNnPrefetchPanels after p, or past the
+// last panel the next `rows` rows of the first panels.
+DPO_TARGET_AVX512 DPO_INLINE void prefetch_nn_ahead(const PackedView& w, int64_t p, int64_t row0,
+                                                    int64_t rows) {
+  const int64_t panels = w.n / kPanel, ahead = p + kNnPrefetchPanels;
+  if (ahead < panels)
+    prefetch_lines(w.panel(ahead) + row0 * kRowBytes, rows * kRowBytes);
+  else if (row0 + 2 * rows <= w.rows_per_panel())
+    prefetch_lines(w.panel(ahead - panels) + (row0 + rows) * kRowBytes, rows * kRowBytes);
+}
 
 // Transposed product for MR rows (fp32 or bf16) and 8 output columns starting at group row row0:
 // acc[i][j] holds 16 partial sums over n mod 16, reduced once after the sweep over all of N.
+// `prefetch`: prefetch the panels ahead (kNnPrefetchPanels).
 template <int MR, int G, class T>
 DPO_TARGET_AVX512 inline void nn_rows(const T* a, int64_t lda, const PackedView& w,
-                                      int64_t row0, float* c, int64_t ldc) {
+                                      int64_t row0, float* c, int64_t ldc, bool prefetch) {
   constexpr int kCols = 8, kGroupRows = kCols / G;
   __m512 acc[MR][kCols];
 #pragma GCC unroll 16
@@ -399,12 +412,7 @@ DPO_TARGET_AVX512 inline void nn_rows(const T* a, int64_t lda, const PackedView&
   const int64_t panels = w.n / kPanel;
   for (int64_t p = 0; p < panels; ++p) {
     const uint8_t* base = w.panel(p) + row0 * kRowBytes;
-    const int64_t ahead = p + kNnPrefetchPanels;
-    if (ahead < panels)
-      prefetch_lines(w.panel(ahead) + row0 * kRowBytes, kGroupRows * kRowBytes);
-    else if (row0 + 2 * kGroupRows <= w.rows_per_panel())
-      prefetch_lines(w.panel(ahead - panels) + (row0 + kGroupRows) * kRowBytes,
-                     kGroupRows * kRowBytes);
+    if (prefetch) prefetch_nn_ahead(w, p, row0, kGroupRows);
     for (int half = 0; half < 2; ++half) {
       __m512 x[MR];
 #pragma GCC unroll 16
@@ -439,7 +447,7 @@ DPO_TARGET_AVX512 inline void gemm_nn(const Act& a, const T* rows, const PackedV
       float* cm = c + m0 * ldc + j0;
       const int64_t row0 = (col0 + j0) / G;
       with_rows<kRowsPerBlock>(a.rows - m0, [&](auto mr) {
-        nn_rows<decltype(mr)::value, G>(am, a.ld, w, row0, cm, ldc);
+        nn_rows<decltype(mr)::value, G>(am, a.ld, w, row0, cm, ldc, m0 == 0);
       });
     }
 }
