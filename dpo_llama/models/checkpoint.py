@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,18 @@ def read_json_object(path: str | os.PathLike) -> JsonObject:
     return JsonObject(path, read_json(path))
 
 
+@contextmanager
+def errors_name(path: str | os.PathLike) -> Iterator[None]:
+    """Runs the body so that a ``ValueError`` it raises starts with ``path``, the file whose content caused it
+    (``error: <dir>/params.json: dim=100 must be a multiple of n_heads=3``)."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {err}") from err
+
+
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """Calls ``write(tmp_path)``, flushes the temporary file to disk and renames it to ``path``; a write that
     fails or is interrupted leaves ``path`` as it was and no temporary file."""
@@ -116,8 +129,9 @@ def read_params(ckpt_dir: str | os.PathLike):
                                     "--init-lora-dir)")
         raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a dpo_llama checkpoint directory?")
     params = read_json(path)
-    args_cls, _ = model_classes(params.get("model_type", "llama"))
-    return args_cls.from_dict(params)
+    with errors_name(path):
+        args_cls, _ = model_classes(params.get("model_type", "llama"))
+        return args_cls.from_dict(params)
 
 
 def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dpo_llama.models.checkpoint import open_safetensors
-from dpo_llama.models.convert_hf import hf_weight_files, rope_settings, unpermute_rotary
+from dpo_llama.models.convert_hf import hf_weight_files, rope_settings, unpermute_qk
 from dpo_llama.models.deepseek import DeepseekArgs
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.")  # any routed-expert tensor of layer L
@@ -128,11 +128,7 @@ def stacked_experts(layer: int, args: DeepseekArgs, read, keys: set[str]) -> Ite
 
 def converted(key: str, tensor: torch.Tensor, args: DeepseekArgs) -> torch.Tensor:
     """Undoes the rotate-half row permutation of DeepSeek-MoE's q/k projections; other tensors pass through."""
-    if args.model_type == "deepseek" and key.endswith("self_attn.q_proj.weight"):
-        return unpermute_rotary(tensor, args.n_heads)
-    if args.model_type == "deepseek" and key.endswith("self_attn.k_proj.weight"):
-        return unpermute_rotary(tensor, args.n_kv_heads)
-    return tensor
+    return unpermute_qk(key, tensor, args) if args.model_type == "deepseek" else tensor
 
 
 def deepseek_tensors_from_hf(hf_dir: str | Path, args: DeepseekArgs,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import TOKENIZER_FILES, iter_safetensors, read_json_object
+from dpo_llama.models.checkpoint import TOKENIZER_FILES, errors_name, iter_safetensors, read_json_object
 from dpo_llama.models.llama import ModelArgs
 
 HF_WEIGHTS = "model.safetensors"
@@ -97,6 +97,22 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def unpermute_qk(key: str, tensor: torch.Tensor, args: Any) -> torch.Tensor:
+    """``unpermute_rotary`` for a ``self_attn.q_proj`` / ``k_proj`` weight (any other tensor passes through), once
+    its rows are checked to be ``heads * args.head_dim``: a config whose heads disagree with the weights is a
+    ``ValueError`` naming the weight, not a failed reshape."""
+    if key.endswith("self_attn.q_proj.weight"):
+        heads = args.n_heads
+    elif key.endswith("self_attn.k_proj.weight"):
+        heads = args.n_kv_heads
+    else:
+        return tensor
+    if tensor.shape[0] != heads * args.head_dim:
+        raise ValueError(f"shape mismatch for {key}: {tuple(tensor.shape)}, expected {heads * args.head_dim} rows "
+                         f"({heads} heads of head_dim {args.head_dim})")
+    return unpermute_rotary(tensor, heads)
+
+
 def llama_tensors_from_hf(hf_dir: str | Path, args: ModelArgs,
                           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams our ``(key, tensor)`` pairs from a HF LLaMA checkpoint, one tensor in memory at a time."""
@@ -106,10 +122,7 @@ def llama_tensors_from_hf(hf_dir: str | Path, args: ModelArgs,
         if hf_key == "lm_head.weight" and args.tie_word_embeddings:
             continue
         key = hf_key.removeprefix("model.")
-        if key.endswith("self_attn.q_proj.weight"):
-            tensor = unpermute_rotary(tensor, args.n_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            tensor = unpermute_rotary(tensor, args.n_kv_heads)
+        tensor = unpermute_qk(key, tensor, args)
         yield key, tensor.to(dtype) if dtype is not None else tensor
 
 
@@ -120,13 +133,15 @@ def tokenizer_files(src_dir: str | Path) -> list[Path]:
 
 def hf_args_and_tensors(hf_dir: str | Path, config: dict[str, Any],
                         dtype: torch.dtype | None = None) -> tuple[Any, Iterator[tuple[str, torch.Tensor]]]:
-    """Dispatches on ``config["model_type"]``: returns our args and a stream of converted tensors."""
+    """Dispatches on ``config["model_type"]``: returns our args and a stream of converted tensors (a lazy one: an
+    error in the config, which names ``config.json``, is raised here, one in the weights while streaming)."""
     model_type = config.get("model_type")
-    if model_type == "llama":
-        args = llama_args_from_hf(config)
-        return args, llama_tensors_from_hf(hf_dir, args, dtype)
-    if model_type in ("deepseek", "deepseek_v2"):
-        from dpo_llama.models.convert_deepseek import deepseek_args_from_hf, deepseek_tensors_from_hf
-        args = deepseek_args_from_hf(config)
-        return args, deepseek_tensors_from_hf(hf_dir, args, dtype)
-    raise ValueError(f"unsupported model_type {model_type!r} (supported: 'llama', 'deepseek', 'deepseek_v2')")
+    with errors_name(Path(hf_dir) / "config.json"):
+        if model_type == "llama":
+            args = llama_args_from_hf(config)
+            return args, llama_tensors_from_hf(hf_dir, args, dtype)
+        if model_type in ("deepseek", "deepseek_v2"):
+            from dpo_llama.models.convert_deepseek import deepseek_args_from_hf, deepseek_tensors_from_hf
+            args = deepseek_args_from_hf(config)
+            return args, deepseek_tensors_from_hf(hf_dir, args, dtype)
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: 'llama', 'deepseek', 'deepseek_v2')")

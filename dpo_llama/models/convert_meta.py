@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dpo_llama.models.checkpoint import expected_shapes, read_json
+from dpo_llama.models.checkpoint import errors_name, expected_shapes, read_json_object
 from dpo_llama.models.llama import ModelArgs
 from dpo_llama.models.presets import LLAMA31_SCALING
 
@@ -118,11 +118,12 @@ def load_meta(meta_dir: str | Path, max_seq_len: int | None = None) -> tuple[Mod
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path} not found: not a Meta checkpoint directory")
     shards = [load_shard(path) for path in shard_files(meta_dir)]
-    params = read_json(params_path)
+    params = read_json_object(params_path)
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:
         vocab_size = embedding_rows([shard["tok_embeddings.weight"] for shard in shards], params["dim"])
-    return meta_args(params, vocab_size, max_seq_len), shards
+    with errors_name(params_path):
+        return meta_args(params, vocab_size, max_seq_len), shards
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:

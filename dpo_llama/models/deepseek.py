@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_llama.models.llama import (Attention, DecoderLM, FeedForward, KVCache, RMSNorm, apply_rope, causal_attention,
-                                    rope_frequencies, rope_tables)
+from dpo_llama.models.llama import (Attention, DecoderLM, FeedForward, KVCache, RMSNorm, apply_rope, attention_heads,
+                                    causal_attention, check_positive, rope_frequencies, rope_tables)
 from dpo_llama.models.moe import (EXPERT_BACKENDS, KERNEL_WEIGHT_DTYPES, TOPK_METHODS, RoutedExperts, batch_aux_loss,
                                   load_cpu_kernel, routing_weights, select_experts, sequence_aux_loss)
 
@@ -136,11 +136,17 @@ class DeepseekArgs:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        check_positive(self, ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "moe_hidden_dim",
+                              "n_routed_experts", "max_seq_len"))
         if self.model_type == "deepseek":
-            self.n_kv_heads = self.n_kv_heads or self.n_heads
-            self.head_dim = self.head_dim or self.dim // self.n_heads
+            self.n_kv_heads, self.head_dim = attention_heads(self.dim, self.n_heads, self.n_kv_heads, self.head_dim)
             if self.rope_scaling is not None:
                 raise ValueError("rope_scaling is only supported for deepseek_v2 (YaRN)")
+        else:
+            check_positive(self, ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary embeddings turn "
+                                 "pairs of dimensions)")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "yarn":
             raise ValueError(f"rope_scaling must be YaRN ({{'rope_type': 'yarn', ...}}), got {self.rope_scaling}")
         if self.rope_scaling is not None and set(self.rope_scaling) - YARN_KEYS:

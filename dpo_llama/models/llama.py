@@ -67,12 +67,8 @@ class ModelArgs:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        check_positive(self, ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len"))
+        self.n_kv_heads, self.head_dim = attention_heads(self.dim, self.n_heads, self.n_kv_heads, self.head_dim)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict (the content of ``params.json``)."""
@@ -86,6 +82,35 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown keys in params.json for {cls.__name__}: {unknown}")
         return cls(**params)
+
+
+def check_positive(args: Any, names: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` naming the first of ``args``' integer fields ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def attention_heads(dim: int, n_heads: int, n_kv_heads: int | None, head_dim: int | None) -> tuple[int, int]:
+    """Resolves and checks the head layout of a grouped-query attention: returns ``(n_kv_heads, head_dim)``, with
+    ``n_kv_heads`` defaulting to ``n_heads`` and ``head_dim`` to ``dim / n_heads``.
+
+    Raises:
+        ValueError: ``n_heads`` is not a multiple of ``n_kv_heads``; ``dim`` is not a multiple of ``n_heads`` with
+            no ``head_dim`` given; or ``head_dim`` is odd (rotary embeddings turn pairs of dimensions).
+    """
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads!r}")
+    if head_dim is None:
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be a multiple of n_heads={n_heads} (or head_dim given)")
+        head_dim = dim // n_heads
+    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim!r} must be a positive even integer (rotary embeddings turn pairs "
+                         "of dimensions)")
+    return n_kv_heads, head_dim
 
 
 def refuse_second_derivative(name: str) -> None:

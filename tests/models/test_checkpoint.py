@@ -46,6 +46,15 @@ def test_truncated_weights_or_invalid_json_name_the_file(tmp_path):
         checkpoint.read_params(tmp_path / "ckpt")
 
 
+def test_params_the_model_cannot_be_built_with_name_the_file(tmp_path):
+    save_model(Transformer(get_preset("tiny")), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "params.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "n_kv_heads": 3}))
+    with pytest.raises(ValueError) as error:
+        checkpoint.read_params(tmp_path / "ckpt")
+    assert str(error.value) == f"{path}: n_heads=4 must be a multiple of n_kv_heads=3"
+
+
 @pytest.mark.parametrize(("layout", "message"), [
     ([], "model checkpoint directory not found: "),
     (["run"], r"run/params\.json not found: is .*run a dpo_llama checkpoint directory\?"),

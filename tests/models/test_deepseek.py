@@ -367,6 +367,11 @@ def test_unknown_params_key_is_refused():
     (dict(num_experts_per_tok=None), "num_experts_per_tok"),  # what DeepseekV2Config() writes by default
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "YaRN"),
     (dict(model_type="deepseek", rope_scaling={"rope_type": "yarn", "factor": 2.0}), "only supported for deepseek_v2"),
+    (dict(model_type="deepseek", dim=100, n_heads=3), "dim=100 must be a multiple of n_heads=3"),
+    (dict(model_type="deepseek", n_heads=16, n_kv_heads=5), "n_heads=16 must be a multiple of n_kv_heads=5"),
+    (dict(qk_rope_head_dim=7), r"qk_rope_head_dim=7 must be even \(rotary"),
+    (dict(kv_lora_rank=0), "kv_lora_rank=0 must be a positive integer"),
+    (dict(n_routed_experts=0), "n_routed_experts=0 must be a positive integer"),
 ])
 def test_invalid_args_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -112,6 +112,28 @@ def test_unknown_params_key_is_refused():
         ModelArgs.from_dict({"dim": 64, "n_layers": 1, "n_heads": 4, "bogus": 1})
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(dim=100, n_heads=3), r"dim=100 must be a multiple of n_heads=3 \(or head_dim given\)"),
+    (dict(dim=96, n_heads=32), r"head_dim=3 must be a positive even integer \(rotary embeddings"),
+    (dict(dim=64, n_heads=4, head_dim=9), "head_dim=9 must be a positive even integer"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "n_heads=4 must be a multiple of n_kv_heads=3"),
+    (dict(dim=64, n_heads=4, n_kv_heads=0), "n_heads=4 must be a multiple of n_kv_heads=0"),
+    (dict(dim=0), "dim=0 must be a positive integer"),
+    (dict(n_layers=-1), "n_layers=-1 must be a positive integer"),
+    (dict(vocab_size=32000.0), "vocab_size=32000.0 must be a positive integer"),
+])
+def test_a_head_layout_the_model_cannot_build_is_refused(bad, message):
+    """The error names the fields, where before a reshape deep in the model failed (or, for an odd head width,
+    rotary embeddings went silently wrong)."""
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**bad)
+
+
+def test_an_explicit_head_dim_frees_dim_from_the_head_count():
+    args = ModelArgs(dim=96, n_heads=3, n_kv_heads=1, head_dim=16)
+    assert (args.n_kv_heads, args.head_dim) == (1, 16)
+
+
 def test_llama31_scaling_bands():
     """High frequencies are kept, low ones divided by the factor, the band between interpolated.
 

@@ -170,6 +170,29 @@ def test_meta_bad_inputs_are_refused(tmp_path, capsys):
     assert "consolidated.01.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
+def test_a_head_count_the_model_cannot_be_built_with_is_one_error_naming_the_file(tmp_path, capsys):
+    """Meta's params.json and HF's config.json with 3 heads for a width of 64: the converters name the file and
+    the fields before writing anything, where before the first reshape failed."""
+    write_meta_checkpoint(make_hf_llama(tmp_path / "hf"), tmp_path / "meta")
+    params_path = tmp_path / "meta" / "params.json"
+    params_path.write_text(json.dumps({**json.loads(params_path.read_text()), "n_heads": 3, "n_kv_heads": 3}))
+    assert convert_meta(["--input", str(tmp_path / "meta"), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (f"error: {params_path}: dim=64 must be a multiple of n_heads=3 "
+                                       "(or head_dim given)\n")
+    config_path = tmp_path / "hf" / "config.json"
+    config = {key: value for key, value in json.loads(config_path.read_text()).items() if key != "head_dim"}
+    config_path.write_text(json.dumps({**config, "num_attention_heads": 3, "num_key_value_heads": 3}))
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (f"error: {config_path}: head_dim=21 must be a positive even integer "
+                                       "(rotary embeddings turn pairs of dimensions)\n")
+    config_path.write_text(json.dumps({**config, "num_attention_heads": 3, "num_key_value_heads": 3,
+                                       "head_dim": 16}))
+    assert convert_hf(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == ("error: shape mismatch for layers.0.self_attn.k_proj.weight: (32, 64), "
+                                       "expected 48 rows (3 heads of head_dim 16)\n")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_a_missing_meta_shard_is_named_or_suspected(tmp_path, capsys):
     """A gap in the shard numbers names the missing files; a missing last shard shows as pieces that add up to
     less than params.json implies."""
