@@ -111,11 +111,15 @@ def train_tokenizer(corpus: Path, model_path: Path, vocab_size: int) -> None:
     differ between runs) is recorded in the model.
     """
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus.read_text(encoding="utf-8").splitlines()), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", split_digits=True, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus.read_text(encoding="utf-8").splitlines()), model_writer=model,
+            vocab_size=vocab_size, model_type="bpe", split_digits=True, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    except RuntimeError as error:
+        reason = str(error).rsplit("] ", 1)[-1].split(" Increase vocab_size")[0]
+        raise ValueError(f"--vocab-size {vocab_size} does not fit the corpus (sentencepiece: {reason})") from error
     model_path.write_bytes(model.getvalue())
 
 
@@ -183,6 +187,10 @@ def make_base_model(corpus: Path, base_dir: Path, args: argparse.Namespace) -> t
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"vocabulary {tokenizer.vocab_size}")
         docs = [tokenizer.encode(line, bos=True, eos=True) for line in corpus.read_text(encoding="utf-8").splitlines()]
+        longest = max(map(len, docs))
+        if longest > args.max_seq_len:
+            raise ValueError(f"--max-seq-len {args.max_seq_len} is shorter than the longest pretraining line "
+                             f"({longest} tokens with BOS and EOS)")
         loss = pretrain(model, docs, tokenizer.pad_id, args)
         return loss, save_model(model, base_dir, [tokenizer_path], dtype=DTYPES[args.dtype])
 
@@ -217,7 +225,11 @@ def main(argv=None) -> int:
         staging = Path(tmp)
         corpus = write_data(staging, splits, args)
         print(f"made {', '.join(f'{len(splits[n])} {n}' for n in ('pretrain', *sizes))} problems")
-        loss, summary = make_base_model(corpus, staging / "base", args)
+        try:
+            loss, summary = make_base_model(corpus, staging / "base", args)
+        except ValueError as error:
+            print(f"error: {error}; nothing was written to {out_dir}", file=sys.stderr)
+            return 1
         print(f"final pretraining loss {loss:.3f}, {summary['num_params']:,} parameters")
         base = load_model(staging / "base", dtype=torch.float32)
         accuracy = plain_text_accuracy(base, load_tokenizer(staging / "base"), splits["eval"])

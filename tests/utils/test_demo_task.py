@@ -224,6 +224,23 @@ def test_make_demo_assets_refuses_bad_rates_and_head_counts(tmp_path, capsys, fl
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--vocab-size", "100"], ("--vocab-size 100 does not fit the corpus (sentencepiece: Vocabulary size is smaller "
+                               "than required_chars. 100 vs 301.)")),
+    (["--vocab-size", "5000"], ("--vocab-size 5000 does not fit the corpus (sentencepiece: Vocabulary size too high "
+                                "(5000). Please set it to a value <= ")),
+    (["--max-seq-len", "8"], "--max-seq-len 8 is shorter than the longest pretraining line ("),
+])
+def test_make_demo_assets_refuses_a_vocabulary_or_length_that_does_not_fit_the_corpus(tmp_path, capsys, flags,
+                                                                                       message):
+    """Found once the tokenizer meets the corpus, before any pretraining: one error line, no output, no staging
+    directory left behind (before, a sentencepiece traceback or a failure in the first step)."""
+    assert make_demo_assets(tiny_asset_args(tmp_path / "demo") + flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.endswith(f"; nothing was written to {tmp_path / 'demo'}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_make_demo_assets_refuses_an_output_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert make_demo_assets(["--output", str(tmp_path / "f")]) == 1
