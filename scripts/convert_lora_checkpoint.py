@@ -176,6 +176,9 @@ def main(argv=None) -> int:
         print(f"4-bit base ({quant.quant_type}, blocksize {quant.blocksize}, double_quant {quant.double_quant}) "
               f"reproduced: {counts['4-bit']} frozen 4-bit layers dequantized")
     print(format_summary(summary))
+    if not tokenizer_files(args.base):
+        print(f"note: {args.base} has no tokenizer files, so {args.output} has none either: copy them in before "
+              "generating with it or building a dataset for it", file=sys.stderr)
     return 0
 
 

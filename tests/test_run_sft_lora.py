@@ -228,6 +228,14 @@ def test_a_lora_run_given_as_the_model_is_named_so(workspace, tmp_path, capsys):
     assert "holds a LoRA adapter, not a model: merge it onto its base" in capsys.readouterr().err
 
 
+def test_an_aux_loss_weight_on_a_model_without_routers_is_refused(workspace, tmp_path, capsys):
+    """As --experts-backend is: the LLaMA has no balancing loss for the weight to weigh."""
+    assert run_sft(sft_argv(workspace, tmp_path / "a", aux_loss_weight=0.5)) == 1
+    assert "aux_loss_weight=0.5 weighs the router balancing loss of a MoE model; this is a llama, which has none" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "a" / "ckpt").exists()
+
+
 def test_sequences_longer_than_the_model_and_a_tokenizer_larger_than_its_vocabulary_are_refused_up_front(
         workspace, tmp_path, capsys):
     """A dataset built with a larger --max-seq-len than the model takes (256 positions) would stop training at the

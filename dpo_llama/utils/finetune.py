@@ -72,6 +72,7 @@ def load_policy(cfg, device: torch.device, lora_dir: str | Path | None = None,
         print(f"continuing the adapter {lora_dir} with its own LoRA settings (rank {lora_cfg.lora_r})",
               file=sys.stderr)
     def prepare(m: nn.Module) -> None:
+        refuse_aux_loss_weight_without_routers(cfg, m)
         prepare_model(m, cfg.experts_backend, lora_cfg, cfg.experts_transposed_copy)
 
     model = load_model(cfg.pretrain_ckpt_dir, device, dtype, prepare=prepare)
@@ -91,6 +92,15 @@ def refuse_other_lora_flags(cfg, adapter_cfg: LoRAConfig, lora_dir: str | Path) 
         raise ValueError(f"{lora_dir} is continued with its own LoRA and 4-bit settings, which these flags contradict: "
                          + ", ".join(f"{name}={getattr(cfg, name)!r} (adapter: {getattr(adapter_cfg, name)!r})"
                                      for name in given) + "; drop them")
+
+
+def refuse_aux_loss_weight_without_routers(cfg, model: nn.Module) -> None:
+    """Refuses an ``aux_loss_weight`` other than its default on a model without routers (LLaMA), as
+    ``experts_backend`` is refused there, rather than ignoring it."""
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "aux_loss_weight")
+    if cfg.aux_loss_weight != default and not hasattr(model, "aux_loss"):
+        raise ValueError(f"aux_loss_weight={cfg.aux_loss_weight} weighs the router balancing loss of a MoE model; "
+                         f"this is a {model.args.model_type}, which has none")
 
 
 def with_lora_settings(cfg, lora_cfg: LoRAConfig):
