@@ -180,17 +180,17 @@ def make_base_model(corpus: Path, base_dir: Path, args: argparse.Namespace) -> t
         tokenizer_path = Path(tmp) / "tokenizer.model"
         train_tokenizer(corpus, tokenizer_path, args.vocab_size)
         tokenizer = load_tokenizer(tokenizer_path)
+        docs = [tokenizer.encode(line, bos=True, eos=True) for line in corpus.read_text(encoding="utf-8").splitlines()]
+        longest = max(map(len, docs))
+        if longest > args.max_seq_len:
+            raise ValueError(f"--max-seq-len {args.max_seq_len} is shorter than the longest pretraining line "
+                             f"({longest} tokens with BOS and EOS)")
         torch.manual_seed(args.seed)
         model = Transformer(ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                                       n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim,
                                       vocab_size=tokenizer.vocab_size, max_seq_len=args.max_seq_len))
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"vocabulary {tokenizer.vocab_size}")
-        docs = [tokenizer.encode(line, bos=True, eos=True) for line in corpus.read_text(encoding="utf-8").splitlines()]
-        longest = max(map(len, docs))
-        if longest > args.max_seq_len:
-            raise ValueError(f"--max-seq-len {args.max_seq_len} is shorter than the longest pretraining line "
-                             f"({longest} tokens with BOS and EOS)")
         loss = pretrain(model, docs, tokenizer.pad_id, args)
         return loss, save_model(model, base_dir, [tokenizer_path], dtype=DTYPES[args.dtype])
 
