@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype, save_checkpoint
-from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files
+from dpo_llama.models.convert_hf import hf_args_and_tensors, read_hf_config, tokenizer_files, warn_if_no_tokenizer
 from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_directory
 
 
@@ -38,9 +38,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"converted {config.get('model_type')} checkpoint {args.input} -> {args.output}")
-    if not tokenizer_files(args.input):
-        print(f"warning: {args.input} holds no tokenizer (tokenizer.json / tokenizer.model): copy the model's "
-              f"tokenizer files into {args.output} before building datasets or training", file=sys.stderr)
+    warn_if_no_tokenizer(args.input, args.output, "building datasets or training")
     print(format_summary(summary))
     return 0
 

@@ -39,7 +39,7 @@ import torch
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import (DTYPES, format_summary, iter_safetensors, model_classes, parse_dtype,
                                          read_params, save_checkpoint, weight_files)
-from dpo_llama.models.convert_hf import tokenizer_files
+from dpo_llama.models.convert_hf import tokenizer_files, warn_if_no_tokenizer
 from dpo_llama.models.lora import (ADAPTER_FILE, LORA_CONFIG_FILE, LoRAConfig, LoRALinear, adapter_shapes,
                                    apply_lora, check_adapter, check_adapter_base, find_adapter, read_adapter,
                                    read_lora_config)
@@ -176,9 +176,7 @@ def main(argv=None) -> int:
         print(f"4-bit base ({quant.quant_type}, blocksize {quant.blocksize}, double_quant {quant.double_quant}) "
               f"reproduced: {counts['4-bit']} frozen 4-bit layers dequantized")
     print(format_summary(summary))
-    if not tokenizer_files(args.base):
-        print(f"note: {args.base} has no tokenizer files, so {args.output} has none either: copy them in before "
-              "generating with it or building a dataset for it", file=sys.stderr)
+    warn_if_no_tokenizer(args.base, args.output, "generating with it or building a dataset for it")
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 
 from dpo_llama.configs import demo
 from dpo_llama.models.checkpoint import DTYPES, format_summary, parse_dtype
-from dpo_llama.models.convert_hf import tokenizer_files
+from dpo_llama.models.convert_hf import warn_if_no_tokenizer
 from dpo_llama.models.export_hf import export_model
 from dpo_llama.utils.cli import HelpFormatter, add_max_shard_gb, check_output_directory
 
@@ -40,9 +40,7 @@ def main(argv=None) -> int:
         return 1
     print(f"exported {args.input} -> {args.output} (a Hugging Face model directory)")
     print(format_summary(summary))
-    if not tokenizer_files(args.input):
-        print(f"note: {args.input} has no tokenizer files, so {args.output} has none either: copy them in before "
-              "loading it with AutoTokenizer", file=sys.stderr)
+    warn_if_no_tokenizer(args.input, args.output, "loading it with AutoTokenizer")
     return 0
 
 

@@ -14,6 +14,7 @@ Config layouts: the Hub's ``rope_theta`` + ``rope_scaling`` (``rope_type`` or le
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,14 @@ def llama_tensors_from_hf(hf_dir: str | Path, args: ModelArgs,
 def tokenizer_files(src_dir: str | Path) -> list[Path]:
     """The tokenizer files present in a model directory."""
     return [Path(src_dir) / name for name in TOKENIZER_FILES if (Path(src_dir) / name).is_file()]
+
+
+def warn_if_no_tokenizer(src_dir: str | Path, out_dir: str | Path, needed_for: str) -> None:
+    """Warns on stderr when ``src_dir`` holds no tokenizer files: the model written from it to ``out_dir`` (which
+    copies them) has none either, and needs them ``needed_for``."""
+    if not tokenizer_files(src_dir):
+        print(f"warning: {src_dir} holds no tokenizer (tokenizer.json / tokenizer.model): copy the model's tokenizer "
+              f"files into {out_dir} before {needed_for}", file=sys.stderr)
 
 
 def hf_args_and_tensors(hf_dir: str | Path, config: dict[str, Any],

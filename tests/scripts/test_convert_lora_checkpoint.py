@@ -72,13 +72,14 @@ def test_merged_checkpoint_reproduces_the_lora_model(base_dir, tmp_path, capsys)
                                atol=1e-6, rtol=0)
 
 
-def test_a_base_without_a_tokenizer_merges_with_a_note(base_dir, tmp_path, capsys):
+def test_a_base_without_a_tokenizer_merges_with_a_warning(base_dir, tmp_path, capsys):
     train_adapter(base_dir, tmp_path / "adapter", LoRAConfig(**MLP_AND_ATTN))
     (base_dir / "tokenizer.model").unlink()
     assert run(base_dir, tmp_path / "adapter", tmp_path / "merged") == 0
-    assert capsys.readouterr().err.endswith(f"note: {base_dir} has no tokenizer files, so {tmp_path / 'merged'} has "
-                                            "none either: copy them in before generating with it or building a "
-                                            "dataset for it\n")
+    assert capsys.readouterr().err.endswith(f"warning: {base_dir} holds no tokenizer (tokenizer.json / "
+                                            f"tokenizer.model): copy the model's tokenizer files into "
+                                            f"{tmp_path / 'merged'} before generating with it or building a dataset "
+                                            "for it\n")
     assert not list((tmp_path / "merged").glob("tokenizer*"))
 
 

@@ -169,11 +169,12 @@ def test_a_deepseek_moe_head_dim_its_config_cannot_hold_is_refused(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_without_a_tokenizer_exports_with_a_note(tmp_path, capsys):
+def test_a_checkpoint_without_a_tokenizer_exports_with_a_warning(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny")), tmp_path / "ours")
     assert export_hf(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf")]) == 0
-    assert capsys.readouterr().err.endswith(f"note: {tmp_path / 'ours'} has no tokenizer files, so {tmp_path / 'hf'} "
-                                            "has none either: copy them in before loading it with AutoTokenizer\n")
+    assert capsys.readouterr().err.endswith(f"warning: {tmp_path / 'ours'} holds no tokenizer (tokenizer.json / "
+                                            f"tokenizer.model): copy the model's tokenizer files into {tmp_path / 'hf'} "
+                                            "before loading it with AutoTokenizer\n")
     assert "bos_token_id" not in json.loads((tmp_path / "hf" / "config.json").read_text())
 
 
